@@ -1,0 +1,210 @@
+"""``bakgrab backup``: ask a backup host for a backup and wait for it.
+
+Steps: make a one-time key in memory; start the one-shot sshd for the
+allowed peers; open the tunnel to the broker (if asked); send
+``bakgrab.grab`` by name with the key redacted from every display; wait for
+the final state, showing progress on a terminal; tear everything down, in
+every case (errors, Ctrl-C, SIGTERM): a queued job is revoked, sshd and the
+tunnel are killed, files removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import ipaddress
+import logging
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tasks import GRAB
+from tasks.app import make_app
+from tasks.config import Settings, default_state_dir
+from tasks.errors import BakgrabError, ClientSetupError, JobTimeout
+from tasks.request import GrabRequest, check_excludes, check_name, redacted
+from tasks.result import GrabResult, human_bytes
+from client import keys
+from client.sshd import OneShotServer, ServerConfig, login_user, parse_allow
+from client.tunnel import Tunnel, broker_endpoint, redact_url
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class BackupOptions:
+    name: str
+    source: Path
+    excludes: list[str] = dataclasses.field(default_factory=list)
+    address: str | None = None
+    listen: str | None = None
+    port: int = 0
+    allow_from: str | None = None
+    tunnel: str | None = None
+    ssh_options: Sequence[str] = ()
+
+
+def read_excludes(path: Path) -> list[str]:
+    """Exclude patterns from a file: one per line, blank lines and # comments skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise ClientSetupError(f"--exclude-from {path}: {e.strerror}") from None
+    return [ln for ln in (raw.rstrip() for raw in lines) if ln and not ln.startswith("#")]
+
+
+def resolve(host: str) -> list[str]:
+    try:
+        infos = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
+    except socket.gaierror as e:
+        raise ClientSetupError(f"cannot resolve {host}: {e.strerror}") from None
+    return sorted({str(info[4][0]) for info in infos})
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return all(ipaddress.ip_address(a).is_loopback for a in resolve(host))
+    except ValueError:
+        return False
+
+
+def local_address_towards(host: str) -> str:
+    """The local IP the kernel would use to reach ``host`` (no packet is sent)."""
+    addr = resolve(host)[0]
+    family = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.connect((addr, 9))
+        return str(s.getsockname()[0])
+
+
+def plan_addresses(opts: BackupOptions, settings: Settings) -> tuple[str, str, str]:
+    """(address the worker connects to, address to listen on, allowed peers).
+
+    Defaults: the backup host is the tunnel's host, or the broker's host; the
+    peer allowed is that host; the address announced is our address towards it.
+    """
+    backup_host = (Tunnel(opts.tunnel, settings.broker).host if opts.tunnel
+                   else broker_endpoint(settings.broker)[0])
+    loop = is_loopback(backup_host)
+    address = opts.address or ("127.0.0.1" if loop else local_address_towards(backup_host))
+    allow = opts.allow_from or ",".join(
+        ["127.0.0.1", "::1"] if loop else resolve(backup_host))
+    if opts.listen:
+        listen = opts.listen
+    else:
+        try:
+            ipaddress.ip_address(address)
+            listen = address
+        except ValueError:
+            listen = "0.0.0.0"
+    return address, listen, allow
+
+
+Reporter = Callable[[dict[str, Any]], None]
+
+
+def terminal_progress(stream: Any = sys.stderr) -> Reporter | None:
+    """A progress line on a terminal; None when not on one (cron stays quiet)."""
+    if not stream.isatty():
+        return None
+
+    def show(info: dict[str, Any]) -> None:
+        phase = info.get("phase", "")
+        if phase == "pulling" and "bytes" in info:
+            line = (f"{info.get('name', '')}: {human_bytes(info['bytes'])} "
+                    f"{info.get('percent', 0)}% {info.get('rate', '')} "
+                    f"files {info.get('files_done', 0)}/{info.get('files_total', 0)} "
+                    f"ETA {info.get('eta', '')}")
+        else:
+            line = f"{info.get('name', '')}: {phase}"
+        stream.write("\r\x1b[K" + line)
+        stream.flush()
+
+    return show
+
+
+def backup(opts: BackupOptions, settings: Settings,
+           progress: Reporter | None = None) -> GrabResult:
+    """Run one backup end to end; raises a BakgrabError on failure."""
+    name = check_name(opts.name)
+    excludes = list(check_excludes(opts.excludes))
+    address, listen, allow = plan_addresses(opts, settings)
+    state_dir = Path(settings.state_dir) if settings.state_dir else default_state_dir()
+    host_key_path, host_public = keys.host_key(state_dir)
+    key = keys.one_time_key()
+
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(OneShotServer(ServerConfig(
+            source=opts.source, public_key=key.public, allow=parse_allow(allow),
+            host_key=host_key_path, listen=listen, port=opts.port,
+            max_connections=settings.max_retries + 1, lifetime=settings.job_timeout,
+        )))
+        broker = settings.broker
+        if opts.tunnel:
+            tunnel = stack.enter_context(Tunnel(
+                opts.tunnel, settings.broker, settings.server_alive_interval, opts.ssh_options,
+                settings.connect_timeout))
+            broker = tunnel.url
+        request = GrabRequest(name=name, address=address, port=server.port, user=login_user(),
+                              key=key.private, host_key=host_public, excludes=tuple(excludes))
+        wire = request.to_wire()
+        app = make_app(settings, broker=broker)
+        try:
+            result = app.send_task(GRAB, kwargs=wire, queue=settings.queue,
+                                   argsrepr="()", kwargsrepr=redacted(wire))
+        except Exception as e:  # kombu raises many kinds; all mean "not sent"
+            raise ClientSetupError(
+                f"cannot send the job to the broker {redact_url(broker)}: {e}") from None
+        del wire
+        log.info("sent %s for %s (task %s); backup host connects to %s:%d",
+                 GRAB, name, result.id, address, server.port)
+        done = False
+
+        def revoke_unless_done() -> None:
+            if not done:
+                with contextlib.suppress(Exception):
+                    app.control.revoke(result.id)
+                    log.warning("revoked task %s", result.id)
+
+        stack.callback(revoke_unless_done)
+        stack.callback(forget_pending, result)
+        outcome = wait(result, settings.job_timeout, progress)
+        done = True
+        if progress is not None:
+            sys.stderr.write("\r\x1b[K")
+        return outcome
+
+
+def forget_pending(result: Any) -> None:
+    """Unsubscribe from the result now, while the broker connection still works
+    (AsyncResult.__del__ would try at interpreter exit and fail noisily)."""
+    with contextlib.suppress(Exception):
+        result.backend.remove_pending_result(result)
+    result.backend = None
+
+
+def wait(result: Any, timeout: float, progress: Reporter | None) -> GrabResult:
+    """The job's final result, raising its error; JobTimeout past ``timeout``."""
+    deadline = time.monotonic() + timeout
+
+    def on_message(meta: dict[str, Any]) -> None:
+        if progress is not None and meta.get("status") == "PROGRESS":
+            info = meta.get("result")
+            if isinstance(info, dict):
+                progress(info)
+
+    try:
+        value = result.get(timeout=max(1.0, deadline - time.monotonic()), propagate=True,
+                           on_message=on_message, interval=0.5)
+    except BakgrabError:
+        raise
+    except Exception as e:
+        if type(e).__name__ == "TimeoutError" and time.monotonic() >= deadline - 1:
+            raise JobTimeout(f"the job did not finish within {timeout:.0f}s") from None
+        raise BakgrabError(f"the job failed: {type(e).__name__}: {e}") from None
+    if not isinstance(value, dict):
+        raise BakgrabError(f"the worker returned an unexpected result: {type(value).__name__}")
+    return GrabResult.from_dict(value)

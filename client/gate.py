@@ -1,0 +1,77 @@
+"""The gate: the one-shot sshd's ForceCommand. Lets through a read-only pull only.
+
+sshd runs ``python -I -m client.gate ro SOURCE LOG`` for every session, with
+the command the peer asked for in ``SSH_ORIGINAL_COMMAND``. The gate:
+
+* refuses anything that is not ``rsync --server --sender ...`` (for ``ro``),
+  anything with shell metacharacters, and ``--open-noatime``; each refusal is
+  logged to LOG and told to the peer, and the gate exits 1;
+* lowers its own priority (nice 19, idle I/O class) — never from the request;
+* execs ``rrsync -ro SOURCE`` (rsync's restricted-rsync script), which parses
+  the rsync options again and refuses every one that writes or deletes.
+
+It must stay small and fast: it starts once per connection.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import time
+
+# rsync escapes its own arguments with backslashes and may send brackets
+# (--skip-compress); nothing else of a shell's syntax ever appears in a pull.
+SHELL_META = re.compile(r"[;&|`$<>(){}\n\r\x00'\"!#~]")
+PREFIX = {"ro": "rsync --server --sender ", "wo": "rsync --server "}
+REFUSED_OPTIONS = ("--open-noatime",)
+
+
+def refuse(log_path: str, why: str, command: str) -> int:
+    line = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} refused: {why}: {command[:500]!r}\n"
+    try:
+        with open(log_path, "a") as f:
+            f.write(line)
+    except OSError:
+        pass
+    sys.stderr.write(f"bakgrab gate: refused: {why}\n")
+    return 1
+
+
+def check(mode: str, command: str) -> str | None:
+    """Why ``command`` is refused in ``mode``, or None if it may pass to rrsync."""
+    if not command:
+        return "no command (a shell or a session was asked for)"
+    if SHELL_META.search(command):
+        return "shell metacharacters in the command"
+    if not command.startswith(PREFIX[mode]):
+        return "only a read-only rsync pull is allowed" if mode == "ro" else "only rsync"
+    if mode == "wo" and " --sender" in command:
+        return "reading is not allowed"
+    words = command.split()
+    for word in words:
+        if word.split("=", 1)[0] in REFUSED_OPTIONS:
+            return f"option {word.split('=', 1)[0]} is not allowed"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 3 or argv[0] not in PREFIX:
+        sys.stderr.write("usage: python -m client.gate ro|wo DIR LOG\n")
+        return 2
+    mode, root, log_path = argv
+    command = os.environ.get("SSH_ORIGINAL_COMMAND", "")
+    why = check(mode, command)
+    if why is not None:
+        return refuse(log_path, why, command)
+    os.nice(19 - os.nice(0))
+    flag = "-ro" if mode == "ro" else "-wo"
+    try:
+        os.execvp("ionice", ["ionice", "-c", "3", "-t", "rrsync", flag, root])
+    except OSError as e:
+        return refuse(log_path, f"cannot start rrsync: {e}", command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

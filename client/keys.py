@@ -1,0 +1,59 @@
+"""Keys of the backed-up side: the one-time login key and the sshd host key.
+
+* The one-time ed25519 key pair is made in memory for one job; its private
+  half is only ever held in this process and sent (redacted from every
+  display) to the worker. It is never written to the client's disk.
+* The one-shot sshd's host key is persistent (the worker pins it per name),
+  kept 0600 in the client's state dir (0700).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyPair:
+    private: str = dataclasses.field(repr=False)
+    """OpenSSH private key text (a secret)."""
+    public: str
+    """``ssh-ed25519 AAAA...`` line."""
+
+
+def _pair(key: Ed25519PrivateKey, comment: str) -> KeyPair:
+    private = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    ).decode()
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    ).decode()
+    return KeyPair(private, f"{public} {comment}".strip())
+
+
+def one_time_key() -> KeyPair:
+    """A fresh ed25519 key pair that lives only in memory."""
+    return _pair(Ed25519PrivateKey.generate(), "bakgrab-one-time")
+
+
+def host_key(state_dir: Path) -> tuple[Path, str]:
+    """Path and public line of the persistent sshd host key, made on first use."""
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = state_dir / "ssh_host_ed25519_key"
+    if not path.exists():
+        pair = _pair(Ed25519PrivateKey.generate(), "")
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(pair.private)
+        os.rename(tmp, path)
+    key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an ed25519 key")
+    return path, _pair(key, "").public

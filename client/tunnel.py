@@ -1,0 +1,129 @@
+"""The SSH tunnel from the client to the backup host's broker.
+
+``ssh -N -L 127.0.0.1:LOCAL:BROKER_HOST:BROKER_PORT USER@HOST`` with
+``ExitOnForwardFailure`` and keepalives, so a dead tunnel ends instead of
+hanging. The broker URL is rewritten to the local end; the backup host is
+authenticated by the user's own ssh known_hosts (or the options given).
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+import urllib.parse
+from collections.abc import Sequence
+
+from tasks import process
+from tasks.errors import ClientSetupError
+
+TARGET_RE = re.compile(r"(?:(?P<user>[A-Za-z_][A-Za-z0-9_.-]*)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(?P<port>\d{1,5}))?")
+
+
+def parse_target(text: str) -> tuple[str | None, str, int]:
+    """``USER@HOST[:PORT]`` to its parts (IPv6 hosts in brackets)."""
+    m = TARGET_RE.fullmatch(text)
+    if not m or not 0 < int(m.group("port") or 22) < 65536:
+        raise ClientSetupError(f"--tunnel {text!r}: expected USER@HOST[:PORT]")
+    return m.group("user"), m.group("host").strip("[]"), int(m.group("port") or 22)
+
+
+def broker_endpoint(url: str) -> tuple[str, int]:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        raise ClientSetupError(f"broker {redact_url(url)}: only redis:// URLs are supported")
+    return parts.hostname or "127.0.0.1", parts.port or 6379
+
+
+def with_endpoint(url: str, host: str, port: int) -> str:
+    parts = urllib.parse.urlsplit(url)
+    userinfo = parts.netloc.rpartition("@")[0]
+    hostport = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    netloc = f"{userinfo}@{hostport}" if userinfo else hostport
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced, for messages."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    user = parts.username or ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Tunnel:
+    """A running ``ssh -N -L`` to the broker; use as a context manager."""
+
+    def __init__(self, target: str, broker_url: str, alive_interval: int = 15,
+                 ssh_options: Sequence[str] = (), connect_timeout: int = 20) -> None:
+        self.user, self.host, self.ssh_port = parse_target(target)
+        self.remote = broker_endpoint(broker_url)
+        self.broker_url = broker_url
+        self.alive_interval = alive_interval
+        self.ssh_options = list(ssh_options)
+        self.connect_timeout = connect_timeout
+        self.child: process.Child | None = None
+        self.local_port = 0
+
+    @property
+    def url(self) -> str:
+        return with_endpoint(self.broker_url, "127.0.0.1", self.local_port)
+
+    def start(self) -> Tunnel:
+        rhost, rport = self.remote
+        rhost = f"[{rhost}]" if ":" in rhost else rhost
+        dest = f"{self.user}@{self.host}" if self.user else self.host
+        for _ in range(3):
+            self.local_port = free_port()
+            argv = ["ssh", "-N", "-T", "-p", str(self.ssh_port),
+                    "-L", f"127.0.0.1:{self.local_port}:{rhost}:{rport}",
+                    "-o", "ExitOnForwardFailure=yes", "-o", "BatchMode=yes",
+                    "-o", f"ServerAliveInterval={self.alive_interval}",
+                    "-o", "ServerAliveCountMax=3",
+                    "-o", f"ConnectTimeout={self.connect_timeout}",
+                    "-o", "ClearAllForwardings=no", "-o", "ForwardAgent=no",
+                    "-o", "ForwardX11=no", "-o", "PermitLocalCommand=no"]
+            for opt in self.ssh_options:
+                argv += ["-o", opt]
+            argv += ["--", dest]
+            self.child = process.spawn(argv, stdout=process.subprocess.DEVNULL)
+            if self._wait_ready():
+                return self
+            assert self.child.stderr is not None
+            err = self.child.stderr.read().decode(errors="replace").strip()
+            self.child.kill()
+            if "forwarding" not in err.lower():  # a port race is worth another try
+                break
+        raise ClientSetupError(f"SSH tunnel to {dest} port {self.ssh_port} failed: {err[-400:]}")
+
+    def _wait_ready(self) -> bool:
+        assert self.child is not None
+        deadline = time.monotonic() + self.connect_timeout + 5
+        while time.monotonic() < deadline:
+            if self.child.poll() is not None:
+                return False
+            try:
+                with socket.create_connection(("127.0.0.1", self.local_port), timeout=1):
+                    return True
+            except OSError:
+                time.sleep(0.05)
+        return False
+
+    def close(self) -> None:
+        if self.child is not None:
+            self.child.kill(grace=1.0)
+            self.child.__exit__(None, None, None)
+
+    def __enter__(self) -> Tunnel:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,65 @@
+"""The Celery app both sides build from the same settings.
+
+Invariants, and why each is set:
+
+* JSON only (``accept_content``): a task message is untrusted input; pickle
+  would let anyone who reaches the broker run code on the worker.
+* Task events on and ``task_send_sent_event``: Flower sees a grab from the
+  moment it is sent, and its progress events.
+* ``task_acks_late`` + ``task_reject_on_worker_lost``: a grab is acked only
+  when it ended, so a killed worker gives the job back to the queue; a second
+  delivery is made harmless by the per-name lock and job records on the worker.
+* ``worker_prefetch_multiplier = 1``: a worker never holds grabs it cannot
+  start, so another worker can take them.
+* ``visibility_timeout`` longer than the longest grab, so Redis does not hand
+  a running grab to a second worker.
+* ``result_extended`` off: the result backend never stores task arguments.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from tasks.config import Settings
+
+VISIBILITY_TIMEOUT = 24 * 3600
+"""Seconds an unacked grab stays invisible to other workers (longest grab + margin)."""
+
+
+def make_app(settings: Settings, broker: str | None = None) -> Celery:
+    """A Celery app for ``settings``; ``broker`` overrides the URL (tunnels)."""
+    url = broker or settings.broker
+    app = Celery("bakgrab", broker=url, backend=url, set_as_current=True)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_default_queue=settings.queue,
+        task_create_missing_queues=True,
+        task_track_started=True,
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        result_extended=False,
+        result_expires=7 * 86400,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": VISIBILITY_TIMEOUT,
+            "socket_timeout": 30,
+            "socket_connect_timeout": 10,
+            "socket_keepalive": True,
+            "health_check_interval": 25,
+        },
+        # No read timeout on the result backend: the client blocks in pub/sub
+        # while a grab runs for hours; keepalives and health checks notice a
+        # dead tunnel instead.
+        redis_socket_keepalive=True,
+        redis_socket_connect_timeout=10,
+        redis_backend_health_check_interval=25,
+        worker_hijack_root_logger=True,
+        worker_redirect_stdouts=False,
+    )
+    return app

@@ -1,0 +1,211 @@
+"""``bakgrab``: the command line of both sides.
+
+Client commands import only ``client``; backup-host commands import
+``worker`` inside their function, so a client host never loads worker code.
+Every command turns a :class:`BakgrabError` into its message on stderr and
+its exit code; tracebacks are for ``--debug`` only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from tasks import config
+from tasks.errors import BakgrabError, exit_code_for
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def fail(exc: BaseException, debug: bool) -> NoReturn:
+    if debug:
+        logging.getLogger("bakgrab").exception("failed")
+    msg = str(exc) if isinstance(exc, BakgrabError) else f"{type(exc).__name__}: {exc}"
+    click.echo(f"bakgrab: error: {msg}", err=True)
+    sys.exit(exit_code_for(exc))
+
+
+def settings_from(ctx: click.Context, **flags: Any) -> config.Settings:
+    return config.load(flags, ctx.obj.get("config"))
+
+
+def _sigterm(signum: int, frame: object) -> None:
+    # Unwind through every finally: and ExitStack (sshd, tunnel, key files).
+    raise SystemExit(128 + signum)
+
+
+@click.group(context_settings=CONTEXT)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="TOML config file (default: $BAKGRAB_CONFIG, else /etc/bakgrab/bakgrab.toml "
+                   "if it exists). Precedence: flag > BAKGRAB_* env > file > default.")
+@click.option("--debug", is_flag=True, help="Log debug messages and show tracebacks.")
+@click.version_option(package_name="bakgrab")
+@click.pass_context
+def main(ctx: click.Context, config_file: str | None, debug: bool) -> None:
+    """bakgrab: pull-based backups over a one-shot, read-only sshd.
+
+    A backed-up host runs `bakgrab backup`; a backup host runs `bakgrab worker`,
+    which pulls the client's tree with rsync into hard-linked snapshots
+    STORAGE/NAME.YYYY-mm-dd.UNIXTIME.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config_file
+    ctx.obj["debug"] = debug
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    signal.signal(signal.SIGTERM, _sigterm)
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a command body, turning errors into a message and an exit code."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        try:
+            return fn(*args, **kwargs)
+        except (BakgrabError, OSError) as e:
+            fail(e, ctx.obj.get("debug", False))
+        except KeyboardInterrupt as e:
+            click.echo("bakgrab: interrupted", err=True)
+            sys.exit(exit_code_for(e))
+
+    return wrapper
+
+
+# -- backup host ---------------------------------------------------------------
+
+@main.command(context_settings=CONTEXT)
+@click.option("--storage", help="Storage directory for snapshots (must exist).")
+@click.option("--broker", help="Broker URL, e.g. redis://127.0.0.1:6379/0.")
+@click.option("--queue", help="Queue to serve (default: bakgrab).")
+@click.option("--concurrency", type=int, help="Grabs run at once (default: 2).")
+@click.option("--loglevel", help="Celery log level (default: INFO).")
+@click.option("--min-free-abs", help="Free space to keep, e.g. 5G (default: 1G).")
+@click.option("--min-free-avg", type=float,
+              help="Also keep this many average snapshots' size free (default: 0, off).")
+@click.option("--min-free-inodes", type=int, help="Free inodes to keep (default: 10000).")
+@click.option("--min-keep", type=int, help="Snapshots per name cleanup never goes below (default: 1).")
+@click.option("--max-retries", type=int, help="Retries of a transient failure (default: 3).")
+@click.option("--rsync-timeout", type=int, help="rsync --timeout in seconds (default: 300).")
+@click.option("--bwlimit", help="rsync --bwlimit, e.g. 10M (default: none).")
+@click.pass_context
+@guarded
+def worker(ctx: click.Context, **flags: Any) -> None:
+    """Run a Celery worker that serves `bakgrab.grab` (backup host).
+
+    Starts a prefork pool with task events on. Before each grab it frees space
+    by removing the oldest snapshots of the name that has the most (never below
+    --min-keep per name), then pulls the client with rsync into STORAGE.
+    """
+    settings = settings_from(ctx, **flags)
+    from worker.task import serve
+
+    serve(settings)
+
+
+@main.command("list", context_settings=CONTEXT)
+@click.option("--storage", help="Storage directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@guarded
+def list_(ctx: click.Context, storage: str | None, as_json: bool) -> None:
+    """List every name with its snapshots, newest first (backup host)."""
+    settings = settings_from(ctx, storage=storage)
+    from worker.inventory import inventory
+
+    if not settings.storage:
+        raise config.ConfigError("give --storage DIR")
+    data = inventory(Path(settings.storage))
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    if not data:
+        click.echo("no snapshots")
+    for name in data:
+        snaps = name["snapshots"]
+        click.echo(f"{name['name']}: {len(snaps)} snapshot(s)"
+                   + (" + in progress" if name["in_progress"] else ""))
+        for s in snaps:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["timestamp"]))
+            flag = " partial" if s["partial"] else ""
+            click.echo(f"  {s['snapshot']}  {when}  complete{flag}")
+
+
+# -- backed-up host --------------------------------------------------------------
+
+@main.command(context_settings=CONTEXT)
+@click.option("--name", required=True, help="Backup name of this host (letters, digits, _.-).")
+@click.option("--source", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory to back up (/ for the whole system).")
+@click.option("--broker", help="Broker URL as seen from the backup host when tunnelling "
+                               "(default: redis://127.0.0.1:6379/0).")
+@click.option("--tunnel", metavar="USER@HOST[:PORT]",
+              help="Reach the broker through `ssh -N -L` to this backup host.")
+@click.option("--ssh-option", "ssh_options", multiple=True, metavar="OPT",
+              help="Extra -o option for the tunnel's ssh (repeatable).")
+@click.option("--exclude-from", type=click.Path(dir_okay=False, path_type=Path),
+              help="File of rsync exclude patterns, one per line.")
+@click.option("--address", help="Address the backup host connects back to "
+                                "(default: this host's address towards it).")
+@click.option("--listen", help="Address the one-shot sshd listens on (default: --address).")
+@click.option("--port", type=click.IntRange(0, 65535), default=0,
+              help="Port of the one-shot sshd (default: an ephemeral port).")
+@click.option("--allow-from", metavar="IP[,IP...]",
+              help="Peers allowed to connect (default: the backup host's addresses).")
+@click.option("--queue", help="Queue of the backup host (default: bakgrab).")
+@click.option("--timeout", "job_timeout", type=int,
+              help="Seconds to wait for the job to finish (default: 43200).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_context
+@guarded
+def backup(ctx: click.Context, name: str, source: Path, broker: str | None, tunnel: str | None,
+           ssh_options: tuple[str, ...], exclude_from: Path | None, address: str | None,
+           listen: str | None, port: int, allow_from: str | None, queue: str | None,
+           job_timeout: int | None, as_json: bool) -> None:
+    """Ask the backup host for a backup of SOURCE and wait for it (backed-up host).
+
+    Makes a one-time key in memory, starts a one-shot read-only sshd, sends the
+    job and waits. Exits 0 on success, non-zero with a message on failure; on
+    a terminal it shows progress, under cron it prints nothing but errors.
+    """
+    from client.backup import BackupOptions, read_excludes, terminal_progress
+    from client.backup import backup as run_backup
+
+    settings = settings_from(ctx, broker=broker, queue=queue, job_timeout=job_timeout)
+    opts = BackupOptions(
+        name=name, source=source,
+        excludes=read_excludes(exclude_from) if exclude_from else [],
+        address=address, listen=listen, port=port, allow_from=allow_from,
+        tunnel=tunnel, ssh_options=ssh_options,
+    )
+    result = run_backup(opts, settings, progress=None if as_json else terminal_progress())
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        click.echo(result.summary())
+    if result.partial:
+        sys.exit(1)
+
+
+@main.command(hidden=True, context_settings=CONTEXT)
+def version() -> None:
+    """Print the version."""
+    from importlib.metadata import version as v
+
+    click.echo(v("bakgrab"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,173 @@
+"""Settings: every default named here, one precedence for all of them.
+
+Precedence, highest first: command-line flag > ``BAKGRAB_<SETTING>``
+environment variable > config file (TOML, ``--config`` or ``BAKGRAB_CONFIG``;
+``/etc/bakgrab/bakgrab.toml`` when it exists) > the defaults below.
+
+This module is the only place that reads ``BAKGRAB_*`` variables. Values are
+parsed and checked here, so the rest of the code receives typed settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from tasks import DEFAULT_QUEUE
+from tasks.errors import ConfigError
+
+SYSTEM_CONFIG = Path("/etc/bakgrab/bakgrab.toml")
+"""Config file read when neither ``--config`` nor ``BAKGRAB_CONFIG`` names one."""
+
+ENV_PREFIX = "BAKGRAB_"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every setting of both sides, with its default."""
+
+    broker: str = "redis://127.0.0.1:6379/0"
+    """Broker URL (Redis). The result backend is the same Redis."""
+    queue: str = DEFAULT_QUEUE
+    """Queue a worker serves and a client sends to."""
+    storage: str = ""
+    """Worker: the storage directory holding snapshots (required for the worker)."""
+    concurrency: int = 2
+    """Worker: grabs run at once (prefork pool size)."""
+    loglevel: str = "INFO"
+    """Worker: Celery log level."""
+    rsync_timeout: int = 300
+    """Worker: rsync --timeout, seconds of I/O silence before a transfer is aborted."""
+    connect_timeout: int = 20
+    """Worker: ssh ConnectTimeout, seconds."""
+    server_alive_interval: int = 15
+    """Worker and client tunnel: ssh ServerAliveInterval, seconds (3 missed answers end it)."""
+    max_retries: int = 3
+    """Worker: retries of a transient failure (network, timeout, busy name)."""
+    retry_backoff: float = 30.0
+    """Worker: first retry delay in seconds; doubles each retry, with jitter."""
+    retry_backoff_max: float = 900.0
+    """Worker: upper bound of a retry delay, seconds."""
+    bwlimit: str = ""
+    """Worker: rsync --bwlimit (e.g. ``10M``); empty for none."""
+    job_timeout: int = 12 * 3600
+    """Client: seconds to wait for the job's final state before giving up."""
+    state_dir: str = ""
+    """Client: where the persistent sshd host key lives (default
+    ``$XDG_STATE_HOME/bakgrab`` or ``~/.local/state/bakgrab``)."""
+    min_free_abs: str = "1G"
+    """Worker: free bytes the storage must have before a grab (size with unit)."""
+    min_free_avg: float = 0.0
+    """Worker: also keep this many average snapshots' worth of bytes free (0: off)."""
+    min_free_inodes: int = 10000
+    """Worker: free inodes the storage must have before a grab."""
+    min_keep: int = 1
+    """Worker: snapshots per name that cleanup never goes below (at least 1)."""
+    stale_inprogress_age: int = 7 * 86400
+    """Worker: age in seconds after which an abandoned in-progress dir is removed."""
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = FIELDS[name].type
+    try:
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name}: {value!r} is not a valid {kind}") from None
+
+
+def load(
+    flags: Mapping[str, Any] | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Settings from flags, environment, config file and defaults, in that order.
+
+    ``flags`` holds only the options given on the command line (None values
+    are ignored, so click's defaults never shadow the environment).
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+
+    path = config_file or environ.get(ENV_PREFIX + "CONFIG")
+    if path:
+        values.update(_read_file(Path(path), required=True))
+    elif SYSTEM_CONFIG.exists():
+        values.update(_read_file(SYSTEM_CONFIG, required=False))
+
+    for name in FIELDS:
+        env = environ.get(ENV_PREFIX + name.upper())
+        if env is not None and env != "":
+            values[name] = env
+    for name, value in (flags or {}).items():
+        if value is not None and name in FIELDS:
+            values[name] = value
+
+    settings = Settings(**{k: _coerce(k, v) for k, v in values.items()})
+    check(settings)
+    return settings
+
+
+def _read_file(path: Path, required: bool) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"config file {path} does not exist") from None
+        return {}
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    section = data.get("bakgrab", data)
+    unknown = sorted(set(section) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+    return dict(section)
+
+
+def check(settings: Settings) -> None:
+    """Refuse settings that cannot work, naming the setting."""
+    if settings.min_keep < 1:
+        raise ConfigError("min_keep must be at least 1: the newest snapshot is never removed")
+    if settings.concurrency < 1:
+        raise ConfigError("concurrency must be at least 1")
+    if settings.max_retries < 0:
+        raise ConfigError("max_retries must be 0 or more")
+    for name in ("rsync_timeout", "connect_timeout", "server_alive_interval", "job_timeout"):
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"{name} must be a positive number of seconds")
+    parse_size(settings.min_free_abs)
+    if settings.bwlimit and not re.fullmatch(r"\d+(\.\d+)?[KMGkmg]?", settings.bwlimit):
+        raise ConfigError(f"bwlimit {settings.bwlimit!r}: use a number with an optional K, M or G")
+    if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", settings.queue):
+        raise ConfigError(f"queue {settings.queue!r}: letters, digits and _.:- only")
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in a size like ``5G``, ``512M``, ``100000`` (binary units)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"size {text!r}: use a number with an optional K, M, G or T")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    environ = os.environ if environ is None else environ
+    base = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "bakgrab"

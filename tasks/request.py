@@ -1,0 +1,195 @@
+"""The grab request: its fields, their validation and their redacted form.
+
+Anyone who can reach the broker can send a task, so every field is hostile
+until :func:`validate` has passed it. Validation is strict (unknown fields
+are refused, sizes are bounded) and its messages name the field but never
+echo a key. :func:`redacted` is the only form of a request that may be
+shown: it is what ``argsrepr``/``kwargsrepr`` carry to events, logs and
+Flower.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import ipaddress
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from tasks.errors import InvalidRequest
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
+HOST_LABEL_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+PUBKEY_RE = re.compile(r"ssh-ed25519 [A-Za-z0-9+/]{68}")
+
+MAX_EXCLUDES = 4096
+MAX_EXCLUDE_LEN = 4096
+MAX_KEY_LEN = 4096
+REQUEST_VERSION = 1
+REDACTED = "<redacted>"
+
+FIELDS = ("v", "name", "address", "port", "user", "key", "host_key", "excludes")
+
+
+@dataclasses.dataclass(frozen=True)
+class GrabRequest:
+    """A validated request to pull one backup of ``name``."""
+
+    name: str
+    address: str
+    port: int
+    user: str
+    key: str = dataclasses.field(repr=False)
+    host_key: str
+    excludes: tuple[str, ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        """The task kwargs (holds the key: never log this)."""
+        return {
+            "v": REQUEST_VERSION,
+            "name": self.name,
+            "address": self.address,
+            "port": self.port,
+            "user": self.user,
+            "key": self.key,
+            "host_key": self.host_key,
+            "excludes": list(self.excludes),
+        }
+
+    @property
+    def host_key_fingerprint(self) -> str:
+        return fingerprint(self.host_key)
+
+
+def fingerprint(public_key: str) -> str:
+    """OpenSSH-style ``SHA256:...`` fingerprint of a one-line public key."""
+    blob = base64.b64decode(public_key.split()[1])
+    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def redacted(fields: Mapping[str, Any]) -> str:
+    """A printable form of request fields with the key replaced; safe to show."""
+    shown = {}
+    for k in ("name", "address", "port", "user"):
+        if k in fields:
+            shown[k] = fields[k]
+    if "key" in fields:
+        shown["key"] = REDACTED
+    host_key = fields.get("host_key")
+    if isinstance(host_key, str) and PUBKEY_RE.fullmatch(host_key):
+        shown["host_key"] = fingerprint(host_key)
+    excludes = fields.get("excludes")
+    if isinstance(excludes, list | tuple):
+        shown["excludes"] = f"<{len(excludes)} patterns>"
+    return repr(shown)
+
+
+def validate(fields: Any) -> GrabRequest:
+    """A :class:`GrabRequest` from untrusted task kwargs, or InvalidRequest."""
+    if not isinstance(fields, Mapping):
+        raise InvalidRequest("request: expected a mapping of fields")
+    unknown = sorted(str(k)[:40] for k in fields if k not in FIELDS)
+    if unknown:
+        raise InvalidRequest(f"request: unknown field(s) {', '.join(unknown)}")
+    missing = [k for k in FIELDS if k not in fields]
+    if missing:
+        raise InvalidRequest(f"request: missing field(s) {', '.join(missing)}")
+    if fields["v"] != REQUEST_VERSION:
+        raise InvalidRequest(f"request: version must be {REQUEST_VERSION}; upgrade bakgrab")
+    return GrabRequest(
+        name=check_name(fields["name"]),
+        address=check_address(fields["address"]),
+        port=check_port(fields["port"]),
+        user=check_user(fields["user"]),
+        key=check_private_key(fields["key"]),
+        host_key=check_public_key(fields["host_key"]),
+        excludes=check_excludes(fields["excludes"]),
+    )
+
+
+def check_name(value: Any) -> str:
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value):
+        raise InvalidRequest(
+            "name: 1-64 characters, letters, digits and _.- only, starting with a letter or digit"
+        )
+    return value
+
+
+def check_port(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise InvalidRequest("port: an integer from 1 to 65535")
+    return value
+
+
+def check_user(value: Any) -> str:
+    if not isinstance(value, str) or not USER_RE.fullmatch(value):
+        raise InvalidRequest("user: a login name of letters, digits and _.- (at most 32)")
+    return value
+
+
+def check_address(value: Any) -> str:
+    """An IP address or a DNS host name; nothing ssh could read as an option."""
+    if not isinstance(value, str) or not 0 < len(value) <= 253:
+        raise InvalidRequest("address: an IP address or host name")
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    labels = value.rstrip(".").split(".")
+    if not all(HOST_LABEL_RE.fullmatch(label) for label in labels) or labels[-1].isdigit():
+        raise InvalidRequest("address: an IP address or host name")
+    return value
+
+
+def check_private_key(value: Any) -> str:
+    """An unencrypted OpenSSH ed25519 private key (the one-time key)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_KEY_LEN:
+        raise InvalidRequest("key: an OpenSSH ed25519 private key")
+    try:
+        key = load_ssh_private_key(value.encode("ascii"), password=None)
+    except (ValueError, TypeError, UnicodeEncodeError):
+        raise InvalidRequest("key: not an unencrypted OpenSSH private key") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise InvalidRequest("key: must be an ed25519 key")
+    return value if value.endswith("\n") else value + "\n"
+
+
+def check_public_key(value: Any) -> str:
+    """A one-line ``ssh-ed25519 AAAA...`` public key (the client's sshd host key)."""
+    from cryptography.hazmat.primitives.serialization import load_ssh_public_key
+
+    if not isinstance(value, str):
+        raise InvalidRequest("host_key: an ssh-ed25519 public key line")
+    parts = value.strip().split()
+    line = " ".join(parts[:2])
+    if not PUBKEY_RE.fullmatch(line):
+        raise InvalidRequest("host_key: an ssh-ed25519 public key line")
+    try:
+        load_ssh_public_key(line.encode("ascii"))
+    except ValueError:
+        raise InvalidRequest("host_key: not a valid ssh-ed25519 public key") from None
+    return line
+
+
+def check_excludes(value: Any) -> tuple[str, ...]:
+    """A bounded list of single-line exclude patterns."""
+    if not isinstance(value, list | tuple):
+        raise InvalidRequest("excludes: a list of patterns")
+    if len(value) > MAX_EXCLUDES:
+        raise InvalidRequest(f"excludes: at most {MAX_EXCLUDES} patterns")
+    out = []
+    for i, pattern in enumerate(value):
+        if not isinstance(pattern, str) or not 0 < len(pattern) <= MAX_EXCLUDE_LEN:
+            raise InvalidRequest(f"excludes[{i}]: a pattern of 1-{MAX_EXCLUDE_LEN} characters")
+        if any(c in pattern for c in "\n\r\0"):
+            raise InvalidRequest(f"excludes[{i}]: a pattern must be a single line")
+        if not pattern.strip():
+            raise InvalidRequest(f"excludes[{i}]: a pattern must not be blank")
+        out.append(pattern)
+    return tuple(out)

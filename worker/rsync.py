@@ -1,0 +1,237 @@
+"""Everything bakgrab knows about rsync: its argv, its output, its exit codes.
+
+The pull runs ``rsync -HaAXz`` with the original design's flags over ``ssh``
+to the client's one-shot sshd, whose gate runs ``rrsync -ro``. This module
+builds that argv from validated values only, parses ``--info=progress2`` and
+``--stats`` output, and maps exit codes to outcomes:
+
+* 0: success; 24 (files vanished): success with a warning;
+* 23 (some files could not be read): a complete snapshot marked partial,
+  with the failing paths recorded;
+* network, timeout and protocol-stream codes, and ssh's 255: transient
+  (:class:`TransferInterrupted`), retried;
+* everything else: permanent (:class:`TransferFailed`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from tasks.errors import HostKeyMismatch, TransferFailed, TransferInterrupted
+
+SKIP_COMPRESS = "/".join([
+    # the original design's list
+    "gz", "bz2", r"t\[gb\]z", "tbz2", "lzma", "7z", "zip", "rar", "rpm", "deb", "iso",
+    "jpg", "gif", "png", "mov", "avi", "ogg", r"mp\[34g\]", "flv", "pdf",
+    # formats that came after it
+    "xz", "txz", "zst", "tzst", "lz4", "lz", "br", "jpeg", "webp", "heic", "heif", "avif",
+    "mkv", "mp4", "m4a", "m4v", "webm", "opus", "flac", "jar", "apk", "whl", "docx",
+    "xlsx", "pptx", "odt", "ods", "odp", "squashfs", "snap", "gpg",
+])
+
+OK = 0
+SYNTAX = 1
+PARTIAL = 23
+VANISHED = 24
+SSH_ERROR = 255
+
+TRANSIENT_CODES = {
+    5: "error starting client-server protocol",
+    10: "error in socket I/O",
+    12: "error in rsync protocol data stream (connection lost)",
+    14: "error in IPC code",
+    20: "received SIGUSR1 or SIGINT",
+    21: "some error returned by waitpid()",
+    22: "error allocating core memory buffers",
+    30: "timeout in data send/receive",
+    35: "timeout waiting for daemon connection",
+    SSH_ERROR: "ssh could not connect or the connection dropped",
+}
+PERMANENT_CODES = {
+    SYNTAX: "syntax or usage error",
+    2: "protocol incompatibility",
+    3: "errors selecting input/output files, dirs",
+    4: "requested action not supported (refused by the client's gate?)",
+    6: "daemon unable to append to log-file",
+    11: "error in file I/O (is the storage full?)",
+    13: "errors with program diagnostics",
+    25: "the --max-delete limit stopped deletions",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PullSpec:
+    """What one pull needs; every field already validated."""
+
+    user: str
+    address: str
+    port: int
+    key_file: Path
+    known_hosts: Path
+    host_alias: str
+    exclude_file: Path
+    dest: Path
+    link_dest: Path | None
+    timeout: int
+    connect_timeout: int
+    alive_interval: int
+    bwlimit: str = ""
+
+
+def ssh_command(spec: PullSpec) -> list[str]:
+    """The ssh argv rsync runs: the pinned host key, the one-time key, nothing else."""
+    return [
+        "ssh", "-F", "/dev/null", "-p", str(spec.port), "-i", str(spec.key_file),
+        "-o", "BatchMode=yes",
+        "-o", "IdentitiesOnly=yes",
+        "-o", "IdentityAgent=none",
+        "-o", "PreferredAuthentications=publickey",
+        "-o", "StrictHostKeyChecking=yes",
+        "-o", f"UserKnownHostsFile={spec.known_hosts}",
+        "-o", "GlobalKnownHostsFile=/dev/null",
+        "-o", f"HostKeyAlias={spec.host_alias}",
+        "-o", "CheckHostIP=no",
+        "-o", "UpdateHostKeys=no",
+        "-o", f"ConnectTimeout={spec.connect_timeout}",
+        "-o", f"ServerAliveInterval={spec.alive_interval}",
+        "-o", "ServerAliveCountMax=3",
+        "-o", "ControlMaster=no",
+        "-o", "ControlPath=none",
+        "-o", "ClearAllForwardings=yes",
+        "-o", "ForwardAgent=no",
+        "-o", "ForwardX11=no",
+        "-o", "Compression=no",  # rsync -z compresses, and skips what is compressed
+        "-o", "LogLevel=ERROR",
+    ]
+
+
+def quote_for_rsh(arg: str) -> str:
+    """Quote one argument of rsync's ``-e`` string (rsync splits on spaces and
+    honours single quotes, but not backslashes)."""
+    if "'" in arg:
+        raise TransferFailed(f"path {arg!r} contains a single quote, which rsync -e cannot carry")
+    return f"'{arg}'" if any(c in arg for c in " \t\"") else arg
+
+
+def pull_argv(spec: PullSpec) -> list[str]:
+    """The rsync argv of one pull from the client's gate into ``spec.dest``."""
+    argv = [
+        "rsync", "-HaAXz", "--sparse", "--numeric-ids", "--super",
+        f"--skip-compress={SKIP_COMPRESS}",
+        # A resumed pull writes into the dir of an earlier attempt: files that
+        # are gone from the client, or excluded now, must not stay behind.
+        "--delete", "--delete-excluded",
+        f"--exclude-from={spec.exclude_file}",
+        f"--timeout={spec.timeout}",
+        "--stats", "--info=progress2", "--no-human-readable", "--outbuf=L",
+        "--rsh=" + " ".join(quote_for_rsh(a) for a in ssh_command(spec)),
+    ]
+    if spec.link_dest is not None:
+        argv.append(f"--link-dest={spec.link_dest}")
+    if spec.bwlimit:
+        argv.append(f"--bwlimit={spec.bwlimit}")
+    host = f"[{spec.address}]" if ":" in spec.address else spec.address
+    argv += [f"{spec.user}@{host}:/", f"{spec.dest}/"]
+    return argv
+
+
+def exclude_rules(patterns: Sequence[str]) -> str:
+    """The exclude file: every pattern as an explicit ``- `` rule, so no pattern
+    can turn into an include, a merge or a comment."""
+    return "".join(f"- {p}\n" for p in patterns)
+
+
+# -- output -----------------------------------------------------------------
+
+PROGRESS_RE = re.compile(
+    r"^\s*(?P<bytes>[\d,]+)\s+(?P<pct>\d+)%\s+(?P<rate>\S+)\s+(?P<eta>[\d:]+)"
+    r"(?:\s+\(xfr#(?P<xfr>\d+),\s+(?:ir|to)-chk=(?P<left>\d+)/(?P<total>\d+)\))?"
+)
+
+
+@dataclasses.dataclass
+class Progress:
+    """One ``--info=progress2`` line."""
+
+    bytes: int
+    percent: int
+    rate: str
+    eta: str
+    files_done: int = 0
+    files_total: int = 0
+
+
+def parse_progress(line: str) -> Progress | None:
+    m = PROGRESS_RE.match(line)
+    if not m:
+        return None
+    total = int(m.group("total") or 0)
+    left = int(m.group("left") or 0)
+    return Progress(
+        bytes=int(m.group("bytes").replace(",", "")),
+        percent=int(m.group("pct")),
+        rate=m.group("rate"),
+        eta=m.group("eta"),
+        files_done=total - left,
+        files_total=total,
+    )
+
+
+STAT_KEYS = {
+    "Number of files": "files",
+    "Number of created files": "created",
+    "Number of deleted files": "deleted",
+    "Number of regular files transferred": "files_transferred",
+    "Total file size": "total_size",
+    "Total transferred file size": "transferred_size",
+    "Literal data": "literal",
+    "Matched data": "matched",
+    "Total bytes sent": "bytes_sent",
+    "Total bytes received": "bytes_received",
+}
+
+
+def parse_stats(text: str) -> dict[str, int]:
+    """The numbers of rsync's ``--stats`` block."""
+    stats = {}
+    for line in text.splitlines():
+        key, sep, rest = line.partition(":")
+        if sep and key.strip() in STAT_KEYS:
+            m = re.match(r"\s*([\d,]+)", rest)
+            if m:
+                stats[STAT_KEYS[key.strip()]] = int(m.group(1).replace(",", ""))
+    return stats
+
+
+FAILED_PATH_RE = re.compile(r'^rsync: \[sender\] .*?"(?P<path>.*)": (?P<why>.+?)(?: \(\d+\))?$')
+
+
+def failed_path(line: str) -> str | None:
+    """The path a sender error line is about (exit 23's per-file errors)."""
+    m = FAILED_PATH_RE.match(line)
+    return m.group("path") if m else None
+
+
+HOST_KEY_FAILED = "Host key verification failed."
+
+
+def classify(code: int, stderr_tail: str) -> None:
+    """Raise the exception for a failed exit ``code``; return for 0, 23, 24."""
+    if code in (OK, PARTIAL, VANISHED):
+        return
+    tail = stderr_tail.strip()[-500:]
+    if code == SSH_ERROR and HOST_KEY_FAILED in stderr_tail:
+        # ssh says so only when the key it was shown is not the pinned one:
+        # someone else answers at the client's address.
+        raise HostKeyMismatch(
+            "the sshd at the client's address showed a host key other than the pinned one; "
+            "the grab was refused. If the client's key changed legitimately, run "
+            "`bakgrab trust NAME` on the backup host."
+        )
+    if code in TRANSIENT_CODES:
+        raise TransferInterrupted(f"rsync exit {code}: {TRANSIENT_CODES[code]}: {tail}", code)
+    why = PERMANENT_CODES.get(code, "unexpected exit code")
+    raise TransferFailed(f"rsync exit {code}: {why}: {tail}", code)

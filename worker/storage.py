@@ -1,0 +1,160 @@
+"""The storage layout on the backup host.
+
+::
+
+    STORAGE/NAME.YYYY-mm-dd.UNIXTIME/   a complete snapshot, a pure mirror of
+                                        the client's tree and nothing else
+    STORAGE/.bakgrab/                   everything else bakgrab keeps (0700):
+        inprogress/NAME/                the pull of NAME under way (resumable)
+        meta/SNAPSHOT.json              stats, excludes, exit code, host key
+        meta/SNAPSHOT.exclude           the exclude rules the pull used
+        pins/NAME.pub                   the client's pinned sshd host key
+        locks/NAME.lock, storage.lock   flock(2) files
+        jobs/TASK_ID.json               finished jobs, for idempotent redelivery
+        run/                            per-job private files (key, known_hosts)
+        trash/                          snapshots being deleted
+
+Invariants: a name matching :data:`SNAPSHOT_RE` exists only for a complete
+snapshot (it appears by one atomic rename); everything else lives under
+dot-names so it never matches; the date in a snapshot name is the UTC date of
+its UNIXTIME.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+SNAPSHOT_RE = re.compile(r"^(?P<name>[^.].*)\.(?P<date>\d{4}-\d{2}-\d{2})\.(?P<ts>\d+)$")
+STATE = ".bakgrab"
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Snapshot:
+    """A complete snapshot directory in STORAGE."""
+
+    timestamp: int
+    name: str
+    dirname: str
+
+    @property
+    def date(self) -> str:
+        return time.strftime("%Y-%m-%d", time.gmtime(self.timestamp))
+
+
+def snapshot_dirname(name: str, timestamp: int) -> str:
+    return f"{name}.{time.strftime('%Y-%m-%d', time.gmtime(timestamp))}.{timestamp}"
+
+
+def parse_snapshot(dirname: str) -> Snapshot | None:
+    m = SNAPSHOT_RE.match(dirname)
+    if not m:
+        return None
+    return Snapshot(int(m.group("ts")), m.group("name"), dirname)
+
+
+class Storage:
+    """A storage directory and the paths bakgrab keeps in it."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).absolute()
+        self.state = self.root / STATE
+
+    def prepare(self) -> Storage:
+        """Create the state directories (0700); the storage itself must exist."""
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"storage {self.root} is not a directory")
+        for sub in ("", "inprogress", "meta", "pins", "locks", "jobs", "run", "trash"):
+            path = self.state / sub
+            path.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(path, 0o700)
+        return self
+
+    # -- paths ------------------------------------------------------------
+    def inprogress(self, name: str) -> Path:
+        return self.state / "inprogress" / name
+
+    def meta(self, snapshot: str, suffix: str = ".json") -> Path:
+        return self.state / "meta" / (snapshot + suffix)
+
+    def pin(self, name: str) -> Path:
+        return self.state / "pins" / f"{name}.pub"
+
+    def lock(self, name: str) -> Path:
+        return self.state / "locks" / f"{name}.lock"
+
+    def job(self, task_id: str) -> Path:
+        return self.state / "jobs" / f"{task_id}.json"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.state / "run"
+
+    @property
+    def trash(self) -> Path:
+        return self.state / "trash"
+
+    # -- inventory --------------------------------------------------------
+    def snapshots(self, name: str | None = None) -> list[Snapshot]:
+        """Complete snapshots, oldest first (of one name, or all)."""
+        found = []
+        with os.scandir(self.root) as it:
+            for entry in it:
+                snap = parse_snapshot(entry.name)
+                if snap and entry.is_dir(follow_symlinks=False):
+                    if name is None or snap.name == name:
+                        found.append(snap)
+        return sorted(found)
+
+    def by_name(self) -> dict[str, list[Snapshot]]:
+        """Every name with its complete snapshots, oldest first."""
+        out: dict[str, list[Snapshot]] = {}
+        for snap in self.snapshots():
+            out.setdefault(snap.name, []).append(snap)
+        return out
+
+    def newest(self, name: str) -> Snapshot | None:
+        snaps = self.snapshots(name)
+        return snaps[-1] if snaps else None
+
+    def inprogress_names(self) -> list[str]:
+        base = self.state / "inprogress"
+        return sorted(p.name for p in base.iterdir()) if base.is_dir() else []
+
+    # -- records ----------------------------------------------------------
+    def read_meta(self, snapshot: str) -> dict[str, Any]:
+        try:
+            data = json.loads(self.meta(snapshot).read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def next_dirname(self, name: str, timestamp: int) -> str:
+        """A snapshot dirname for ``name`` at ``timestamp`` that is not taken yet."""
+        while (self.root / snapshot_dirname(name, timestamp)).exists():
+            timestamp += 1
+        return snapshot_dirname(name, timestamp)
+
+
+def write_atomic(path: Path, data: bytes | str, mode: int = 0o600) -> None:
+    """Write ``path`` by a rename so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -7,6 +7,8 @@ the command the peer asked for in ``SSH_ORIGINAL_COMMAND``. The gate:
   anything with shell metacharacters, and ``--open-noatime``; each refusal is
   logged to LOG and told to the peer, and the gate exits 1;
 * lowers its own priority (nice 19, idle I/O class) — never from the request;
+* dies with its sshd session (parent-death signal) and records its process
+  group for the client to kill at teardown;
 * execs ``rrsync -ro SOURCE`` (rsync's restricted-rsync script), which parses
   the rsync options again and refuses every one that writes or deletes.
 
@@ -55,6 +57,26 @@ def check(mode: str, command: str) -> str | None:
     return None
 
 
+def start_time(pid: int) -> str:
+    """The process's start time in clock ticks: with the pid, it names one
+    process for good (pids are reused, start times are not)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[19]
+
+
+def die_with_session(log_path: str) -> None:
+    """Be killed with the sshd session, and let the client kill our process
+    group (sshd puts each session's command in a new session of its own)."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(1, 9, 0, 0, 0)  # PR_SET_PDEATHSIG, SIGKILL
+    try:
+        with open(os.path.join(os.path.dirname(log_path), "sessions"), "a") as f:
+            f.write(f"{os.getpgid(0)} {start_time(os.getpid())}\n")
+    except OSError:
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 3 or argv[0] not in PREFIX:
@@ -65,10 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     why = check(mode, command)
     if why is not None:
         return refuse(log_path, why, command)
+    die_with_session(log_path)
     os.nice(19 - os.nice(0))
     flag = "-ro" if mode == "ro" else "-wo"
     try:
-        os.execvp("ionice", ["ionice", "-c", "3", "-t", "rrsync", flag, root])
+        # -no-lock makes rrsync exec rsync (it would run it as a child otherwise),
+        # so the parent-death signal set above carries through to rsync.
+        os.execvp("ionice", ["ionice", "-c", "3", "-t", "rrsync", flag, "-no-lock", root])
     except OSError as e:
         return refuse(log_path, f"cannot start rrsync: {e}", command)
 

@@ -19,6 +19,7 @@ until :meth:`OneShotServer.close` (their parent-death signal is tied to it).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import logging
@@ -26,6 +27,7 @@ import os
 import select
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -155,7 +157,7 @@ class OneShotServer:
             raise ClientSetupError(f"--source {cfg.source}: not a directory")
         if os.geteuid() == 0 and not SSHD_PRIVSEP_DIR.is_dir():
             SSHD_PRIVSEP_DIR.mkdir(mode=0o755)
-        gate = " ".join(shlex.quote(a) for a in [
+        gate = "exec " + " ".join(shlex.quote(a) for a in [
             sys.executable, "-I", "-m", "client.gate", cfg.mode, str(cfg.source.absolute()),
             str(self.gate_log),
         ])
@@ -226,8 +228,25 @@ class OneShotServer:
         for child in self.children:
             if child.poll() is None:
                 child.kill(grace=1.0)
+        self._kill_sessions()
         self._report_gate_refusals()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _kill_sessions(self) -> None:
+        """Kill the process group of every command the gate let through."""
+        from client.gate import start_time
+
+        try:
+            lines = (self.workdir / "sessions").read_text().splitlines()
+        except OSError:
+            return
+        for line in lines:
+            pgid, _, started = line.partition(" ")
+            # Only the group whose leader is still the process the gate was:
+            # a pid reused by someone else is left alone.
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                if int(pgid) > 1 and start_time(int(pgid)) == started:
+                    os.killpg(int(pgid), signal.SIGKILL)
 
     def _report_gate_refusals(self) -> None:
         try:

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Install what bakgrab needs on a Debian machine, idempotently:
+#   Debian packages: rsync (with rrsync), openssh client and server, redis-server,
+#   acl/attr tools, util-linux (setpriv, ionice), python3-venv;
+#   a virtualenv in .venv (repo root) with bakgrab installed editable.
+# Usage: bash deploy/install-deps.sh [--test]   (--test adds the test tools)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(rsync openssh-client openssh-server redis-server acl attr util-linux
+          procps iproute2 e2fsprogs libcap2-bin python3 python3-venv python3-pip)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "bakgrab: missing Debian packages: ${missing[*]}; run this as root" >&2
+        exit 1
+    fi
+    echo "bakgrab: installing ${missing[*]}" >&2
+    apt-get update -qq
+    # Installing openssh-server must not start the system sshd on its own.
+    DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+fi
+
+# Debian's own interpreter: the worker and the one-shot sshd's gate may run as
+# other users, who must be able to execute the venv's python (a python under
+# root's home would not be reachable for them).
+py=/usr/bin/python3
+if [ ! -x .venv/bin/python ] || [ "$(.venv/bin/python -c 'import sys; print(sys.base_prefix)')" != "$($py -c 'import sys; print(sys.base_prefix)')" ]; then
+    rm -rf .venv
+    "$py" -m venv .venv
+fi
+extra=""
+[ "${1:-}" = "--test" ] && extra="[test]"
+.venv/bin/pip install -q --disable-pip-version-check --upgrade pip >/dev/null
+.venv/bin/pip install -q --disable-pip-version-check -e ".$extra"

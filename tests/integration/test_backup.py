@@ -1,0 +1,201 @@
+"""One backup end to end: real redis-server, Celery worker, sshd, ssh and rsync."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests import support
+from tests.conftest import need_root
+
+pytestmark = pytest.mark.integration
+
+EXCLUDES = "/cache\n*.log\n# a comment\n\n"
+
+
+def test_backup_keeps_every_file_and_its_metadata(
+    tmp_path: Path, redis_url: str, storage: Path, worker: support.Proc
+) -> None:
+    """A backup of a tree with every kind of file is identical by
+    `rsync -naHAX --numeric-ids --checksum`; excluded paths are absent; the run's
+    excludes and statistics are recorded beside the snapshot, not inside it."""
+    need_root()
+    src = tmp_path / "src"
+    support.build_fidelity_tree(src)
+    excl = tmp_path / "excludes"
+    excl.write_text(EXCLUDES)
+
+    done = support.run_backup(redis_url, "host-a", src, "--exclude-from", str(excl), "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    snaps = support.snapshots(storage, "host-a")
+    assert [s.name for s in snaps] == [result["snapshot"]]
+    snap = snaps[0]
+
+    assert support.rsync_diff(src, snap, "--exclude=/cache", "--exclude=*.log") == []
+    assert not (snap / "cache").exists()
+    assert not (snap / "data" / "skip.log").exists()
+    assert (snap / "secret" / "shadow").read_bytes() == b"root-only\n"
+    assert stat.S_IMODE((snap / "secret").stat().st_mode) == 0o700
+    assert (snap / "data" / "file.txt").stat().st_ino == (snap / "data" / "hardlink.txt").stat().st_ino
+    assert os.readlink(snap / "data" / "dangling") == "/nonexistent/target"
+    assert stat.S_ISFIFO((snap / "data" / "fifo").lstat().st_mode)
+    assert stat.S_ISCHR((snap / "data" / "null-dev").lstat().st_mode)
+    assert (snap / "data" / "setuid").stat().st_mode & stat.S_ISUID
+    assert os.getxattr(snap / "data" / "xattr.txt", "user.bakgrab.test") == b"value\x00\xff"
+    assert (snap / "data" / "owned-by-nobody").stat().st_uid == (
+        src / "data" / "owned-by-nobody").stat().st_uid
+    acl = subprocess.run(["getfacl", "-cp", str(snap / "data" / "acl.txt")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "user:nobody:r--" in acl
+    assert (snap / os.fsdecode(b"bad-\xff\xfe-utf8")).exists()
+    assert (snap / "new\nline").exists()
+    sparse = (snap / "sparse.img").stat()
+    assert sparse.st_size == 64 << 20 and sparse.st_blocks * 512 < 1 << 20
+
+    assert result["files"] > 10 and result["bytes_transferred"] > 0
+    assert result["warnings"] == [] and result["partial"] is False
+    meta_dir = storage / ".bakgrab" / "meta"
+    meta = json.loads((meta_dir / f"{snap.name}.json").read_text())
+    assert meta["rsync_exit"] == 0
+    assert meta["stats"]["files"] == result["files"]
+    assert meta["host_key_fingerprint"].startswith("SHA256:")
+    assert meta["excludes"] == ["/cache", "*.log"]
+    assert (meta_dir / f"{snap.name}.exclude").read_text() == "- /cache\n- *.log\n"
+    assert not list(snap.glob(".bakgrab*"))
+    # the one-time key file is gone once the job ended
+    assert list((storage / ".bakgrab" / "run").iterdir()) == []
+
+    listing = subprocess.run([support.BAKGRAB, "list", "--storage", str(storage), "--json"],
+                             capture_output=True, text=True, check=True)
+    names = json.loads(listing.stdout)
+    assert [n["name"] for n in names] == ["host-a"]
+    assert names[0]["snapshots"][0]["snapshot"] == snap.name
+
+
+def test_second_backup_hard_links_unchanged_files(
+    tmp_path: Path, redis_url: str, storage: Path, worker: support.Proc
+) -> None:
+    """A second backup of an unchanged tree links every file to the first
+    snapshot (same inode) and adds only directories; a changed file gets a new
+    inode."""
+    src = tmp_path / "src"
+    (src / "d1" / "d2").mkdir(parents=True)
+    for i in range(50):
+        (src / "d1" / f"f{i}").write_bytes(os.urandom(2000))
+    (src / "d1" / "d2" / "changes").write_text("one\n")
+
+    first = support.run_backup(redis_url, "host-b", src)
+    assert first.returncode == 0, first.stderr
+    assert "host-b: snapshot host-b." in first.stdout
+    (src / "d1" / "d2" / "changes").write_text("two\n")
+    second = support.run_backup(redis_url, "host-b", src)
+    assert second.returncode == 0, second.stderr
+
+    old, new = support.snapshots(storage, "host-b")
+    for i in range(50):
+        a, b = (old / "d1" / f"f{i}").stat(), (new / "d1" / f"f{i}").stat()
+        assert a.st_ino == b.st_ino and b.st_nlink == 2
+    assert (old / "d1" / "d2" / "changes").stat().st_ino != (new / "d1" / "d2" / "changes").stat().st_ino
+    assert (new / "d1" / "d2" / "changes").read_text() == "two\n"
+    assert (old / "d1").stat().st_ino != (new / "d1").stat().st_ino
+    meta = json.loads((storage / ".bakgrab" / "meta" / f"{new.name}.json").read_text())
+    assert meta["link_dest"] == old.name
+    assert meta["stats"]["files_transferred"] == 1
+
+
+def test_private_key_never_shown_in_log_backend_or_events(
+    tmp_path: Path, redis_url: str, storage: Path, worker: support.Proc
+) -> None:
+    """The one-time private key appears in no task event, no Redis key or value
+    left after the job, and not in the worker's log; the events carry the
+    redacted kwargsrepr instead."""
+    from celery import Celery
+
+    app = Celery(broker=redis_url)
+    events: list[dict] = []
+    ready = threading.Event()
+
+    def capture() -> None:
+        with app.connection() as conn:
+            recv = app.events.Receiver(conn, handlers={"*": events.append})
+            ready.set()
+            try:
+                recv.capture(limit=None, timeout=60, wakeup=True)
+            except Exception:  # noqa: BLE001,S110 -- the capture ends by timeout or stop
+                pass
+
+    thread = threading.Thread(target=capture, daemon=True)
+    thread.start()
+    ready.wait(10)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    done = support.run_backup(redis_url, "host-c", src, pre=["--debug"])
+    assert done.returncode == 0, done.stderr
+    support.wait_for(lambda: any(e["type"] == "task-succeeded" for e in events), 20,
+                     "task-succeeded event")
+
+    sent = [e for e in events if e["type"] in ("task-sent", "task-received")]
+    assert sent, events
+    for e in sent:
+        assert "<redacted>" in e["kwargs"]
+    blob = json.dumps(events, default=str)
+    r = redis.Redis.from_url(redis_url)
+    for key in r.keys("*"):
+        kind = r.type(key).decode()
+        value = {"string": lambda k: r.get(k), "list": lambda k: r.lrange(k, 0, -1),
+                 "hash": lambda k: r.hgetall(k), "set": lambda k: r.smembers(k),
+                 "zset": lambda k: r.zrange(k, 0, -1)}[kind](key)
+        blob += repr(key) + repr(value)
+    blob += worker.text() + done.stderr + done.stdout
+    for marker in support.KEY_MARKERS:
+        assert marker not in blob
+
+
+def test_failure_is_reported_with_nonzero_exit(
+    tmp_path: Path, redis_url: str, storage: Path, worker: support.Proc
+) -> None:
+    """A host key that differs from the pinned one fails the backup at once with
+    a clear message and exit code, and leaves the existing snapshot untouched."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    assert support.run_backup(redis_url, "host-d", src).returncode == 0
+    first = support.snapshots(storage, "host-d")
+    shutil.rmtree(tmp_path / "state")  # the client's sshd host key changes
+    done = support.run_backup(redis_url, "host-d", src)
+    assert done.returncode == 5, done.stderr
+    assert "differs from the pinned" in done.stderr
+    assert "bakgrab trust host-d" in done.stderr
+    assert support.snapshots(storage, "host-d") == first
+
+
+def test_invalid_name_is_refused_before_anything_is_sent(
+    tmp_path: Path, redis_url: str
+) -> None:
+    """A bad backup name fails on the client with a clear error (no job sent)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    done = support.run_backup(redis_url, "../etc", src)
+    assert done.returncode == 4
+    assert "name:" in done.stderr
+
+
+def test_broker_unreachable_fails_clearly(tmp_path: Path) -> None:
+    """No broker at the URL: a clear error, non-zero exit, no sshd left behind."""
+    src = tmp_path / "src"
+    src.mkdir()
+    port = support.free_port()
+    done = support.run_backup(f"redis://127.0.0.1:{port}/0", "host-e", src,
+                              "--timeout", "20", timeout=90)
+    assert done.returncode != 0
+    assert "broker" in done.stderr.lower() or "error" in done.stderr.lower()

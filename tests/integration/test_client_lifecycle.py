@@ -1,0 +1,124 @@
+"""The client as a process: unprivileged runs, and teardown on Ctrl-C and SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests import support
+from tests.conftest import need_root
+
+pytestmark = pytest.mark.integration
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid``."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def test_unprivileged_client_backs_up_its_own_files(
+    shared_tmp: Path, redis_url: str, storage: Path, worker: support.Proc
+) -> None:
+    """Run as an ordinary user, the client's sshd runs as that user and the
+    backup of files that user can read is complete and identical."""
+    need_root()
+    name = "bkg" + secrets.token_hex(3)
+    with support.throwaway_user(name, shared_tmp / "home") as user:
+        src = shared_tmp / "src"
+        (src / "private").mkdir(parents=True)
+        (src / "private" / "notes").write_text("mine\n")
+        os.chmod(src / "private" / "notes", 0o600)
+        os.chmod(src / "private", 0o700)
+        state = shared_tmp / "state"
+        state.mkdir()
+        for path in (src, src / "private", src / "private" / "notes", state):
+            os.chown(path, user.pw_uid, user.pw_gid)
+        env = {"PATH": os.environ["PATH"], "HOME": str(shared_tmp),
+               "XDG_STATE_HOME": str(state), "LANG": "C.UTF-8"}
+        done = support.run_backup(redis_url, "unpriv", src, "--json", env=env, user=name)
+        assert done.returncode == 0, done.stderr
+        snap = support.snapshots(storage, "unpriv")[0]
+        assert support.rsync_diff(src, snap) == []
+        assert (snap / "private" / "notes").stat().st_uid == user.pw_uid
+        meta = json.loads((storage / ".bakgrab" / "meta" / f"{snap.name}.json").read_text())
+        assert meta["client"]["user"] == name
+        # its sshd host key was made for that user, private
+        key = state / "bakgrab" / "ssh_host_ed25519_key"
+        assert key.stat().st_uid == user.pw_uid and key.stat().st_mode & 0o077 == 0
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_interrupted_client_tears_everything_down(
+    tmp_path: Path, redis_url: str, storage: Path, sig: int, code: int
+) -> None:
+    """Ctrl-C or SIGTERM in the middle of a pull: the client exits with 128+n,
+    leaves no sshd behind, the job is revoked, the worker's rsync ends, no
+    snapshot appears and the in-progress dir is kept for the next grab."""
+    worker = support.start_worker(storage, redis_url, tmp_path / "worker.log",
+                                  env=support.worker_env(bwlimit="200K", rsync_timeout="5"))
+    try:
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "big").write_bytes(os.urandom(8 << 20))
+        client = subprocess.Popen(
+            [support.BAKGRAB, "backup", "--broker", redis_url, "--name", "slow",
+             "--source", str(src)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        seen: set[int] = set()
+
+        def pulling() -> bool:
+            seen.update(descendants(client.pid))
+            return any(comm(p) == "sshd" for p in seen) and any(
+                comm(p) == "rsync" for p in descendants(worker.pid))
+
+        support.wait_for(pulling, 30, "the pull to start")
+        time.sleep(1)
+        seen.update(descendants(client.pid))
+        client.send_signal(sig)
+        _, err = client.communicate(timeout=30)
+        assert client.returncode == code, err
+        assert [(p, comm(p)) for p in seen if alive(p)] == []
+        support.wait_for(lambda: not any(comm(p) in ("rsync", "ssh")
+                                         for p in descendants(worker.pid)), 30,
+                         "the worker's rsync to end")
+        support.wait_for(lambda: "revoked" in worker.text().lower(), 30, "the revoke")
+        assert support.snapshots(storage, "slow") == []
+        assert (storage / ".bakgrab" / "inprogress" / "slow").is_dir()
+    finally:
+        worker.stop()

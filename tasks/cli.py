@@ -117,17 +117,25 @@ def worker(ctx: click.Context, **flags: Any) -> None:
 
 @main.command("list", context_settings=CONTEXT)
 @click.option("--storage", help="Storage directory.")
+@click.option("--fast", is_flag=True,
+              help="Skip the per-snapshot size (a walk of every snapshot).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @guarded
-def list_(ctx: click.Context, storage: str | None, as_json: bool) -> None:
-    """List every name with its snapshots, newest first (backup host)."""
+def list_(ctx: click.Context, storage: str | None, fast: bool, as_json: bool) -> None:
+    """List every name with its snapshots, newest first (backup host).
+
+    Per name: snapshot count and the newest one's age; per snapshot: time,
+    state, and the space it holds alone (bytes no other snapshot shares by
+    hard links: what removing it would free).
+    """
     settings = settings_from(ctx, storage=storage)
+    from tasks.result import human_bytes
     from worker.inventory import inventory
 
     if not settings.storage:
         raise config.ConfigError("give --storage DIR")
-    data = inventory(Path(settings.storage))
+    data = inventory(Path(settings.storage), sizes=not fast)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -135,12 +143,64 @@ def list_(ctx: click.Context, storage: str | None, as_json: bool) -> None:
         click.echo("no snapshots")
     for name in data:
         snaps = name["snapshots"]
-        click.echo(f"{name['name']}: {len(snaps)} snapshot(s)"
-                   + (" + in progress" if name["in_progress"] else ""))
+        age = f", newest {human_age(name['newest_age'])} old" if snaps else ""
+        click.echo(f"{name['name']}: {name['count']} snapshot(s){age}"
+                   + (", a grab in progress or interrupted" if name["in_progress"] else ""))
         for s in snaps:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["timestamp"]))
-            flag = " partial" if s["partial"] else ""
-            click.echo(f"  {s['snapshot']}  {when}  complete{flag}")
+            flag = "partial" if s["partial"] else "complete"
+            alone = f"  {human_bytes(s['alone_bytes'])} alone" if "alone_bytes" in s else ""
+            click.echo(f"  {s['snapshot']}  {when}  {flag}{alone}")
+
+
+def human_age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--storage", help="Storage directory.")
+@click.option("--dry-run", is_flag=True, help="Show what would be removed; remove nothing.")
+@click.option("--min-free-abs", help="Free space to keep, e.g. 5G.")
+@click.option("--min-free-avg", type=float, help="Average snapshots' worth of space to keep free.")
+@click.option("--min-free-inodes", type=int, help="Free inodes to keep.")
+@click.option("--min-keep", type=int, help="Snapshots per name never removed.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@guarded
+def prune(ctx: click.Context, dry_run: bool, as_json: bool, **flags: Any) -> None:
+    """Run the free-space cleanup now (backup host).
+
+    The same rule as before every grab: while free space (or inodes) is below
+    the need, remove the oldest snapshot of the name that has the most, never
+    below --min-keep per name. Prints, in order, what it removes (or would)
+    and why; exits 6 if it cannot free enough.
+    """
+    settings = settings_from(ctx, **flags)
+    from worker.retention import make_room
+    from worker.storage import Storage
+
+    if not settings.storage:
+        raise config.ConfigError("give --storage DIR")
+    storage = Storage(settings.storage)
+    if not dry_run:
+        storage.prepare()
+    elif not storage.state.is_dir():
+        storage = storage.prepare()
+    removed = make_room(storage, settings, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps({"dry_run": dry_run, "removed": removed}, indent=2))
+        return
+    verb = "would remove" if dry_run else "removed"
+    for entry in removed:
+        if entry["snapshot"] is None:
+            click.echo(f"cannot free enough: {entry['reason']} (min_keep={settings.min_keep})")
+        else:
+            click.echo(f"{verb} {entry['snapshot']}: {entry['reason']} ({entry['rule']})")
+    if not removed:
+        click.echo("enough free space; nothing to remove")
 
 
 # -- backed-up host --------------------------------------------------------------

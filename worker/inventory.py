@@ -5,14 +5,20 @@ Reads the layout only (never writes), so it is safe while grabs run.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
+from worker.retention import exclusive_usage
 from worker.storage import Storage
 
 
-def inventory(root: Path) -> list[dict[str, Any]]:
-    """Every name with its complete snapshots, newest first, names sorted."""
+def inventory(root: Path, sizes: bool = True) -> list[dict[str, Any]]:
+    """Every name with its complete snapshots, newest first, names sorted.
+
+    With ``sizes``, each snapshot has ``alone_bytes``: the space it holds alone
+    (files no other snapshot links to), what removing it would free. That is
+    one walk per snapshot, counting inodes whose every link lies inside it."""
     storage = Storage(root)
     if not storage.root.is_dir():
         raise FileNotFoundError(f"storage {storage.root} is not a directory")
@@ -23,12 +29,22 @@ def inventory(root: Path) -> list[dict[str, Any]]:
         snaps = []
         for snap in reversed(by_name.get(name, [])):
             meta = storage.read_meta(snap.dirname)
-            snaps.append({
+            entry = {
                 "snapshot": snap.dirname,
                 "timestamp": snap.timestamp,
                 "complete": True,
                 "partial": bool(meta.get("partial", False)),
                 "rsync_exit": meta.get("rsync_exit"),
-            })
-        out.append({"name": name, "snapshots": snaps, "in_progress": name in in_progress})
+            }
+            if sizes:
+                entry["alone_bytes"], entry["alone_inodes"] = exclusive_usage(
+                    storage.root / snap.dirname)
+            snaps.append(entry)
+        out.append({
+            "name": name,
+            "count": len(snaps),
+            "newest_age": round(time.time() - snaps[0]["timestamp"]) if snaps else None,
+            "snapshots": snaps,
+            "in_progress": name in in_progress,
+        })
     return out

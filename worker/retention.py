@@ -112,9 +112,12 @@ def make_room(
     """Remove snapshots until the storage has what a grab needs; the removals,
     in order, each with its reason. NoSpace if that cannot be done."""
     removed: list[dict[str, Any]] = []
+    if not dry_run:
+        # Leftovers of a crash are deleted outside the storage lock: other
+        # grabs' cleanups need not wait for a tree that is no backup anymore.
+        purge_trash(storage)
     with locks.held(storage.state / "locks" / "storage.lock", wait=3600, what="storage"):
         if not dry_run:
-            purge_trash(storage)
             removed += remove_stale_inprogress(storage, settings)
         inventory = storage.by_name()
         count = sum(len(s) for s in inventory.values())
@@ -125,7 +128,8 @@ def make_room(
             return removed
         freed_bytes = freed_inodes = 0
         for snap in removal_queue(inventory, settings.min_keep):
-            entry = {"snapshot": snap.dirname, "reason": why, "rule": "free space"}
+            entry = {"snapshot": snap.dirname, "reason": why,
+                     "rule": f"{snap.name} has the most snapshots; its oldest goes first"}
             if dry_run:
                 # Without removing we cannot re-measure: estimate from what the
                 # snapshot holds alone (bytes no other snapshot shares).
@@ -140,11 +144,16 @@ def make_room(
             else:
                 remove_snapshot(storage, snap)
                 usage = measure(storage.root)
-            log.info("removed snapshot %s: %s", snap.dirname, why)
+            log.info("%s snapshot %s: %s (need %s and %d inodes free)",
+                     "would remove" if dry_run else "removed", snap.dirname, why,
+                     human_bytes(wanted.bytes), wanted.inodes)
             removed.append(entry)
             why = wanted.short(usage)
             if why is None:
                 return removed
+        if dry_run:
+            removed.append({"snapshot": None, "reason": why, "rule": "cannot free enough"})
+            return removed
         raise NoSpace(
             f"not enough space on the storage: {why} (need {human_bytes(wanted.bytes)} and "
             f"{wanted.inodes} inodes free); every name is down to min_keep={settings.min_keep} "

@@ -1,0 +1,569 @@
+"""The four tools the benchmark runs, each behind the same small interface.
+
+* ``bakgrab``: ``bakgrab backup`` end to end against a running worker and
+  Redis (the client starts its one-shot sshd; the worker pulls with rsync).
+* ``rsync``: bare rsync with bakgrab's own argv (``worker.rsync.pull_argv``)
+  over ssh to a plain sshd, ``--link-dest`` the newest snapshot: the floor.
+* ``rsnapshot``: the Debian package, over ssh to the same sshd, link_dest on,
+  the same rsync flags.
+* ``borg``: a local repository, no encryption, lz4.
+
+A tool gives, for a backup name and a source: the argv of one backup, the
+argv that removes its oldest snapshot, where its storage is (for ``du``) and
+which long-lived server processes do part of its work (for CPU).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from tests.bench import procs
+
+SNAPSHOT_RE = re.compile(r"^(?P<name>[^.].*)\.(?P<date>\d{4}-\d{2}-\d{2})\.(?P<ts>\d+)$")
+
+
+@dataclasses.dataclass
+class Job:
+    """One program run a measurement waits for."""
+
+    argv: list[str]
+    env: dict[str, str] | None = None
+    stdout: Path | None = None
+    ok_codes: tuple[int, ...] = (0,)
+    after: Callable[[Job], dict[str, Any]] | None = None
+    started: float = 0.0
+    ended: float = 0.0
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BAKGRAB_", "BORG_"))}
+    env["LC_ALL"] = "C"
+    env.update(extra)
+    return env
+
+
+def keygen(path: Path) -> str:
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "", "-f", str(path)],
+                   check=True, stdin=subprocess.DEVNULL)
+    return path.with_suffix(".pub").read_text().strip()
+
+
+class SshServer:
+    """A plain sshd of our own on a free loopback port, with its own host
+    key and one authorized client key (for bare rsync and rsnapshot)."""
+
+    ALIAS = "bench-sshd"
+
+    def __init__(self, work: Path) -> None:
+        self.dir = work / "sshd"
+        self.dir.mkdir(mode=0o700)
+        host_pub = keygen(self.dir / "host_key")
+        client_pub = keygen(self.dir / "client_key")
+        self.key = self.dir / "client_key"
+        (self.dir / "authorized_keys").write_text(client_pub + "\n")
+        self.known_hosts = self.dir / "known_hosts"
+        self.known_hosts.write_text(f"{self.ALIAS} {host_pub}\n")
+        import pwd
+
+        self.user = pwd.getpwuid(os.getuid()).pw_name
+        cfg = self.dir / "sshd_config"
+        cfg.write_text("\n".join([
+            "ListenAddress 127.0.0.1",
+            f"HostKey {self.dir / 'host_key'}",
+            f"AuthorizedKeysFile {self.dir / 'authorized_keys'}",
+            f"AllowUsers {self.user}",
+            "PermitRootLogin prohibit-password",
+            "PubkeyAuthentication yes",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "UsePAM no",
+            "UseDNS no",
+            "StrictModes no",
+            "PrintMotd no",
+            "PrintLastLog no",
+            "Compression no",
+            "PidFile none",
+            "MaxStartups 100:30:200",
+            "MaxSessions 100",
+            "LogLevel ERROR",
+            "",
+        ]))
+        if os.geteuid() == 0:
+            Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
+        sshd = procs.find("sshd") or "/usr/sbin/sshd"
+        subprocess.run([sshd, "-t", "-f", str(cfg)], check=True)
+        self.proc, self.port = procs.start_server(
+            lambda port: [sshd, "-D", "-e", "-f", str(cfg), "-p", str(port)],
+            self.dir / "sshd.log", "sshd")
+
+    def settle(self, timeout: float = 10.0) -> None:
+        """Wait until every connection's sshd has ended (and been reaped), so
+        that their CPU is in the listener's counters."""
+        with contextlib.suppress(TimeoutError):
+            procs.wait_for(lambda: not procs.children(self.proc.pid), timeout, "sshd sessions",
+                           interval=0.01)
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def rsync_argv(ssh: SshServer, source: Path, dest: Path, link_dest: Path | None,
+               exclude_file: Path) -> tuple[list[str], str]:
+    """bakgrab's own pull argv, aimed at ``source`` on our sshd; and where the
+    flags came from."""
+    try:
+        from worker import rsync
+
+        spec = rsync.PullSpec(
+            user=ssh.user, address="127.0.0.1", port=ssh.port, key_file=ssh.key,
+            known_hosts=ssh.known_hosts, host_alias=ssh.ALIAS, exclude_file=exclude_file,
+            dest=dest, link_dest=link_dest, timeout=300, connect_timeout=20, alive_interval=15,
+        )
+        argv = rsync.pull_argv(spec)
+        origin = "worker.rsync.pull_argv"
+    except Exception as e:  # the product changed under us: same flags, spelled here
+        origin = f"copy of bakgrab's flags (worker.rsync.pull_argv failed: {e})"
+        argv = ["rsync", "-HaAXz", "--sparse", "--numeric-ids", "--super",
+                "--delete", "--delete-excluded", f"--exclude-from={exclude_file}",
+                "--timeout=300", "--stats", "--info=progress2", "--no-human-readable",
+                "--outbuf=L", "--rsh=" + " ".join(ssh_argv(ssh))]
+        if link_dest:
+            argv.append(f"--link-dest={link_dest}")
+        argv += ["x", "x"]
+    return argv[:-2] + [f"{ssh.user}@127.0.0.1:{source}/", f"{dest}/"], origin
+
+
+def ssh_argv(ssh: SshServer) -> list[str]:
+    try:
+        from worker import rsync
+
+        spec = rsync.PullSpec(
+            user=ssh.user, address="127.0.0.1", port=ssh.port, key_file=ssh.key,
+            known_hosts=ssh.known_hosts, host_alias=ssh.ALIAS, exclude_file=Path("/dev/null"),
+            dest=Path("/"), link_dest=None, timeout=300, connect_timeout=20, alive_interval=15,
+        )
+        return rsync.ssh_command(spec)
+    except Exception:
+        return ["ssh", "-F", "/dev/null", "-p", str(ssh.port), "-i", str(ssh.key),
+                "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes",
+                "-o", f"UserKnownHostsFile={ssh.known_hosts}",
+                "-o", f"HostKeyAlias={ssh.ALIAS}", "-o", "StrictHostKeyChecking=yes",
+                "-o", "Compression=no", "-o", "LogLevel=ERROR"]
+
+
+class Tool:
+    key = ""
+    label = ""
+    storage: Path
+
+    def server_pids(self) -> list[int]:
+        return []
+
+    def settle(self) -> None:
+        pass
+
+    def prepare(self, name: str) -> None:
+        """Whatever a name needs before its first backup (not measured)."""
+
+    def backup(self, name: str, source: Path) -> Job:
+        raise NotImplementedError
+
+    def snapshots(self, name: str) -> list[str]:
+        """The name's snapshots, oldest first."""
+        raise NotImplementedError
+
+    def remove_oldest(self, name: str) -> list[Job]:
+        raise NotImplementedError
+
+    def wipe(self, name: str) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        pass
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+
+class Bakgrab(Tool):
+    """``bakgrab backup`` against our own redis-server and ``bakgrab worker``."""
+
+    key = "bakgrab"
+    label = "bakgrab"
+
+    def __init__(self, work: Path, bakgrab: str, concurrency: int) -> None:
+        self.bin = bakgrab
+        self.dir = work / "bakgrab"
+        self.dir.mkdir()
+        self.storage = work / "storage" / "bakgrab"
+        self.storage.mkdir(parents=True)
+        (self.dir / "redis").mkdir()
+        (self.dir / "state").mkdir()
+        (self.dir / "results").mkdir()
+        config = self.dir / "empty.toml"
+        config.write_text("")
+        self.redis, port = procs.start_server(
+            lambda p: ["redis-server", "--port", str(p), "--bind", "127.0.0.1", "--save", "",
+                       "--appendonly", "no", "--dir", str(self.dir / "redis")],
+            self.dir / "redis.log", "redis-server")
+        self.broker = f"redis://127.0.0.1:{port}/0"
+        # Cleanup must never remove anything on a shared disk during the run.
+        self.worker_env = clean_env(BAKGRAB_CONFIG=str(config), BAKGRAB_MIN_FREE_ABS="1M",
+                                    BAKGRAB_MIN_FREE_INODES="100")
+        self.client_env = clean_env(BAKGRAB_CONFIG=str(config),
+                                    XDG_STATE_HOME=str(self.dir / "state"))
+        self.worker_log = self.dir / "worker.log"
+        self.worker = procs.Proc(
+            [bakgrab, "worker", "--storage", str(self.storage), "--broker", self.broker,
+             "--concurrency", str(concurrency), "--loglevel", "INFO"],
+            self.worker_log, env=self.worker_env)
+        procs.wait_for(lambda: " ready." in self.worker.text() or not self.worker.alive(), 120,
+                       "bakgrab worker ready")
+        if not self.worker.alive():
+            raise RuntimeError(f"bakgrab worker died:\n{self.worker.text()[-3000:]}")
+        self.concurrency = concurrency
+        self.counter = 0
+        self.prune = self._has_prune()
+
+    def _has_prune(self) -> bool:
+        p = subprocess.run([self.bin, "prune", "--help"], capture_output=True, text=True,
+                           env=self.client_env)
+        return p.returncode == 0 and "--min-keep" in p.stdout
+
+    def server_pids(self) -> list[int]:
+        return [self.worker.pid, self.redis.pid]
+
+    def backup(self, name: str, source: Path) -> Job:
+        self.counter += 1
+        out = self.dir / "results" / f"{self.counter}.json"
+
+        def after(job: Job) -> dict[str, Any]:
+            try:
+                result = json.loads(out.read_text())
+            except (OSError, ValueError):
+                return {}
+            return {"worker_duration": result.get("duration"),
+                    "bytes_transferred": result.get("bytes_transferred"),
+                    "snapshot": result.get("snapshot")}
+
+        return Job([self.bin, "backup", "--broker", self.broker, "--name", name, "--source",
+                    str(source), "--json"], env=self.client_env, stdout=out, after=after)
+
+    def snapshots(self, name: str) -> list[str]:
+        found = []
+        for entry in os.listdir(self.storage):
+            m = SNAPSHOT_RE.match(entry)
+            if m and m.group("name") == name:
+                found.append((int(m.group("ts")), entry))
+        return [e for _, e in sorted(found)]
+
+    def remove_oldest(self, name: str) -> list[Job]:
+        snaps = self.snapshots(name)
+        others = [len(self.snapshots(n)) for n in self.names() if n != name]
+        if self.prune and len(snaps) >= 2 and all(c < len(snaps) for c in others):
+            # The real cleanup (`bakgrab prune`, the rule run before every
+            # grab): ask for more free space than there is and let it go down
+            # to min_keep = all but one of this name's snapshots.
+            return [Job([self.bin, "prune", "--storage", str(self.storage),
+                         "--min-free-abs", "1000000G", "--min-keep", str(len(snaps) - 1),
+                         "--json"], env=self.worker_env, ok_codes=(0, 6))]
+        code = ("import sys\n"
+                "from worker.retention import remove_snapshot\n"
+                "from worker.storage import Storage, parse_snapshot\n"
+                "remove_snapshot(Storage(sys.argv[1]), parse_snapshot(sys.argv[2]))\n")
+        return [Job([self.python(), "-c", code, str(self.storage), snaps[0]],
+                    env=self.worker_env)]
+
+    def python(self) -> str:
+        with open(self.bin) as f:
+            first = f.readline()
+        return first[2:].strip() if first.startswith("#!") else "python3"
+
+    def names(self) -> set[str]:
+        return {m.group("name") for e in os.listdir(self.storage)
+                if (m := SNAPSHOT_RE.match(e))}
+
+    def wipe(self, name: str) -> None:
+        for snap in self.snapshots(name):
+            shutil.rmtree(self.storage / snap)
+            for suffix in (".json", ".exclude"):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.storage / ".bakgrab" / "meta" / (snap + suffix)).unlink()
+
+    def worker_log_offset(self) -> int:
+        try:
+            return self.worker_log.stat().st_size
+        except OSError:
+            return 0
+
+    def task_times(self, offset: int) -> list[dict[str, float]]:
+        """Worker log lines since ``offset``: when each task was received (epoch
+        s) and how long Celery says it ran."""
+        with open(self.worker_log, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode(errors="replace")
+        received: dict[str, float] = {}
+        out = []
+        for line in text.splitlines():
+            m = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): \w+/[^\]]*\] "
+                         r"Task bakgrab\.grab\[([^\]]+)\] (received|succeeded in ([\d.]+)s)", line)
+            if not m:
+                continue
+            when = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            if m.group(3) == "received":
+                received[m.group(2)] = when
+            elif m.group(2) in received:
+                out.append({"received": received[m.group(2)], "runtime": float(m.group(4)),
+                            "logged_done": when})
+        return out
+
+    def stop(self) -> None:
+        self.worker.stop(timeout=30)
+        self.redis.stop()
+
+    def describe(self) -> dict[str, Any]:
+        return {"worker_concurrency": self.concurrency,
+                "scenario7_method": "bakgrab prune (make_room)" if self.prune
+                else "worker.retention.remove_snapshot"}
+
+
+class BareRsync(Tool):
+    """rsync with bakgrab's flags over ssh, --link-dest the newest snapshot."""
+
+    key = "rsync"
+    label = "bare rsync"
+
+    def __init__(self, work: Path, ssh: SshServer) -> None:
+        self.ssh = ssh
+        self.storage = work / "storage" / "rsync"
+        self.storage.mkdir(parents=True)
+        self.exclude = work / "rsync-exclude"
+        self.exclude.write_text("")
+        self.counter = 0
+        self.origin = ""
+        self.out = work / "rsync-out"
+        self.out.mkdir()
+
+    def server_pids(self) -> list[int]:
+        return [self.ssh.proc.pid]
+
+    def settle(self) -> None:
+        self.ssh.settle()
+
+    def snapshots(self, name: str) -> list[str]:
+        found = []
+        for entry in os.listdir(self.storage):
+            stem, _, k = entry.rpartition(".")
+            if stem == name and k.isdigit():
+                found.append((int(k), entry))
+        return [e for _, e in sorted(found)]
+
+    def backup(self, name: str, source: Path) -> Job:
+        self.counter += 1
+        snaps = self.snapshots(name)
+        link = self.storage / snaps[-1] if snaps else None
+        dest = self.storage / f"{name}.{self.counter}"
+        argv, self.origin = rsync_argv(self.ssh, source, dest, link, self.exclude)
+        return Job(argv, env=clean_env(), stdout=self.out / f"{self.counter}.txt")
+
+    def remove_oldest(self, name: str) -> list[Job]:
+        return [Job(["rm", "-rf", "--one-file-system", "--",
+                     str(self.storage / self.snapshots(name)[0])])]
+
+    def wipe(self, name: str) -> None:
+        for snap in self.snapshots(name):
+            shutil.rmtree(self.storage / snap)
+
+    def describe(self) -> dict[str, Any]:
+        return {"flags_from": self.origin}
+
+
+class Rsnapshot(Tool):
+    """rsnapshot (link_dest 1) pulling the source over ssh from our sshd."""
+
+    key = "rsnapshot"
+    label = "rsnapshot"
+    INTERVAL = "alpha"
+
+    def __init__(self, work: Path, ssh: SshServer) -> None:
+        self.ssh = ssh
+        self.dir = work / "rsnapshot"
+        self.dir.mkdir()
+        self.storage = work / "storage" / "rsnapshot"
+        self.storage.mkdir(parents=True)
+        self.bin = procs.find("rsnapshot") or "rsnapshot"
+        self.sources: dict[str, Path] = {}
+
+    def server_pids(self) -> list[int]:
+        return [self.ssh.proc.pid]
+
+    def settle(self) -> None:
+        self.ssh.settle()
+
+    def config(self, name: str, source: Path) -> Path:
+        cfg = self.dir / f"{name}.conf"
+        if self.sources.get(name) == source and cfg.exists():
+            return cfg
+        self.sources[name] = source
+        # The same rsync flags as bakgrab's pull, less what rsnapshot sets itself
+        # (--rsh, --link-dest) and plus the --relative its layout needs.
+        argv, _ = rsync_argv(self.ssh, source, Path("/x"), None, Path("/dev/null"))
+        long_args = ["--relative"] + [a for a in argv[2:-2] if a.startswith("--")
+                                      and not a.startswith(("--rsh=", "--exclude-from="))]
+        short = argv[1]
+        ssh = ssh_argv(self.ssh)
+        lines = [
+            ("config_version", "1.2"),
+            ("snapshot_root", f"{self.storage / name}/"),
+            ("no_create_root", "0"),
+            ("cmd_rsync", procs.find("rsync") or "/usr/bin/rsync"),
+            ("cmd_ssh", procs.find(ssh[0]) or "/usr/bin/ssh"),
+            ("cmd_rm", shutil.which("rm") or "/bin/rm"),
+            ("retain", f"{self.INTERVAL}\t100000"),
+            ("verbose", "1"),
+            ("loglevel", "1"),
+            ("lockfile", str(self.dir / f"{name}.pid")),
+            ("link_dest", "1"),
+            ("rsync_short_args", short),
+            ("rsync_long_args", " ".join(long_args)),
+            ("ssh_args", " ".join(ssh[1:])),
+            ("backup", f"{self.ssh.user}@127.0.0.1:{source}/\thost/"),
+        ]
+        cfg.write_text("".join(f"{k}\t{v}\n" for k, v in lines))
+        check = subprocess.run([self.bin, "-c", str(cfg), "configtest"], capture_output=True,
+                               text=True)
+        if check.returncode != 0:
+            raise RuntimeError(f"rsnapshot configtest failed for {cfg}:\n"
+                               f"{check.stdout}{check.stderr}")
+        return cfg
+
+    def backup(self, name: str, source: Path) -> Job:
+        cfg = self.config(name, source)
+        return Job([self.bin, "-c", str(cfg), self.INTERVAL], env=clean_env())
+
+    def snapshots(self, name: str) -> list[str]:
+        root = self.storage / name
+        if not root.is_dir():
+            return []
+        found = []
+        for entry in os.listdir(root):
+            stem, _, k = entry.rpartition(".")
+            if stem == self.INTERVAL and k.isdigit():
+                found.append((int(k), entry))
+        # alpha.0 is the newest
+        return [e for _, e in sorted(found, reverse=True)]
+
+    def remove_oldest(self, name: str) -> list[Job]:
+        # What rsnapshot's rotation does to the oldest snapshot (cmd_rm).
+        return [Job(["rm", "-rf", "--", str(self.storage / name / self.snapshots(name)[0])])]
+
+    def wipe(self, name: str) -> None:
+        shutil.rmtree(self.storage / name, ignore_errors=True)
+
+
+class Borg(Tool):
+    """borg create into a local repository: no encryption, lz4."""
+
+    key = "borg"
+    label = "borg (local, lz4)"
+
+    def __init__(self, work: Path) -> None:
+        self.dir = work / "borg"
+        self.dir.mkdir()
+        self.storage = work / "storage" / "borg"
+        self.storage.mkdir(parents=True)
+        self.bin = procs.find("borg") or "borg"
+        self.archives: dict[str, list[str]] = {}
+        self.counter = 0
+
+    def env(self, name: str) -> dict[str, str]:
+        return clean_env(BORG_BASE_DIR=str(self.dir / name),
+                         BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK="yes",
+                         BORG_RELOCATED_REPO_ACCESS_IS_OK="yes",
+                         BORG_CHECK_I_KNOW_WHAT_I_AM_DOING="NO",
+                         BORG_DELETE_I_KNOW_WHAT_I_AM_DOING="YES")
+
+    def repo(self, name: str) -> Path:
+        return self.storage / name
+
+    def prepare(self, name: str) -> None:
+        if name in self.archives and self.repo(name).is_dir():
+            return
+        subprocess.run([self.bin, "init", "--encryption=none", str(self.repo(name))],
+                       env=self.env(name), check=True, capture_output=True)
+        self.archives[name] = []
+
+    def backup(self, name: str, source: Path) -> Job:
+        self.prepare(name)
+        self.counter += 1
+        archive = f"{name}-{self.counter}"
+        self.archives[name].append(archive)
+        # cd into the source so that every tool's snapshot holds the same paths
+        return Job(["sh", "-c", 'cd "$1" && exec "$2" create --compression lz4 "$3" .', "sh",
+                    str(source), self.bin, f"{self.repo(name)}::{archive}"], env=self.env(name))
+
+    def snapshots(self, name: str) -> list[str]:
+        return list(self.archives.get(name, []))
+
+    def remove_oldest(self, name: str) -> list[Job]:
+        archive = self.archives[name].pop(0)
+        repo = str(self.repo(name))
+        return [Job([self.bin, "delete", f"{repo}::{archive}"], env=self.env(name)),
+                Job([self.bin, "compact", repo], env=self.env(name))]
+
+    def wipe(self, name: str) -> None:
+        shutil.rmtree(self.repo(name), ignore_errors=True)
+        shutil.rmtree(self.dir / name, ignore_errors=True)
+        self.archives.pop(name, None)
+
+
+def versions(bakgrab: str) -> dict[str, str]:
+    def first_line(argv: list[str]) -> str:
+        try:
+            p = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired):
+            return "?"
+        text = (p.stdout or p.stderr).strip()
+        return text.splitlines()[0] if text else "?"
+
+    ssh = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip()
+    rsnapshot = procs.find("rsnapshot") or "rsnapshot"
+    out = {
+        "bakgrab": first_line([bakgrab, "--version"]),
+        "rsync": first_line(["rsync", "--version"]),
+        "openssh": ssh,
+        "redis-server": first_line(["redis-server", "--version"]),
+        "rsnapshot": first_line([rsnapshot, "-V"]),
+        "borg": first_line(["borg", "--version"]),
+    }
+    try:
+        from importlib.metadata import version
+
+        out["celery"] = version("celery")
+        out["kombu"] = version("kombu")
+    except Exception:
+        pass
+    import platform
+
+    out["python"] = platform.python_version()
+    return out
+
+
+def shell_join(argv: list[str]) -> str:
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def now() -> float:
+    return time.time()

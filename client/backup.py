@@ -21,6 +21,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from celery.exceptions import TaskRevokedError
+from celery.exceptions import TimeoutError as CeleryTimeout
+
 from tasks import GRAB
 from tasks.app import make_app
 from tasks.config import Settings, default_state_dir
@@ -140,7 +143,9 @@ def backup(opts: BackupOptions, settings: Settings,
         server = stack.enter_context(OneShotServer(ServerConfig(
             source=opts.source, public_key=key.public, allow=parse_allow(allow),
             host_key=host_key_path, listen=listen, port=opts.port,
-            max_connections=settings.max_retries + 1, lifetime=settings.job_timeout,
+            # One session per attempt: the first, each retry, and as many again
+            # for redeliveries after a worker died or was stopped.
+            max_connections=2 * (settings.max_retries + 1), lifetime=settings.job_timeout,
         )))
         broker = settings.broker
         if opts.tunnel:
@@ -201,9 +206,11 @@ def wait(result: Any, timeout: float, progress: Reporter | None) -> GrabResult:
                            on_message=on_message, interval=0.5)
     except BakgrabError:
         raise
-    except Exception as e:
-        if type(e).__name__ == "TimeoutError" and time.monotonic() >= deadline - 1:
-            raise JobTimeout(f"the job did not finish within {timeout:.0f}s") from None
+    except CeleryTimeout:
+        raise JobTimeout(f"the job did not finish within {timeout:.0f}s") from None
+    except TaskRevokedError:
+        raise BakgrabError("the job was revoked on the backup host (e.g. from Flower)") from None
+    except Exception as e:  # the worker's or the broker's error, rebuilt by Celery
         raise BakgrabError(f"the job failed: {type(e).__name__}: {e}") from None
     if not isinstance(value, dict):
         raise BakgrabError(f"the worker returned an unexpected result: {type(value).__name__}")

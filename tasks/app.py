@@ -22,10 +22,6 @@ from celery import Celery
 
 from tasks.config import Settings
 
-VISIBILITY_TIMEOUT = 24 * 3600
-"""Seconds an unacked grab stays invisible to other workers (longest grab + margin)."""
-
-
 def make_app(settings: Settings, broker: str | None = None) -> Celery:
     """A Celery app for ``settings``; ``broker`` overrides the URL (tunnels)."""
     url = broker or settings.broker
@@ -47,7 +43,7 @@ def make_app(settings: Settings, broker: str | None = None) -> Celery:
         result_expires=7 * 86400,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
-            "visibility_timeout": VISIBILITY_TIMEOUT,
+            "visibility_timeout": settings.visibility_timeout,
             "socket_timeout": 30,
             "socket_connect_timeout": 10,
             "socket_keepalive": True,
@@ -59,6 +55,11 @@ def make_app(settings: Settings, broker: str | None = None) -> Celery:
         redis_socket_keepalive=True,
         redis_socket_connect_timeout=10,
         redis_backend_health_check_interval=25,
+        # A result stored while Redis restarts is retried, not lost.
+        result_backend_always_retry=True,
+        result_backend_max_retries=60,
+        task_soft_time_limit=settings.job_time_limit,
+        task_time_limit=settings.job_time_limit + 300,
         worker_hijack_root_logger=True,
         worker_redirect_stdouts=False,
     )

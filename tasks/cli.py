@@ -259,6 +259,68 @@ def backup(ctx: click.Context, name: str, source: Path, broker: str | None, tunn
         sys.exit(1)
 
 
+# -- monitoring (backup host) ------------------------------------------------------
+
+@main.command(context_settings=CONTEXT)
+@click.option("--broker", help="Broker URL, e.g. redis://127.0.0.1:6379/0.")
+@click.option("--address", "flower_address", help="Address to listen on (default: 127.0.0.1).")
+@click.option("--port", "flower_port", type=int, help="Port to listen on (default: 5555).")
+@click.option("--basic-auth", "flower_basic_auth", metavar="USER:PASS",
+              help="Required credentials (several joined by commas). Other local users can "
+                   "read a flag in ps: prefer BAKGRAB_FLOWER_BASIC_AUTH or flower_basic_auth "
+                   "in a 0600 config file.")
+@click.pass_context
+@guarded
+def flower(ctx: click.Context, **flags: Any) -> None:
+    """Run Flower to watch every grab: read-only, behind basic auth (backup host).
+
+    Listens on loopback by default (view it with `ssh -L 5555:127.0.0.1:5555`);
+    refuses to start without credentials. The tasks page shows each job's
+    name, state, retries and runtime; see docs/monitoring.md.
+    """
+    settings = settings_from(ctx, **flags)
+    from worker.flower import serve
+
+    sys.exit(serve(settings))
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--storage", help="Storage directory.")
+@click.option("--stale-after", metavar="DURATION",
+              help="A name whose last success is older is STALE: seconds or e.g. 90m, 36h, 2d "
+                   "(default: 36h).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--metrics-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write Prometheus metrics there, atomically (for node_exporter's "
+                   "textfile collector: a *.prom file in its directory).")
+@click.pass_context
+@guarded
+def status(ctx: click.Context, storage: str | None, stale_after: str | None, as_json: bool,
+           metrics_file: Path | None) -> None:
+    """Show whether every name was backed up recently (backup host; for cron).
+
+    Per name: the last successful snapshot's age, duration and size, the
+    count of failed grabs, and STALE when that success is older than
+    --stale-after or missing. Exits 13 when any name is STALE, else 0.
+    """
+    settings = settings_from(ctx, storage=storage, stale_after=stale_after)
+    from worker import status as name_status
+    from worker.storage import Storage
+
+    if not settings.storage:
+        raise config.ConfigError("give --storage DIR")
+    limit = config.parse_duration(settings.stale_after)
+    statuses = name_status.collect(Storage(settings.storage), limit)
+    if metrics_file:
+        name_status.write_metrics(statuses, metrics_file)
+    if as_json:
+        click.echo(json.dumps({"stale_after": limit,
+                               "names": [s.to_dict() for s in statuses]}, indent=2))
+    else:
+        click.echo(name_status.to_text(statuses, limit))
+    sys.exit(name_status.exit_code(statuses))
+
+
 @main.command(hidden=True, context_settings=CONTEXT)
 def version() -> None:
     """Print the version."""

@@ -70,6 +70,28 @@ class Settings:
     """Worker: snapshots per name that cleanup never goes below (at least 1)."""
     stale_inprogress_age: int = 7 * 86400
     """Worker: age in seconds after which an abandoned in-progress dir is removed."""
+    visibility_timeout: int = 24 * 3600
+    """Broker: seconds an unacked grab (its worker died) waits before Redis hands
+    it to another worker. Must exceed the longest grab: a running grab is not
+    duplicated before this, and a lost one is redelivered after it."""
+    job_time_limit: int = 20 * 3600
+    """Worker: a grab running longer is stopped (soft limit: rsync is killed and
+    the job fails); the hard limit is 5 minutes later."""
+    shutdown_grace: int = 60
+    """Worker: on SIGTERM, running grabs may finish for this many seconds; then
+    they are stopped and given back to the queue (set systemd's TimeoutStopSec
+    above it)."""
+    flower_address: str = "127.0.0.1"
+    """Flower: address its web UI and API listen on (loopback; view it through ``ssh -L``)."""
+    flower_port: int = 5555
+    """Flower: port its web UI and API listen on."""
+    flower_basic_auth: str = ""
+    """Flower: ``USER:PASSWORD`` (several joined by commas) for HTTP basic auth;
+    required, Flower does not start without it. Prefer the environment or the
+    config file (0600) to the flag, which other local users can see in ps."""
+    stale_after: str = "36h"
+    """Status: a name whose last successful snapshot is older than this is
+    STALE (seconds, or a duration like ``90m``, ``36h``, ``2d``)."""
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -150,6 +172,9 @@ def check(settings: Settings) -> None:
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name} must be a positive number of seconds")
     parse_size(settings.min_free_abs)
+    parse_duration(settings.stale_after)
+    if not 1 <= settings.flower_port <= 65535:
+        raise ConfigError("flower_port must be from 1 to 65535")
     if settings.bwlimit and not re.fullmatch(r"\d+(\.\d+)?[KMGkmg]?", settings.bwlimit):
         raise ConfigError(f"bwlimit {settings.bwlimit!r}: use a number with an optional K, M or G")
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", settings.queue):
@@ -165,6 +190,25 @@ def parse_size(text: str) -> int:
     if not m:
         raise ConfigError(f"size {text!r}: use a number with an optional K, M, G or T")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds (> 0) in a duration like ``36h``, ``1h30m``, ``2d`` or ``90`` (seconds)."""
+    clean = str(text).strip().lower()
+    number = r"\d+(?:\.\d+)?"
+    if re.fullmatch(number, clean):
+        seconds = float(clean)
+    elif re.fullmatch(rf"(?:{number}[smhdw])+", clean):
+        seconds = sum(float(n) * _DURATION_UNITS[u]
+                      for n, u in re.findall(rf"({number})([smhdw])", clean))
+    else:
+        raise ConfigError(f"duration {text!r}: use seconds or e.g. 90s, 30m, 36h, 2d, 1w")
+    if seconds <= 0:
+        raise ConfigError(f"duration {text!r} must be more than 0")
+    return seconds
 
 
 def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:

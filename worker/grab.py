@@ -162,7 +162,7 @@ def grab(
             return GrabResult.from_dict(done)
         check_pin(storage, request)
         on_progress({"phase": "cleanup"})
-        removed = retention.make_room(storage, settings)
+        removed = retention.make_room(storage, settings, current=request.name)
         link = storage.newest(request.name)
         dest = storage.inprogress(request.name)
         resumed = dest.is_dir()

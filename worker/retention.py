@@ -108,6 +108,7 @@ def make_room(
     *,
     dry_run: bool = False,
     measure: Callable[[Path], Usage] = measure,
+    current: str | None = None,
 ) -> list[dict[str, Any]]:
     """Remove snapshots until the storage has what a grab needs; the removals,
     in order, each with its reason. NoSpace if that cannot be done."""
@@ -126,7 +127,22 @@ def make_room(
         why = wanted.short(usage)
         if why is None:
             return removed
-        freed_bytes = freed_inodes = 0
+        if not dry_run:
+            # Before any backup goes: in-progress dirs of failed grabs (no
+            # grab holds their name) are not backups.
+            for name in storage.inprogress_names():
+                if name == current or locks.is_held(storage.lock(name)):
+                    continue
+                target = storage.trash / f".inprogress-{name}.{time.time_ns()}"
+                os.rename(storage.inprogress(name), target)
+                delete_tree(target)
+                log.info("removed in-progress dir of a failed grab of %s: %s", name, why)
+                removed.append({"snapshot": f"in-progress {name}", "reason": why,
+                                "rule": "a failed grab's partial data goes before any backup"})
+                usage = measure(storage.root)
+                why = wanted.short(usage)
+                if why is None:
+                    return removed
         for snap in removal_queue(inventory, settings.min_keep):
             entry = {"snapshot": snap.dirname, "reason": why,
                      "rule": f"{snap.name} has the most snapshots; its oldest goes first"}
@@ -134,8 +150,6 @@ def make_room(
                 # Without removing we cannot re-measure: estimate from what the
                 # snapshot holds alone (bytes no other snapshot shares).
                 alone_bytes, alone_inodes = exclusive_usage(storage.root / snap.dirname)
-                freed_bytes += alone_bytes
-                freed_inodes += alone_inodes
                 usage = dataclasses.replace(
                     usage,
                     free_bytes=usage.free_bytes + alone_bytes,

@@ -20,7 +20,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from tasks.errors import HostKeyMismatch, TransferFailed, TransferInterrupted
+from tasks.errors import HostKeyMismatch, NoSpace, TransferFailed, TransferInterrupted
 
 SKIP_COMPRESS = "/".join([
     # the original design's list
@@ -84,6 +84,9 @@ class PullSpec:
 def ssh_command(spec: PullSpec) -> list[str]:
     """The ssh argv rsync runs: the pinned host key, the one-time key, nothing else."""
     return [
+        # ssh is rsync's child, outside our reach: tie it to rsync's life so a
+        # killed rsync never leaves an ssh behind.
+        "setpriv", "--pdeathsig", "KILL", "--",
         "ssh", "-F", "/dev/null", "-p", str(spec.port), "-i", str(spec.key_file),
         "-o", "BatchMode=yes",
         "-o", "IdentitiesOnly=yes",
@@ -209,20 +212,37 @@ def parse_stats(text: str) -> dict[str, int]:
 FAILED_PATH_RE = re.compile(r'^rsync: \[sender\] .*?"(?P<path>.*)": (?P<why>.+?)(?: \(\d+\))?$')
 
 
+PINNED_ROOT_RE = re.compile(r"^/proc/self/fd/\d+/")
+
+
 def failed_path(line: str) -> str | None:
-    """The path a sender error line is about (exit 23's per-file errors)."""
+    """The path a sender error line is about (exit 23's per-file errors),
+    relative to the source (rrsync opens the source by an fd it names)."""
     m = FAILED_PATH_RE.match(line)
-    return m.group("path") if m else None
+    return PINNED_ROOT_RE.sub("", m.group("path")) if m else None
 
 
 HOST_KEY_FAILED = "Host key verification failed."
+NO_SPACE = ("No space left on device (28)", "Disk quota exceeded (122)")
 
 
 def classify(code: int, stderr_tail: str) -> None:
-    """Raise the exception for a failed exit ``code``; return for 0, 23, 24."""
-    if code in (OK, PARTIAL, VANISHED):
+    """Raise the exception for a failed exit ``code``; return for 0, 23, 24.
+
+    The storage filling up mid-pull is told apart by rsync's errno text: rsync
+    reports it as a file I/O error (11) or a partial transfer (23), and
+    neither a retry nor a "partial" snapshot is the right answer to it."""
+    if code in (OK, VANISHED):
         return
     tail = stderr_tail.strip()[-500:]
+    if any(text in stderr_tail for text in NO_SPACE):
+        raise NoSpace(
+            f"the storage filled up during the pull (rsync exit {code}); the partial data "
+            "was kept as an in-progress dir, not a snapshot. Free space or lower "
+            f"min_keep: {tail[-200:]}"
+        )
+    if code == PARTIAL:
+        return
     if code == SSH_ERROR and HOST_KEY_FAILED in stderr_tail:
         # ssh says so only when the key it was shown is not the pinned one:
         # someone else answers at the client's address.

@@ -10,21 +10,26 @@ A retry carries the same redacted ``argsrepr``/``kwargsrepr`` (Celery's
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
 import signal
 import socket
+import threading
+import time
 from typing import Any
 
 from celery import Celery, Task
-from celery.signals import worker_process_init
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.signals import worker_shutting_down
 
 from tasks import GRAB
 from tasks.app import make_app
 from tasks.config import Settings
-from tasks.errors import BakgrabError, ConfigError, InvalidRequest
+from tasks.errors import BakgrabError, ConfigError, InvalidRequest, JobTimeout
 from tasks.request import redacted, validate
-from worker import grab
+from worker import grab, status
 from worker.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -39,11 +44,36 @@ def _raise_terminated(signum: int, frame: object) -> None:
     raise Terminated(128 + signum)
 
 
-@worker_process_init.connect
-def _pool_child_signals(**_: Any) -> None:
-    # Celery resets SIGTERM to the default in pool children, which would end
-    # the child without running any finally: block (rsync orphaned, key left).
-    signal.signal(signal.SIGTERM, _raise_terminated)
+def pool_children() -> list[int]:
+    """Pids of this process's children (the prefork pool)."""
+    me = os.getpid()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == me:
+                        found.append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    return found
+
+
+def stop_grabs_after(grace: float) -> None:
+    """Warm shutdown waits for running grabs; past ``grace`` seconds, SIGTERM
+    the pool so each running grab stops cleanly and goes back to the queue."""
+
+    def later() -> None:
+        time.sleep(grace)
+        pids = pool_children()
+        if pids:
+            log.warning("shutdown: grabs still running after %.0fs; stopping and re-queueing",
+                        grace)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    threading.Thread(target=later, name="shutdown-grace", daemon=True).start()
 
 
 def backoff(retries: int, settings: Settings) -> float:
@@ -57,6 +87,10 @@ def register(app: Celery, settings: Settings) -> Task:
 
     @app.task(name=GRAB, bind=True, acks_late=True, max_retries=settings.max_retries)
     def grab_task(self: Task, **fields: Any) -> dict[str, Any]:
+        # Celery's own SIGTERM handling in pool children ends the process
+        # without running any finally: block (rsync orphaned, key file left);
+        # set per task, as Celery installs its handlers after process init.
+        signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             request = validate(fields)
         except InvalidRequest:
@@ -67,11 +101,27 @@ def register(app: Celery, settings: Settings) -> Task:
         def report(info: dict[str, Any]) -> None:
             info = {"name": request.name, **info}
             self.update_state(state="PROGRESS", meta=info)
-            self.send_event("task-progress", **info)
+            # Flower merges event fields into its task: "name" would replace the
+            # task's name (bakgrab.grab), so the backup name travels as "backup".
+            event = {k: v for k, v in info.items() if k != "name"}
+            self.send_event("task-progress", backup=request.name, **event)
 
         try:
             result = grab.grab(storage, settings, request, self.request.id, report,
                                attempt=self.request.retries + 1)
+        except Terminated:
+            # Stopped by a worker shutdown (or a revoke): rsync is dead and the
+            # key file gone; give the job back to the queue. A revoked id is
+            # discarded by every worker when it comes round again.
+            log.warning("grab of %s stopped by SIGTERM; re-queued", request.name)
+            raise self.retry(countdown=0, max_retries=None, argsrepr="()",
+                             kwargsrepr=redacted(fields)) from None
+        except SoftTimeLimitExceeded:
+            raise JobTimeout(
+                f"the grab of {request.name} ran past job_time_limit="
+                f"{settings.job_time_limit}s and was stopped; its in-progress dir is kept "
+                "for the next grab"
+            ) from None
         except BakgrabError as exc:
             if exc.transient and self.request.retries < settings.max_retries:
                 delay = backoff(self.request.retries, settings)
@@ -79,6 +129,11 @@ def register(app: Celery, settings: Settings) -> Task:
                             exc, self.request.retries + 1, settings.max_retries, delay)
                 raise self.retry(exc=exc, countdown=delay, argsrepr="()",
                                  kwargsrepr=redacted(fields)) from None
+            status.record_failure(storage, request.name, self.request.id, exc)
+            raise
+        except Exception as exc:
+            # A final failure of any kind feeds `bakgrab status` (failures_total).
+            status.record_failure(storage, request.name, self.request.id, exc)
             raise
         return result.to_dict()
 
@@ -96,6 +151,8 @@ def serve(settings: Settings) -> None:
         raise ConfigError(f"storage: {e}") from None
     app = make_app(settings)
     register(app, settings)
+    worker_shutting_down.connect(
+        lambda **_: stop_grabs_after(settings.shutdown_grace), weak=False)
     app.worker_main([
         "worker",
         "--pool=prefork",

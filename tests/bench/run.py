@@ -1,0 +1,561 @@
+"""The benchmark: ``python -m tests.bench.run [--quick] [--files N] [--seed S] [--out DIR]``.
+
+Generates a deterministic tree, starts its own redis-server, ``bakgrab
+worker`` and sshd on free loopback ports, runs every tool through every
+scenario (each measured as the median of several runs), and writes
+``results.json`` and ``results.md`` into ``--out`` (default
+``bench-results/`` at the repo root). Everything it starts is stopped by pid
+and its temp dir removed, also on errors and Ctrl-C.
+
+Scenarios:
+1. first full backup; 2. second backup, nothing changed; 3. 1% of the
+files changed, 0.1% added, 0.1% deleted; 4. one large file with a small
+change in the middle; 5. an empty tree (the fixed cost of one job);
+6. 8 clients with 1/8 of the tree each, at once and one after another;
+7. removing one snapshot of the full tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a file: tests/bench/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from tests.bench import data, procs, report, tools  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+SCENARIOS = {
+    "1": "first full backup",
+    "2": "second backup, nothing changed",
+    "3": "1% of files changed, 0.1% added, 0.1% deleted",
+    "4": "one large file, small change in the middle",
+    "5": "empty tree (fixed cost of one job)",
+    "6": "8 clients with 1/8 of the tree each: at once vs one after another",
+    "7": "removing one snapshot of the full tree",
+}
+MAIN = "main"
+EMPTY = "empty"
+
+
+@dataclasses.dataclass
+class Plan:
+    mode: str
+    spec: data.TreeSpec
+    runs: int
+    runs6: int
+    clients: int
+    out: Path
+    workdir: Path | None
+    keep: bool
+
+
+def parse_args(argv: Sequence[str] | None) -> Plan:
+    ap = argparse.ArgumentParser(
+        prog="python -m tests.bench.run",
+        description="Benchmark bakgrab against bare rsync, rsnapshot and borg on this machine.")
+    ap.add_argument("--quick", action="store_true",
+                    help="2,000 small files (~16 MB), 3 runs per scenario (1 for scenario 6): "
+                         "about two minutes on 2 cores")
+    ap.add_argument("--files", type=int, help="names in the tree (default 20,000; quick 2,000)")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the generated tree (default 1)")
+    ap.add_argument("--scale", type=float,
+                    help="multiplies the size of every file but the large ones "
+                         "(default 1.0; quick 0.25)")
+    ap.add_argument("--large-mb", type=float,
+                    help="size of the largest file in MiB (default 40; quick 8)")
+    ap.add_argument("--runs", type=int, help="runs per scenario (default 5; quick 3)")
+    ap.add_argument("--runs6", type=int, help="runs of scenario 6 (default 3; quick 1)")
+    ap.add_argument("--clients", type=int, default=8, choices=range(1, 9), metavar="1..8",
+                    help="clients in scenario 6 (default 8)")
+    ap.add_argument("--out", type=Path, default=REPO / "bench-results",
+                    help="where results.json and results.md go (default: bench-results/)")
+    ap.add_argument("--workdir", type=Path,
+                    help="parent of the temp dir holding the tree and every storage "
+                         "(default: $TMPDIR or /tmp); it needs about 12x the tree's size")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (for debugging)")
+    a = ap.parse_args(argv)
+    quick = a.quick
+    spec = data.TreeSpec(
+        files=a.files if a.files is not None else (2000 if quick else 20_000),
+        seed=a.seed,
+        scale=a.scale if a.scale is not None else (0.25 if quick else 1.0),
+        large_mb=a.large_mb if a.large_mb is not None else (8.0 if quick else 40.0),
+    )
+    if spec.files < 100:
+        ap.error("--files must be at least 100")
+    runs = a.runs if a.runs is not None else (3 if quick else 5)
+    runs6 = a.runs6 if a.runs6 is not None else (1 if quick else min(3, runs))
+    if runs < 1 or runs6 < 1:
+        ap.error("--runs and --runs6 must be at least 1")
+    return Plan("quick" if quick else "full", spec, runs, runs6, a.clients, a.out, a.workdir,
+                a.keep)
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# -- measuring ---------------------------------------------------------------------------
+
+class JobFailed(RuntimeError):
+    pass
+
+
+def measure(tool: tools.Tool, jobs: Sequence[tools.Job], *, concurrent: bool = False,
+            errdir: Path, memory_of: int | None = None) -> dict[str, Any]:
+    """Run ``jobs`` (one after another, or all at once) and measure them:
+    wall time, CPU of what we ran (and what it reaped), CPU of the tool's
+    long-lived servers, bytes and inodes added to its storage."""
+    bytes0, inodes0 = procs.disk_usage(tool.storage)
+    srv0 = procs.tree_cpu(tool.server_pids())
+    cpu0 = procs.children_cpu()
+    mem_idle = procs.tree_memory(memory_of) if memory_of else None
+    sampler = procs.MemorySampler(memory_of) if memory_of else contextlib.nullcontext()
+    errs = []
+    running: list[tuple[tools.Job, subprocess.Popen[bytes]]] = []
+    t0 = time.monotonic()
+    try:
+        run_jobs(jobs, running, errs, concurrent, errdir, tool.key, sampler)
+    finally:
+        for _, p in running:
+            if p.poll() is None:  # interrupted: stop what we started, by pid
+                p.terminate()
+                try:
+                    p.wait(5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+    wall = time.monotonic() - t0
+    tool.settle()
+    cpu_local = procs.children_cpu() - cpu0
+    cpu_server = procs.tree_cpu(tool.server_pids()) - srv0
+    for (job, p), err in zip(running, errs, strict=True):
+        if p.returncode not in job.ok_codes:
+            raise JobFailed(f"{tool.label}: {tools.shell_join(job.argv)} exited {p.returncode}:\n"
+                            f"{err.read_text(errors='replace')[-3000:]}")
+    bytes1, inodes1 = procs.disk_usage(tool.storage)
+    rec: dict[str, Any] = {
+        "wall": wall,
+        "cpu": cpu_local + cpu_server,
+        "cpu_local": cpu_local,
+        "cpu_server": cpu_server,
+        "bytes_added": bytes1 - bytes0,
+        "inodes_added": inodes1 - inodes0,
+        "jobs": [{"wall": job.ended - job.started, "started": job.started, "ended": job.ended,
+                  **(job.after(job) if job.after else {})} for job, _ in running],
+    }
+    if memory_of and isinstance(sampler, procs.MemorySampler):
+        rec["memory"] = {"idle": mem_idle, "peak": sampler.peak, "samples": sampler.samples}
+    return rec
+
+
+def run_jobs(jobs: Sequence[tools.Job], running: list[Any], errs: list[Path],
+             concurrent: bool, errdir: Path, key: str, sampler: Any) -> None:
+    with sampler:
+        for i, job in enumerate(jobs):
+            err = errdir / f"{key}-{time.monotonic_ns()}-{i}.err"
+            errs.append(err)
+            with contextlib.ExitStack() as stack:
+                out: Any = (stack.enter_context(open(job.stdout, "wb")) if job.stdout
+                            else subprocess.DEVNULL)
+                e = stack.enter_context(open(err, "wb"))
+                job.started = time.time()
+                p = subprocess.Popen(job.argv, env=job.env, stdout=out, stderr=e,
+                                     stdin=subprocess.DEVNULL)
+            running.append((job, p))
+            if not concurrent:
+                p.wait()
+                job.ended = time.time()
+        for job, p in running:
+            if p.returncode is None:
+                p.wait()
+                job.ended = time.time()
+
+
+NUMERIC = ("wall", "cpu", "cpu_local", "cpu_server", "bytes_added", "inodes_added")
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    med = {k: statistics.median(r[k] for r in runs) for k in NUMERIC}
+    spread = {k: [min(r[k] for r in runs), max(r[k] for r in runs)] for k in ("wall", "cpu")}
+    return {"median": med, "min_max": spread, "runs": runs}
+
+
+def rotated(items: Sequence[tools.Tool], r: int) -> list[tools.Tool]:
+    k = r % len(items)
+    return list(items[k:]) + list(items[:k])
+
+
+# -- the scenarios ------------------------------------------------------------------------
+
+class Bench:
+    def __init__(self, plan: Plan, work: Path, tool_list: list[tools.Tool]) -> None:
+        self.plan = plan
+        self.work = work
+        self.tools = tool_list
+        self.tree = work / "tree"
+        self.empty = work / "empty"
+        self.errdir = work / "stderr"
+        self.errdir.mkdir()
+        self.results: dict[str, Any] = {}
+        self.extra: dict[str, Any] = {}
+
+    def m(self, tool: tools.Tool, jobs: Sequence[tools.Job], **kw: Any) -> dict[str, Any]:
+        return measure(tool, jobs, errdir=self.errdir, **kw)
+
+    def record(self, sid: str, per_tool: dict[str, list[dict[str, Any]]], **info: Any) -> None:
+        self.results[sid] = {
+            "title": SCENARIOS[sid], **info,
+            "tools": {t.key: summarize(per_tool[t.key]) for t in self.tools},
+        }
+        meds = ", ".join(f"{t.key} {self.results[sid]['tools'][t.key]['median']['wall']:.2f}s"
+                         for t in self.tools)
+        log(f"scenario {sid}: {meds}")
+
+    def simple(self, sid: str, name: str, source: Path, before_run: Any = None,
+               runs: int | None = None) -> None:
+        per: dict[str, list[dict[str, Any]]] = {t.key: [] for t in self.tools}
+        changes = []
+        for r in range(runs or self.plan.runs):
+            if before_run is not None:
+                changes.append(before_run(r))
+            for tool in rotated(self.tools, r):
+                if sid == "1":
+                    tool.wipe(name)
+                tool.prepare(name)
+                per[tool.key].append(self.m(tool, [tool.backup(name, source)]))
+        self.record(sid, per, **({"changes": changes} if changes else {}))
+
+    def s1(self) -> None:
+        self.simple("1", MAIN, self.tree)
+
+    def s2(self) -> None:
+        self.simple("2", MAIN, self.tree)
+
+    def s3(self) -> None:
+        self.simple("3", MAIN, self.tree,
+                    before_run=lambda r: data.mutate(self.tree, self.plan.spec, r))
+
+    def s4(self) -> None:
+        self.simple("4", MAIN, self.tree,
+                    before_run=lambda r: data.change_large(self.tree, self.plan.spec, r))
+
+    def s5(self) -> None:
+        self.empty.mkdir()
+        bg = self.bakgrab()
+        offset = bg.worker_log_offset() if bg else 0
+        self.simple("5", EMPTY, self.empty)
+        if bg:
+            self.extra["fixed_cost"] = self.fixed_cost_breakdown(bg, offset)
+
+    def s7(self) -> None:
+        per: dict[str, list[dict[str, Any]]] = {t.key: [] for t in self.tools}
+        for r in range(self.plan.runs):
+            for tool in rotated(self.tools, r):
+                before = tool.snapshots(MAIN)
+                if len(before) < 2:
+                    raise RuntimeError(f"{tool.label}: scenario 7 needs 2 snapshots, has "
+                                       f"{len(before)}")
+                rec = self.m(tool, tool.remove_oldest(MAIN))
+                after = tool.snapshots(MAIN)
+                if len(after) != len(before) - 1 or before[0] in after:
+                    raise RuntimeError(f"{tool.label}: removing the oldest snapshot left "
+                                       f"{before} -> {after}")
+                per[tool.key].append(rec)
+        self.record("7", per)
+
+    def s6(self) -> None:
+        parts = [data.PARTS[i] for i in range(self.plan.clients)]
+        names = [f"part-{p}" for p in parts]
+        sources = [self.tree / p for p in parts]
+        per: dict[str, dict[str, list[dict[str, Any]]]] = {
+            t.key: {"concurrent": [], "serial": [], "concurrent_incremental": [],
+                    "serial_incremental": []} for t in self.tools}
+        for r in range(self.plan.runs6):
+            modes = ["concurrent", "serial"] if r % 2 == 0 else ["serial", "concurrent"]
+            for tool in rotated(self.tools, r):
+                for mode in modes:
+                    for n in names:
+                        tool.wipe(n)
+                        tool.prepare(n)
+                    mem = (tool.worker.pid if isinstance(tool, tools.Bakgrab)
+                           and mode == "concurrent" else None)
+                    jobs = [tool.backup(n, s) for n, s in zip(names, sources, strict=True)]
+                    per[tool.key][mode].append(
+                        self.m(tool, jobs, concurrent=mode == "concurrent", memory_of=mem))
+                    jobs = [tool.backup(n, s) for n, s in zip(names, sources, strict=True)]
+                    per[tool.key][mode + "_incremental"].append(
+                        self.m(tool, jobs, concurrent=mode == "concurrent"))
+        out: dict[str, Any] = {}
+        for t in self.tools:
+            entry: dict[str, Any] = {k: summarize(v) for k, v in per[t.key].items()}
+            for kind in ("", "_incremental"):
+                c = entry["concurrent" + kind]["median"]["wall"]
+                s = entry["serial" + kind]["median"]["wall"]
+                entry["ratio" + kind] = c / s if s else None
+            out[t.key] = entry
+        bg = per.get("bakgrab", {}).get("concurrent", [])
+        memory = None
+        if bg:
+            rec = bg[len(bg) // 2]
+            idle, peak = rec["memory"]["idle"], rec["memory"]["peak"]
+            memory = {
+                "clients": len(names),
+                "idle_pss_kib": idle["pss_kib"], "peak_pss_kib": peak["pss_kib"],
+                "idle_rss_kib": idle["rss_kib"], "peak_rss_kib": peak["rss_kib"],
+                "peak_processes": peak["processes"], "idle_processes": idle["processes"],
+                "per_grab_pss_kib": (peak["pss_kib"] - idle["pss_kib"]) / len(names),
+                "note": "PSS of the worker's whole process tree (Celery main, prefork pool, "
+                        "their rsync receivers and ssh), sampled every 50 ms during the "
+                        "concurrent first backups; per grab = (peak - idle) / clients",
+            }
+            self.extra["worker_memory"] = memory
+        self.results["6"] = {"title": SCENARIOS["6"], "clients": names, "tools": out}
+        log("scenario 6: " + ", ".join(
+            f"{t.key} at-once/serial {out[t.key]['ratio']:.2f}" for t in self.tools))
+
+    def bakgrab(self) -> tools.Bakgrab | None:
+        for t in self.tools:
+            if isinstance(t, tools.Bakgrab):
+                return t
+        return None
+
+    def fixed_cost_breakdown(self, bg: tools.Bakgrab, offset: int) -> dict[str, Any]:
+        """Where one empty job's time goes, from the client's start and end and
+        the worker's log (received; Celery's task runtime)."""
+        runs = self.results["5"]["tools"]["bakgrab"]["runs"]
+        tasks = bg.task_times(offset)
+        rows = []
+        for rec, task in zip(runs, tasks, strict=False):
+            job = rec["jobs"][0]
+            rows.append({
+                "client_start_to_worker_received": task["received"] - job["started"],
+                "worker_task_runtime": task["runtime"],
+                "grab_duration_reported": job.get("worker_duration"),
+                "worker_done_to_client_exit": job["ended"] - (task["received"] + task["runtime"]),
+                "client_wall": job["wall"],
+            })
+        med = ({k: statistics.median(r[k] for r in rows if r[k] is not None) for k in rows[0]}
+               if rows else {})
+        # Two probes: the client's interpreter start, and one ssh login.
+        startup = []
+        for _ in range(3):
+            w, _, _, _ = procs.run_timed([bg.bin, "--version"], env=bg.client_env)
+            startup.append(w)
+        return {"median": med, "runs": rows,
+                "bakgrab_cli_startup": statistics.median(startup),
+                "note": "client_start_to_worker_received: client start-up, keys, one-shot "
+                        "sshd, broker connection, send, queue, worker pickup; "
+                        "worker_task_runtime: Celery's runtime of the task (validation, "
+                        "locks, cleanup, rsync over ssh to the one-shot sshd, publish); "
+                        "worker_done_to_client_exit: result delivery and the client's "
+                        "teardown. Worker log times have 1 ms resolution."}
+
+    def run_all(self) -> None:
+        for sid, fn in (("1", self.s1), ("2", self.s2), ("3", self.s3), ("4", self.s4),
+                        ("7", self.s7), ("5", self.s5), ("6", self.s6)):
+            log(f"scenario {sid}: {SCENARIOS[sid]}")
+            fn()
+
+
+# -- machine, goals, output ------------------------------------------------------------
+
+def machine(work: Path) -> dict[str, Any]:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem = "?"
+    with contextlib.suppress(OSError):
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f"{kib / 1024 / 1024:.1f} GiB"
+    fs = subprocess.run(["df", "-hT", str(work)], capture_output=True, text=True).stdout
+    fs_line = fs.splitlines()[-1].split() if fs else []
+    disk = "?"
+    if len(fs_line) >= 3:
+        disk = f"{fs_line[0]} ({fs_line[1]}, {fs_line[2]})"
+        with contextlib.suppress(OSError):
+            dev = Path(fs_line[0]).name
+            rot = Path(f"/sys/block/{dev}/queue/rotational").read_text().strip()
+            disk += ", rotational" if rot == "1" else ", non-rotational"
+    os_name = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                os_name = line.split("=", 1)[1].strip('"')
+    return {"nproc": os.cpu_count(), "cpu": cpu, "memory": mem, "disk": disk,
+            "os": os_name, "kernel": platform.release(), "user": os.geteuid() == 0 and "root"
+            or str(os.geteuid())}
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def goals(results: dict[str, Any], extra: dict[str, Any]) -> list[dict[str, Any]]:
+    def wall(sid: str, tool: str) -> float | None:
+        try:
+            return float(results[sid]["tools"][tool]["median"]["wall"])
+        except KeyError:
+            return None
+
+    def med(sid: str, tool: str, key: str) -> float | None:
+        try:
+            return float(results[sid]["tools"][tool]["median"][key])
+        except KeyError:
+            return None
+
+    out = []
+
+    def goal(what: str, value: float | None, limit: float | None, unit: str = "x") -> None:
+        met = None if value is None or limit is None else value <= limit
+        out.append({"goal": what, "value": value, "limit": limit, "unit": unit, "met": met})
+
+    goal("1: bakgrab / bare rsync, wall", ratio(wall("1", "bakgrab"), wall("1", "rsync")), 1.05)
+    for sid in ("2", "3"):
+        goal(f"{sid}: bakgrab / bare rsync, wall",
+             ratio(wall(sid, "bakgrab"), wall(sid, "rsync")), 1.10)
+        goal(f"{sid}: bakgrab / rsnapshot, wall",
+             ratio(wall(sid, "bakgrab"), wall(sid, "rsnapshot")), 1.0)
+    goal("2: bakgrab bytes added / scenario 1's bytes added",
+         ratio(med("2", "bakgrab", "bytes_added"), med("1", "bakgrab", "bytes_added")), 0.02,
+         unit="fraction")
+    goal("5: fixed cost of one job (bakgrab, empty tree), s", wall("5", "bakgrab"), None, "s")
+    goal("5: bakgrab / bare rsync -e ssh of the same empty tree, wall",
+         ratio(wall("5", "bakgrab"), wall("5", "rsync")), None)
+    s6 = results.get("6", {}).get("tools", {}).get("bakgrab", {})
+    goal("6: bakgrab 8 at once / one after another, wall (first backups)", s6.get("ratio"), 0.75)
+    goal("6: the same, second backups (nothing changed)", s6.get("ratio_incremental"), None)
+    mem = extra.get("worker_memory")
+    goal("6: worker memory per concurrent grab (PSS), MiB",
+         mem["per_grab_pss_kib"] / 1024 if mem else None, None, "MiB")
+    return out
+
+
+def write_results(plan: Plan, doc: dict[str, Any]) -> tuple[Path, Path]:
+    plan.out.mkdir(parents=True, exist_ok=True)
+    js = plan.out / "results.json"
+    md = plan.out / "results.md"
+    js.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    md.write_text(report.markdown(doc))
+    return js, md
+
+
+# -- setup and teardown -------------------------------------------------------------------
+
+@contextlib.contextmanager
+def interrupts_unwind() -> Iterator[None]:
+    """SIGTERM and SIGHUP unwind like Ctrl-C, through every finally: block."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def find_bakgrab() -> str:
+    here = Path(sys.executable).parent / "bakgrab"
+    if here.exists():
+        return str(here)
+    venv = REPO / ".venv" / "bin" / "bakgrab"
+    if venv.exists():
+        return str(venv)
+    found = shutil.which("bakgrab")
+    if not found:
+        raise SystemExit("bench: `bakgrab` not found: install the project first "
+                         "(python3 -m venv .venv && .venv/bin/pip install -e '.[test]')")
+    return found
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    plan = parse_args(argv)
+    missing = procs.missing_programs()
+    if missing:
+        print(f"bench: {procs.install_hint(missing)}", file=sys.stderr)
+        return 2
+    bakgrab = find_bakgrab()
+    started = time.time()
+    work = Path(tempfile.mkdtemp(prefix="bakgrab-bench-", dir=plan.workdir))
+    os.chmod(work, 0o755)
+    opened: list[Any] = []
+    try:
+        with interrupts_unwind():
+            log(f"{plan.mode} mode: {plan.spec.files} files, seed {plan.spec.seed}, "
+                f"{plan.runs} runs ({plan.runs6} for scenario 6), work dir {work}")
+            t = time.monotonic()
+            tree = data.generate(work / "tree", plan.spec)
+            tree["generate_seconds"] = time.monotonic() - t
+            tree["bytes_on_disk"] = procs.disk_usage(work / "tree")[0]
+            log(f"tree: {tree['files']} names, {tree['directories']} dirs, "
+                f"{tree['bytes'] / 2**20:.1f} MiB")
+            ssh = tools.SshServer(work)
+            opened.append(ssh)
+            bg = tools.Bakgrab(work, bakgrab, concurrency=max(2, plan.clients))
+            opened.append(bg)
+            tool_list: list[tools.Tool] = [bg, tools.BareRsync(work, ssh),
+                                           tools.Rsnapshot(work, ssh), tools.Borg(work)]
+            bench = Bench(plan, work, tool_list)
+            bench.run_all()
+            doc = {
+                "mode": plan.mode,
+                "command": "python -m tests.bench.run" + (" --quick" if plan.mode == "quick"
+                                                          else ""),
+                "argv": list(sys.argv[1:] if argv is None else argv),
+                "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                "duration_seconds": time.time() - started,
+                "machine": machine(work),
+                "versions": tools.versions(bakgrab),
+                "tree": tree,
+                "runs": plan.runs, "runs_scenario6": plan.runs6,
+                "tools": {t.key: {"label": t.label, **t.describe()} for t in tool_list},
+                "scenarios": {sid: bench.results[sid] for sid in SCENARIOS},
+                "fixed_cost": bench.extra.get("fixed_cost"),
+                "worker_memory": bench.extra.get("worker_memory"),
+                "cpu_note": report.CPU_NOTE,
+            }
+            doc["goals"] = goals(doc["scenarios"], bench.extra)
+            js, md = write_results(plan, doc)
+            log(f"done in {time.time() - started:.0f}s: {js} and {md}")
+            print(md.read_text())
+            return 0
+    except KeyboardInterrupt:
+        log("interrupted; stopping everything")
+        return 130
+    except (tools.subprocess.CalledProcessError, RuntimeError, TimeoutError) as e:
+        log(f"failed: {e}")
+        return 1
+    finally:
+        for thing in reversed(opened):
+            with contextlib.suppress(Exception):
+                thing.stop()
+        if plan.keep:
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

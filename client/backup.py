@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import ipaddress
+import json
 import logging
 import socket
 import sys
@@ -24,7 +25,9 @@ from typing import Any
 from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeout
 
-from tasks import GRAB
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+from tasks import GRAB, request_key_name, sealed
 from tasks.app import make_app
 from tasks.config import Settings, default_state_dir
 from tasks.errors import BakgrabError, ClientSetupError, JobTimeout
@@ -153,8 +156,11 @@ def backup(opts: BackupOptions, settings: Settings,
                 opts.tunnel, settings.broker, settings.server_alive_interval, opts.ssh_options,
                 settings.connect_timeout))
             broker = tunnel.url
+        recipient = request_public_key(settings, broker, state_dir,
+                                       opts.tunnel or "%s:%d" % broker_endpoint(settings.broker))
         request = GrabRequest(name=name, address=address, port=server.port, user=login_user(),
-                              key=key.private, host_key=host_public, excludes=tuple(excludes))
+                              key=sealed.seal(recipient, key.private.encode()),
+                              host_key=host_public, excludes=tuple(excludes))
         wire = request.to_wire()
         app = make_app(settings, broker=broker)
         try:
@@ -181,6 +187,51 @@ def backup(opts: BackupOptions, settings: Settings,
         if progress is not None:
             sys.stderr.write("\r\x1b[K")
         return outcome
+
+
+def request_public_key(settings: Settings, broker: str, state_dir: Path,
+                       backup_host: str) -> X25519PublicKey:
+    """The backup host's request key: configured, or read from the broker (the
+    tunnel authenticates the backup host) and pinned on first use."""
+    if settings.request_public_key:
+        try:
+            return sealed.load_public(settings.request_public_key)
+        except ValueError as e:
+            raise ClientSetupError(f"request_public_key: {e}") from None
+    import redis
+
+    name = request_key_name(settings.queue)
+    try:
+        raw = redis.Redis.from_url(broker, socket_timeout=10,
+                                   socket_connect_timeout=10).get(name)
+    except redis.RedisError as e:
+        raise ClientSetupError(f"cannot reach the broker {redact_url(broker)}: {e}") from None
+    if raw is None:
+        raise ClientSetupError(
+            f"the backup host published no request key for queue {settings.queue!r}: is "
+            "`bakgrab worker` running there for that queue?")
+    text = raw.decode(errors="replace")
+    try:
+        public = sealed.load_public(text)
+    except ValueError as e:
+        raise ClientSetupError(f"the broker's request key: {e}") from None
+    pins_file = state_dir / "request-keys.json"
+    try:
+        pins = json.loads(pins_file.read_text())
+    except (OSError, ValueError):
+        pins = {}
+    ident = f"{backup_host}/{settings.queue}"
+    if ident not in pins:
+        pins[ident] = text
+        tmp = pins_file.with_name(pins_file.name + ".tmp")
+        tmp.write_text(json.dumps(pins, indent=1))
+        tmp.rename(pins_file)
+    elif pins[ident] != text:
+        raise ClientSetupError(
+            f"the request key of {ident} differs from the one pinned in {pins_file}; "
+            "refusing to send the key to it. If the backup host's key changed "
+            "legitimately, remove that entry (or set request_public_key).")
+    return public
 
 
 def forget_pending(result: Any) -> None:

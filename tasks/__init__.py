@@ -9,3 +9,8 @@ GRAB = "bakgrab.grab"
 
 DEFAULT_QUEUE = "bakgrab"
 """Queue a worker serves and a client sends to when none is configured."""
+
+
+def request_key_name(queue: str) -> str:
+    """Redis key where the workers of ``queue`` publish their request public key."""
+    return f"bakgrab:request-key:{queue}"

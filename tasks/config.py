@@ -70,6 +70,9 @@ class Settings:
     """Worker: snapshots per name that cleanup never goes below (at least 1)."""
     stale_inprogress_age: int = 7 * 86400
     """Worker: age in seconds after which an abandoned in-progress dir is removed."""
+    request_public_key: str = ""
+    """Client: the backup host's request public key (base64, printed by
+    ``bakgrab worker`` at start). Empty: take it from the broker and pin it."""
     visibility_timeout: int = 24 * 3600
     """Broker: seconds an unacked grab (its worker died) waits before Redis hands
     it to another worker. Must exceed the longest grab: a running grab is not

@@ -18,6 +18,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from tasks import sealed
 from tasks.errors import InvalidRequest
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -87,8 +90,12 @@ def redacted(fields: Mapping[str, Any]) -> str:
     return repr(shown)
 
 
-def validate(fields: Any) -> GrabRequest:
-    """A :class:`GrabRequest` from untrusted task kwargs, or InvalidRequest."""
+def validate(fields: Any, request_key: X25519PrivateKey | None = None) -> GrabRequest:
+    """A :class:`GrabRequest` from untrusted task kwargs, or InvalidRequest.
+
+    With ``request_key`` (the worker always passes it), the ``key`` field must
+    be sealed to it (:mod:`tasks.sealed`) and is opened here, in the task body;
+    without, ``key`` is the plain private key (tests, local tools)."""
     if not isinstance(fields, Mapping):
         raise InvalidRequest("request: expected a mapping of fields")
     unknown = sorted(str(k)[:40] for k in fields if k not in FIELDS)
@@ -104,7 +111,8 @@ def validate(fields: Any) -> GrabRequest:
         address=check_address(fields["address"]),
         port=check_port(fields["port"]),
         user=check_user(fields["user"]),
-        key=check_private_key(fields["key"]),
+        key=check_private_key(open_sealed(fields["key"], request_key)
+                              if request_key is not None else fields["key"]),
         host_key=check_public_key(fields["host_key"]),
         excludes=check_excludes(fields["excludes"]),
     )
@@ -132,8 +140,8 @@ def check_user(value: Any) -> str:
 
 def check_address(value: Any) -> str:
     """An IP address or a DNS host name; nothing ssh could read as an option."""
-    if not isinstance(value, str) or not 0 < len(value) <= 253:
-        raise InvalidRequest("address: an IP address or host name")
+    if not isinstance(value, str) or not 0 < len(value) <= 253 or "%" in value:
+        raise InvalidRequest("address: an IP address (no zone id) or host name")
     try:
         return str(ipaddress.ip_address(value))
     except ValueError:
@@ -144,6 +152,20 @@ def check_address(value: Any) -> str:
     return value
 
 
+def open_sealed(value: Any, request_key: X25519PrivateKey) -> str:
+    """The plain one-time key from its sealed form, or InvalidRequest."""
+    if not sealed.looks_sealed(value):
+        raise InvalidRequest(
+            "key: must be sealed to this backup host's request key (bakgrab >= 0.1 "
+            "clients do this; a plain key is refused so that it never sits in the broker)")
+    try:
+        return sealed.unseal(request_key, value).decode("ascii")
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidRequest(
+            "key: not sealed to this backup host's request key; the client may have pinned "
+            "another backup host's key") from None
+
+
 def check_private_key(value: Any) -> str:
     """An unencrypted OpenSSH ed25519 private key (the one-time key)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -151,9 +173,11 @@ def check_private_key(value: Any) -> str:
 
     if not isinstance(value, str) or not 0 < len(value) <= MAX_KEY_LEN:
         raise InvalidRequest("key: an OpenSSH ed25519 private key")
+    from cryptography.exceptions import UnsupportedAlgorithm
+
     try:
         key = load_ssh_private_key(value.encode("ascii"), password=None)
-    except (ValueError, TypeError, UnicodeEncodeError):
+    except (ValueError, TypeError, UnicodeEncodeError, UnsupportedAlgorithm):
         raise InvalidRequest("key: not an unencrypted OpenSSH private key") from None
     if not isinstance(key, Ed25519PrivateKey):
         raise InvalidRequest("key: must be an ed25519 key")

@@ -39,9 +39,9 @@ from tasks.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-TASKS_COLUMNS = "name,uuid,state,retries,received,started,runtime,worker,kwargs"
+TASKS_COLUMNS = "name,state,runtime,retries,received,started,worker,uuid,kwargs"
 """Columns of Flower's tasks page, in order (Flower's ``tasks_columns`` slugs):
-the task name (always ``bakgrab.grab``), its state, retries and runtime first."""
+the task name (always ``bakgrab.grab``), its state, runtime and retries first."""
 
 AUTH_ENV = "FLOWER_BASIC_AUTH"
 """The variable Flower reads its basic-auth ``user:password`` pairs from."""

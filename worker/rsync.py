@@ -127,6 +127,10 @@ def pull_argv(spec: PullSpec) -> list[str]:
         # A resumed pull writes into the dir of an earlier attempt: files that
         # are gone from the client, or excluded now, must not stay behind.
         "--delete", "--delete-excluded",
+        # rsync's quick check compares mtimes to the second by default: a file
+        # rewritten within the same second at the same size would be linked
+        # from the previous snapshot with its old content. Compare nanoseconds.
+        "--modify-window=-1",
         f"--exclude-from={spec.exclude_file}",
         f"--timeout={spec.timeout}",
         "--stats", "--info=progress2", "--no-human-readable", "--outbuf=L",

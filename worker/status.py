@@ -153,8 +153,9 @@ def collect(storage: Storage, stale_after: float, now: float | None = None) -> l
         meta = storage.read_meta(newest.dirname)
         finished = _number(meta.get("finished")) or float(newest.timestamp)
         started = _number(meta.get("started"))
-        result = meta.get("result") if isinstance(meta.get("result"), dict) else {}
-        stats = meta.get("stats") if isinstance(meta.get("stats"), dict) else {}
+        result, stats = (meta.get(k) for k in ("result", "stats"))
+        result = result if isinstance(result, dict) else {}
+        stats = stats if isinstance(stats, dict) else {}
         duration = _number(result.get("duration"))
         if duration is None and started is not None:
             duration = round(finished - started, 3)
@@ -189,7 +190,7 @@ def human_duration(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
+    return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"
 
 
 def to_text(statuses: list[NameStatus], stale_after: float) -> str:

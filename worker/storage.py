@@ -92,6 +92,11 @@ class Storage:
         return self.state / "jobs" / f"{task_id}.json"
 
     @property
+    def request_key(self) -> Path:
+        """The request private key: clients seal one-time keys to its public half."""
+        return self.state / "request.key"
+
+    @property
     def run_dir(self) -> Path:
         return self.state / "run"
 

@@ -24,7 +24,7 @@ from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_shutting_down
 
-from tasks import GRAB
+from tasks import GRAB, request_key_name, sealed
 from tasks.app import make_app
 from tasks.config import Settings
 from tasks.errors import BakgrabError, ConfigError, InvalidRequest, JobTimeout
@@ -91,12 +91,13 @@ def register(app: Celery, settings: Settings) -> Task:
         # without running any finally: block (rsync orphaned, key file left);
         # set per task, as Celery installs its handlers after process init.
         signal.signal(signal.SIGTERM, _raise_terminated)
-        try:
-            request = validate(fields)
-        except InvalidRequest:
-            log.warning("refused invalid request %s", self.request.id)
-            raise
         storage = Storage(settings.storage)
+        try:
+            request = validate(fields, request_key=sealed.load_or_create_private(
+                storage.request_key))
+        except InvalidRequest as exc:
+            log.warning("refused invalid request %s: %s", self.request.id, exc)
+            raise
 
         def report(info: dict[str, Any]) -> None:
             info = {"name": request.name, **info}
@@ -140,6 +141,28 @@ def register(app: Celery, settings: Settings) -> Task:
     return grab_task
 
 
+def publish_request_key(settings: Settings, public: str) -> None:
+    """Put the request public key where clients reaching this broker find it,
+    now and every minute (a Redis restart without persistence loses it)."""
+    import redis
+
+    key = request_key_name(settings.queue)
+
+    def put() -> None:
+        try:
+            redis.Redis.from_url(settings.broker, socket_timeout=10).set(key, public)
+        except redis.RedisError as e:
+            log.warning("cannot publish the request key to the broker: %s", e)
+
+    def again() -> None:
+        while True:
+            time.sleep(60)
+            put()
+
+    put()
+    threading.Thread(target=again, name="request-key", daemon=True).start()
+
+
 def serve(settings: Settings) -> None:
     """Run a Celery worker (prefork pool, events on) serving ``settings.queue``."""
     if not settings.storage:
@@ -151,6 +174,8 @@ def serve(settings: Settings) -> None:
         raise ConfigError(f"storage: {e}") from None
     app = make_app(settings)
     register(app, settings)
+    private = sealed.load_or_create_private(storage.request_key)
+    publish_request_key(settings, sealed.public_text(private.public_key()))
     worker_shutting_down.connect(
         lambda **_: stop_grabs_after(settings.shutdown_grace), weak=False)
     app.worker_main([

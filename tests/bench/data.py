@@ -162,14 +162,14 @@ def unique(names: set[str], name: str) -> str:
 
 def generate(root: Path, spec: TreeSpec) -> dict[str, Any]:
     """Make the tree under ``root`` (which must not exist); a summary of it."""
-    rng = random.Random(f"bakgrab-bench:{spec.seed}")
+    rng = random.Random(f"bakgrab-bench:{spec.seed}")  # noqa: S311 -- reproducible data
     content = Content(rng)
     root.mkdir(parents=True)
-    os.chmod(root, 0o755)
+    os.chmod(root, 0o755)  # noqa: S103 -- a tree like any other
     names: dict[Path, set[str]] = {}
     dirs: list[list[Path]] = []
-    for part in PARTS:
-        d = root / part
+    for top in PARTS:
+        d = root / top
         d.mkdir()
         names[d] = set()
         dirs.append([d])
@@ -281,8 +281,8 @@ def mutate(root: Path, spec: TreeSpec, run: int, *, change: float = 0.01, add: f
            delete: float = 0.001) -> dict[str, int]:
     """Scenario 3: change ``change`` of the files, add ``add``, delete ``delete``
     (fractions of the tree's regular files; the large files are left alone)."""
-    rng = random.Random(f"bakgrab-bench:{spec.seed}:mutate:{run}")
-    content = Content(random.Random(f"bakgrab-bench:{spec.seed}:content:{run}"))
+    rng = random.Random(f"bakgrab-bench:{spec.seed}:mutate:{run}")  # noqa: S311
+    content = Content(random.Random(f"bakgrab-bench:{spec.seed}:content:{run}"))  # noqa: S311
     content.rng = rng
     limit = max(int(CATEGORIES[-1][2] * spec.scale), 1) + 1
     files = [p for p in regular_files(root) if p.stat().st_size <= limit]
@@ -311,7 +311,7 @@ def mutate(root: Path, spec: TreeSpec, run: int, *, change: float = 0.01, add: f
 
 def change_large(root: Path, spec: TreeSpec, run: int, size: int = 4096) -> dict[str, Any]:
     """Scenario 4: overwrite ``size`` bytes in the middle of the largest file."""
-    rng = random.Random(f"bakgrab-bench:{spec.seed}:large:{run}")
+    rng = random.Random(f"bakgrab-bench:{spec.seed}:large:{run}")  # noqa: S311
     path = largest_file(root)
     st = path.stat()
     with open(path, "r+b") as f:

@@ -153,7 +153,8 @@ def start_server(make_argv: Callable[[int], Sequence[str]], log: Path, what: str
         if proc.alive():
             return proc, port
         proc.stop()
-    raise RuntimeError(f"{what} did not start; see {log}:\n{log.read_text(errors='replace')[-2000:]}")
+    tail = log.read_text(errors="replace")[-2000:]
+    raise RuntimeError(f"{what} did not start; see {log}:\n{tail}")
 
 
 # -- measuring ------------------------------------------------------------------
@@ -163,7 +164,8 @@ def children(pid: int) -> list[int]:
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
             with contextlib.suppress(OSError):
-                out += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
+                text = Path(f"/proc/{pid}/task/{tid}/children").read_text()
+                out += [int(c) for c in text.split()]
     except OSError:
         pass
     return out
@@ -260,13 +262,24 @@ class MemorySampler:
 
 def disk_usage(path: Path) -> tuple[int, int]:
     """(bytes of allocated blocks, inodes) under ``path``, each inode counted
-    once however many links it has (``du -x``)."""
-    def du(*args: str) -> int:
-        out = subprocess.run(["du", "-sx", *args, str(path)], capture_output=True, text=True,
-                             check=True).stdout
-        return int(out.split()[0])
+    once however many links it has (two ``du -sx`` run side by side)."""
+    runs = [subprocess.Popen(["du", "-sx", arg, str(path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+            for arg in ("-B1", "--inodes")]
+    values = []
+    for p in runs:
+        out, err = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"du {path} failed: {err.strip()}")
+        values.append(int(out.split()[0]))
+    return values[0], values[1]
 
-    return du("-B1"), du("--inodes")
+
+def load_average() -> list[float]:
+    try:
+        return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+    except (OSError, ValueError):
+        return []
 
 
 def run_timed(argv: Sequence[str], *, env: dict[str, str] | None = None,

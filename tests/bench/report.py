@@ -37,6 +37,11 @@ def fmt_ratio(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}"
 
 
+def load(doc: dict[str, Any], when: str) -> str:
+    values = doc.get("load_average", {}).get(when) or []
+    return "/".join(f"{v:.2f}" for v in values) or "?"
+
+
 def row(cells: list[str]) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -49,7 +54,8 @@ def markdown(doc: dict[str, Any]) -> str:
     out = [
         f"# bakgrab benchmark ({doc['mode']} mode)",
         "",
-        f"`{doc['command']}` on {doc['date']}, {doc['duration_seconds']:.0f} s in all.",
+        f"`{doc['command']}` on {doc['date']}, {doc['duration_seconds']:.0f} s in all; "
+        f"load average {load(doc, 'start')} at the start, {load(doc, 'end')} at the end.",
         "",
         f"Machine: {m['nproc']} cores ({m['cpu']}), {m['memory']} RAM, disk {m['disk']}, "
         f"{m['os']}, kernel {m['kernel']}, as {m['user']}.",
@@ -90,11 +96,15 @@ def markdown(doc: dict[str, Any]) -> str:
         ]
         for key, res in s6["tools"].items():
             c, s = res["concurrent"]["median"], res["serial"]["median"]
-            ci, si = res["concurrent_incremental"]["median"], res["serial_incremental"]["median"]
+            second = ["–", "–", "–"]
+            if res.get("concurrent_incremental"):
+                ci = res["concurrent_incremental"]["median"]
+                si = res["serial_incremental"]["median"]
+                second = [fmt_s(ci["wall"]), fmt_s(si["wall"]),
+                          fmt_ratio(res["ratio_incremental"])]
             out.append(row([
                 labels[key], fmt_s(c["wall"]), fmt_s(s["wall"]), fmt_ratio(res["ratio"]),
-                f"{fmt_s(c['cpu'])} / {fmt_s(s['cpu'])}",
-                fmt_s(ci["wall"]), fmt_s(si["wall"]), fmt_ratio(res["ratio_incremental"]),
+                f"{fmt_s(c['cpu'])} / {fmt_s(s['cpu'])}", *second,
             ]))
     out += ["", "## Goals", "", "| goal | measured | limit | met |", "| --- | --- | --- | --- |"]
     for g in doc["goals"]:

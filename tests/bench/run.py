@@ -61,6 +61,7 @@ class Plan:
     runs: int
     runs6: int
     clients: int
+    second6: bool
     out: Path
     workdir: Path | None
     keep: bool
@@ -84,6 +85,9 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
     ap.add_argument("--runs6", type=int, help="runs of scenario 6 (default 3; quick 1)")
     ap.add_argument("--clients", type=int, default=8, choices=range(1, 9), metavar="1..8",
                     help="clients in scenario 6 (default 8)")
+    ap.add_argument("--second6", action=argparse.BooleanOptionalAction, default=None,
+                    help="in scenario 6 also time a second backup of every client, nothing "
+                         "changed (default: on; off with --quick)")
     ap.add_argument("--out", type=Path, default=REPO / "bench-results",
                     help="where results.json and results.md go (default: bench-results/)")
     ap.add_argument("--workdir", type=Path,
@@ -104,8 +108,9 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
     runs6 = a.runs6 if a.runs6 is not None else (1 if quick else min(3, runs))
     if runs < 1 or runs6 < 1:
         ap.error("--runs and --runs6 must be at least 1")
-    return Plan("quick" if quick else "full", spec, runs, runs6, a.clients, a.out, a.workdir,
-                a.keep)
+    second6 = a.second6 if a.second6 is not None else not quick
+    return Plan("quick" if quick else "full", spec, runs, runs6, a.clients, second6, a.out,
+                a.workdir, a.keep)
 
 
 def log(msg: str) -> None:
@@ -123,12 +128,12 @@ def measure(tool: tools.Tool, jobs: Sequence[tools.Job], *, concurrent: bool = F
     """Run ``jobs`` (one after another, or all at once) and measure them:
     wall time, CPU of what we ran (and what it reaped), CPU of the tool's
     long-lived servers, bytes and inodes added to its storage."""
-    bytes0, inodes0 = procs.disk_usage(tool.storage)
+    bytes0, inodes0 = tool.usage if tool.usage is not None else procs.disk_usage(tool.storage)
     srv0 = procs.tree_cpu(tool.server_pids())
     cpu0 = procs.children_cpu()
     mem_idle = procs.tree_memory(memory_of) if memory_of else None
     sampler = procs.MemorySampler(memory_of) if memory_of else contextlib.nullcontext()
-    errs = []
+    errs: list[Path] = []
     running: list[tuple[tools.Job, subprocess.Popen[bytes]]] = []
     t0 = time.monotonic()
     try:
@@ -150,7 +155,7 @@ def measure(tool: tools.Tool, jobs: Sequence[tools.Job], *, concurrent: bool = F
         if p.returncode not in job.ok_codes:
             raise JobFailed(f"{tool.label}: {tools.shell_join(job.argv)} exited {p.returncode}:\n"
                             f"{err.read_text(errors='replace')[-3000:]}")
-    bytes1, inodes1 = procs.disk_usage(tool.storage)
+    bytes1, inodes1 = tool.usage = procs.disk_usage(tool.storage)
     rec: dict[str, Any] = {
         "wall": wall,
         "cpu": cpu_local + cpu_server,
@@ -222,7 +227,7 @@ class Bench:
 
     def record(self, sid: str, per_tool: dict[str, list[dict[str, Any]]], **info: Any) -> None:
         self.results[sid] = {
-            "title": SCENARIOS[sid], **info,
+            "title": SCENARIOS[sid], "runs": len(next(iter(per_tool.values()))), **info,
             "tools": {t.key: summarize(per_tool[t.key]) for t in self.tools},
         }
         meds = ", ".join(f"{t.key} {self.results[sid]['tools'][t.key]['median']['wall']:.2f}s"
@@ -239,7 +244,9 @@ class Bench:
             for tool in rotated(self.tools, r):
                 if sid == "1":
                     tool.wipe(name)
-                tool.prepare(name)
+                    tool.usage = None
+                if tool.prepare(name):
+                    tool.usage = None
                 per[tool.key].append(self.m(tool, [tool.backup(name, source)]))
         self.record(sid, per, **({"changes": changes} if changes else {}))
 
@@ -295,18 +302,24 @@ class Bench:
                     for n in names:
                         tool.wipe(n)
                         tool.prepare(n)
+                    tool.usage = None
                     mem = (tool.worker.pid if isinstance(tool, tools.Bakgrab)
                            and mode == "concurrent" else None)
                     jobs = [tool.backup(n, s) for n, s in zip(names, sources, strict=True)]
                     per[tool.key][mode].append(
                         self.m(tool, jobs, concurrent=mode == "concurrent", memory_of=mem))
-                    jobs = [tool.backup(n, s) for n, s in zip(names, sources, strict=True)]
-                    per[tool.key][mode + "_incremental"].append(
-                        self.m(tool, jobs, concurrent=mode == "concurrent"))
+                    if self.plan.second6:
+                        jobs = [tool.backup(n, s) for n, s in zip(names, sources, strict=True)]
+                        per[tool.key][mode + "_incremental"].append(
+                            self.m(tool, jobs, concurrent=mode == "concurrent"))
         out: dict[str, Any] = {}
         for t in self.tools:
-            entry: dict[str, Any] = {k: summarize(v) for k, v in per[t.key].items()}
+            entry: dict[str, Any] = {k: summarize(v) if v else None
+                                     for k, v in per[t.key].items()}
             for kind in ("", "_incremental"):
+                if entry["concurrent" + kind] is None:
+                    entry["ratio" + kind] = None
+                    continue
                 c = entry["concurrent" + kind]["median"]["wall"]
                 s = entry["serial" + kind]["median"]["wall"]
                 entry["ratio" + kind] = c / s if s else None
@@ -497,9 +510,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench: {procs.install_hint(missing)}", file=sys.stderr)
         return 2
     bakgrab = find_bakgrab()
+    if os.geteuid() != 0:
+        log("warning: not root: rsync --super cannot keep owners, and every tool may report "
+            "errors on files it cannot read; the benchmark is meant to run as root (as CI does)")
     started = time.time()
+    load_start = procs.load_average()
     work = Path(tempfile.mkdtemp(prefix="bakgrab-bench-", dir=plan.workdir))
-    os.chmod(work, 0o755)
+    os.chmod(work, 0o755)  # noqa: S103 -- the tree inside must be readable like any tree
     opened: list[Any] = []
     try:
         with interrupts_unwind():
@@ -519,17 +536,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            tools.Rsnapshot(work, ssh), tools.Borg(work)]
             bench = Bench(plan, work, tool_list)
             bench.run_all()
-            doc = {
+            doc: dict[str, Any] = {
                 "mode": plan.mode,
                 "command": "python -m tests.bench.run" + (" --quick" if plan.mode == "quick"
                                                           else ""),
                 "argv": list(sys.argv[1:] if argv is None else argv),
                 "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                 "duration_seconds": time.time() - started,
+                "load_average": {"start": load_start, "end": procs.load_average()},
                 "machine": machine(work),
                 "versions": tools.versions(bakgrab),
                 "tree": tree,
                 "runs": plan.runs, "runs_scenario6": plan.runs6,
+                "scenario6_second_backups": plan.second6,
                 "tools": {t.key: {"label": t.label, **t.describe()} for t in tool_list},
                 "scenarios": {sid: bench.results[sid] for sid in SCENARIOS},
                 "fixed_cost": bench.extra.get("fixed_cost"),

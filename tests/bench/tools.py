@@ -167,6 +167,9 @@ class Tool:
     key = ""
     label = ""
     storage: Path
+    usage: tuple[int, int] | None = None
+    """``du`` of the storage after the last measurement; None once anything
+    else (a wipe, a repository init) may have changed it."""
 
     def server_pids(self) -> list[int]:
         return []
@@ -174,8 +177,10 @@ class Tool:
     def settle(self) -> None:
         pass
 
-    def prepare(self, name: str) -> None:
-        """Whatever a name needs before its first backup (not measured)."""
+    def prepare(self, name: str) -> bool:
+        """Whatever a name needs before its first backup (not measured);
+        whether that changed the storage."""
+        return False
 
     def backup(self, name: str, source: Path) -> Job:
         raise NotImplementedError
@@ -219,6 +224,16 @@ class Bakgrab(Tool):
                        "--appendonly", "no", "--dir", str(self.dir / "redis")],
             self.dir / "redis.log", "redis-server")
         self.broker = f"redis://127.0.0.1:{port}/0"
+        try:
+            self._start_worker(bakgrab, concurrency, config)
+        except BaseException:
+            self.redis.stop()
+            raise
+        self.concurrency = concurrency
+        self.counter = 0
+        self.prune = self._has_prune()
+
+    def _start_worker(self, bakgrab: str, concurrency: int, config: Path) -> None:
         # Cleanup must never remove anything on a shared disk during the run.
         self.worker_env = clean_env(BAKGRAB_CONFIG=str(config), BAKGRAB_MIN_FREE_ABS="1M",
                                     BAKGRAB_MIN_FREE_INODES="100")
@@ -229,13 +244,16 @@ class Bakgrab(Tool):
             [bakgrab, "worker", "--storage", str(self.storage), "--broker", self.broker,
              "--concurrency", str(concurrency), "--loglevel", "INFO"],
             self.worker_log, env=self.worker_env)
-        procs.wait_for(lambda: " ready." in self.worker.text() or not self.worker.alive(), 120,
-                       "bakgrab worker ready")
+        try:
+            procs.wait_for(lambda: " ready." in self.worker.text() or not self.worker.alive(),
+                           120, "bakgrab worker ready")
+        except TimeoutError:
+            self.worker.stop()
+            raise
         if not self.worker.alive():
-            raise RuntimeError(f"bakgrab worker died:\n{self.worker.text()[-3000:]}")
-        self.concurrency = concurrency
-        self.counter = 0
-        self.prune = self._has_prune()
+            text = self.worker.text()[-3000:]
+            self.worker.stop()
+            raise RuntimeError(f"bakgrab worker died:\n{text}")
 
     def _has_prune(self) -> bool:
         p = subprocess.run([self.bin, "prune", "--help"], capture_output=True, text=True,
@@ -498,15 +516,17 @@ class Borg(Tool):
     def repo(self, name: str) -> Path:
         return self.storage / name
 
-    def prepare(self, name: str) -> None:
+    def prepare(self, name: str) -> bool:
         if name in self.archives and self.repo(name).is_dir():
-            return
+            return False
         subprocess.run([self.bin, "init", "--encryption=none", str(self.repo(name))],
                        env=self.env(name), check=True, capture_output=True)
         self.archives[name] = []
+        return True
 
     def backup(self, name: str, source: Path) -> Job:
-        self.prepare(name)
+        if self.prepare(name):
+            self.usage = None
         self.counter += 1
         archive = f"{name}-{self.counter}"
         self.archives[name].append(archive)
@@ -548,13 +568,11 @@ def versions(bakgrab: str) -> dict[str, str]:
         "rsnapshot": first_line([rsnapshot, "-V"]),
         "borg": first_line(["borg", "--version"]),
     }
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-        out["celery"] = version("celery")
-        out["kombu"] = version("kombu")
-    except Exception:
-        pass
+    for dist in ("celery", "kombu"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[dist] = version(dist)
     import platform
 
     out["python"] = platform.python_version()

@@ -332,14 +332,20 @@ def test_second_delivery_of_a_finished_job_returns_its_result(
     first = json.loads(done.stdout)
     record = next((storage / ".bakgrab" / "jobs").iterdir())
     task_id = record.stem
+    import redis as redis_lib
+
     from client.keys import one_time_key
+    from tasks import sealed
 
     pin = (storage / ".bakgrab" / "pins" / "idem.pub").read_text().strip()
+    public = sealed.load_public(
+        redis_lib.Redis.from_url(redis_url).get("bakgrab:request-key:bakgrab").decode())
     app = Celery(broker=redis_url, backend=redis_url)
     app.conf.task_serializer = "json"
     again = app.send_task("bakgrab.grab", task_id=task_id, queue="bakgrab", kwargs={
         "v": 1, "name": "idem", "address": "127.0.0.1", "port": 9, "user": "nobody",
-        "key": one_time_key().private, "host_key": pin, "excludes": []})
+        "key": sealed.seal(public, one_time_key().private.encode()), "host_key": pin,
+        "excludes": []})
     assert again.get(timeout=30) == first
     assert len(support.snapshots(storage, "idem")) == 1
 

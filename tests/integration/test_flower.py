@@ -1,9 +1,9 @@
 """`bakgrab flower`: real redis-server, Celery worker, grabs and Flower, read over HTTP.
 
 One fleet per module: a worker allowing one retry, `bakgrab flower` on a free
-loopback port, and three jobs: a successful backup, a backup refused because
-the client's host key changed, and a grab whose client cannot be reached (it
-is retried once, then fails). The helpers here are also used by
+loopback port, and three real backups: one that succeeds, one refused because
+the client's host key changed, and one whose client the worker cannot reach
+(retried once, then failed). The helpers here are also used by
 test_flower_browser.py and test_status.py.
 """
 
@@ -65,7 +65,7 @@ def http(url: str, auth: bool | tuple[str, str] = True, method: str = "GET",
          body: bytes | None = None) -> tuple[int, bytes]:
     """Status and body of one request; ``auth`` True sends the test's credentials."""
     req = urllib.request.Request(url, method=method, data=body)  # noqa: S310 -- loopback http
-    if auth:
+    if auth is not False:
         user, password = (USER, PASSWORD) if auth is True else auth
         token = base64.b64encode(f"{user}:{password}".encode()).decode()
         req.add_header("Authorization", f"Basic {token}")
@@ -114,32 +114,14 @@ def failed_task_ids(storage: Path, name: str) -> list[str]:
     return [json.loads(line)["task_id"] for line in path.read_text().splitlines() if line]
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, never listening, while it lasts)."""
-    return support.free_port()
-
-
-def send_unreachable_grab(broker: str, name: str) -> str:
-    """Send a valid grab, as the client does (real one-time key, redacted
-    argsrepr/kwargsrepr), whose client sshd does not exist: ssh is refused,
-    a transient failure. Returns the task id."""
-    from client import keys
-    from tasks import GRAB
-    from tasks.app import make_app
-    from tasks.config import Settings
-    from tasks.request import GrabRequest, redacted
-
-    key = keys.one_time_key()
-    host = keys.one_time_key()  # any ed25519 public key will do as the host key
-    request = GrabRequest(name=name, address="127.0.0.1", port=closed_port(), user="root",
-                          key=key.private, host_key=host.public.rsplit(" ", 1)[0])
-    wire = request.to_wire()
-    app = make_app(Settings(), broker=broker)
-    result = app.send_task(GRAB, kwargs=wire, argsrepr="()", kwargsrepr=redacted(wire))
-    task_id = str(result.id)
-    result.backend = None
-    app.close()
-    return task_id
+def unreachable_backup(broker: str, name: str, source: Path,
+                       env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """A real `bakgrab backup` whose job names an address where its one-shot
+    sshd does not listen (it listens on 127.0.0.1, the job says 127.0.0.2):
+    the worker's ssh is refused, a transient failure, retried as configured,
+    then final. The client exits 9."""
+    return support.run_backup(broker, name, source, "--address", "127.0.0.2",
+                              "--listen", "127.0.0.1", env=env)
 
 
 @dataclass
@@ -180,10 +162,13 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
         shutil.rmtree(tmp / "client-state")  # the client's sshd host key changes
         second = support.run_backup(broker, "flower-a", src, env=client_env)
         assert second.returncode == 5, second.stderr
-        retried = send_unreachable_grab(broker, "flower-r")
+        third = unreachable_backup(broker, "flower-r", src, env=client_env)
+        assert third.returncode == 9, third.stderr
         [ok] = task_ids(storage, "flower-a")
         [refused] = failed_task_ids(storage, "flower-a")
-        yield Fleet(broker, storage, worker, flower, base, ok, refused, retried, [first, second])
+        [retried] = failed_task_ids(storage, "flower-r")
+        yield Fleet(broker, storage, worker, flower, base, ok, refused, retried,
+                    [first, second, third])
     finally:
         for proc in reversed(procs):
             proc.stop()

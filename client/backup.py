@@ -132,11 +132,24 @@ def terminal_progress(stream: Any = sys.stderr) -> Reporter | None:
     return show
 
 
-def backup(opts: BackupOptions, settings: Settings,
-           progress: Reporter | None = None) -> GrabResult:
-    """Run one backup end to end; raises a BakgrabError on failure."""
-    name = check_name(opts.name)
-    excludes = list(check_excludes(opts.excludes))
+@dataclasses.dataclass
+class Session:
+    """What the one-shot side offers the backup host for one job."""
+
+    address: str
+    port: int
+    user: str
+    key: str
+    """The one-time private key, sealed to the backup host's request key."""
+    host_key: str
+
+
+def submit(opts: BackupOptions, settings: Settings, task: str, mode: str,
+           fields: Callable[[Session], dict[str, Any]],
+           progress: Reporter | None = None) -> dict[str, Any]:
+    """Serve ``opts.source`` through a one-shot sshd in ``mode`` (``ro`` for a
+    backup, ``wo`` for a restore), send ``task`` with ``fields(session)`` and
+    wait for its result; everything is torn down on the way out."""
     address, listen, allow = plan_addresses(opts, settings)
     state_dir = Path(settings.state_dir) if settings.state_dir else default_state_dir()
     host_key_path, host_public = keys.host_key(state_dir)
@@ -149,6 +162,7 @@ def backup(opts: BackupOptions, settings: Settings,
             # One session per attempt: the first, each retry, and as many again
             # for redeliveries after a worker died or was stopped.
             max_connections=2 * (settings.max_retries + 1), lifetime=settings.job_timeout,
+            mode=mode,
         )))
         broker = settings.broker
         if opts.tunnel:
@@ -158,20 +172,19 @@ def backup(opts: BackupOptions, settings: Settings,
             broker = tunnel.url
         recipient = request_public_key(settings, broker, state_dir,
                                        opts.tunnel or "%s:%d" % broker_endpoint(settings.broker))
-        request = GrabRequest(name=name, address=address, port=server.port, user=login_user(),
+        wire = fields(Session(address=address, port=server.port, user=login_user(),
                               key=sealed.seal(recipient, key.private.encode()),
-                              host_key=host_public, excludes=tuple(excludes))
-        wire = request.to_wire()
+                              host_key=host_public))
         app = make_app(settings, broker=broker)
         try:
-            result = app.send_task(GRAB, kwargs=wire, queue=settings.queue,
+            result = app.send_task(task, kwargs=wire, queue=settings.queue,
                                    argsrepr="()", kwargsrepr=redacted(wire))
         except Exception as e:  # kombu raises many kinds; all mean "not sent"
             raise ClientSetupError(
                 f"cannot send the job to the broker {redact_url(broker)}: {e}") from None
-        del wire
         log.info("sent %s for %s (task %s); backup host connects to %s:%d",
-                 GRAB, name, result.id, address, server.port)
+                 task, wire.get("name"), result.id, address, server.port)
+        del wire
         done = False
 
         def revoke_unless_done() -> None:
@@ -187,6 +200,19 @@ def backup(opts: BackupOptions, settings: Settings,
         if progress is not None:
             sys.stderr.write("\r\x1b[K")
         return outcome
+
+
+def backup(opts: BackupOptions, settings: Settings,
+           progress: Reporter | None = None) -> GrabResult:
+    """Run one backup end to end; raises a BakgrabError on failure."""
+    name = check_name(opts.name)
+    excludes = tuple(check_excludes(opts.excludes))
+
+    def fields(s: Session) -> dict[str, Any]:
+        return GrabRequest(name=name, address=s.address, port=s.port, user=s.user, key=s.key,
+                           host_key=s.host_key, excludes=excludes).to_wire()
+
+    return GrabResult.from_dict(submit(opts, settings, GRAB, "ro", fields, progress))
 
 
 def request_public_key(settings: Settings, broker: str, state_dir: Path,
@@ -242,7 +268,7 @@ def forget_pending(result: Any) -> None:
     result.backend = None
 
 
-def wait(result: Any, timeout: float, progress: Reporter | None) -> GrabResult:
+def wait(result: Any, timeout: float, progress: Reporter | None) -> dict[str, Any]:
     """The job's final result, raising its error; JobTimeout past ``timeout``."""
     deadline = time.monotonic() + timeout
 
@@ -265,4 +291,4 @@ def wait(result: Any, timeout: float, progress: Reporter | None) -> GrabResult:
         raise BakgrabError(f"the job failed: {type(e).__name__}: {e}") from None
     if not isinstance(value, dict):
         raise BakgrabError(f"the worker returned an unexpected result: {type(value).__name__}")
-    return GrabResult.from_dict(value)
+    return value

@@ -89,11 +89,12 @@ def main(argv: list[str] | None = None) -> int:
         return refuse(log_path, why, command)
     die_with_session(log_path)
     os.nice(19 - os.nice(0))
-    flag = "-ro" if mode == "ro" else "-wo"
+    # -no-del: a restore never deletes, even inside its staging dir.
+    flags = ["-ro"] if mode == "ro" else ["-wo", "-no-del"]
     try:
         # -no-lock makes rrsync exec rsync (it would run it as a child otherwise),
         # so the parent-death signal set above carries through to rsync.
-        os.execvp("ionice", ["ionice", "-c", "3", "-t", "rrsync", flag, "-no-lock", root])
+        os.execvp("ionice", ["ionice", "-c", "3", "-t", "rrsync", *flags, "-no-lock", root])
     except OSError as e:
         return refuse(log_path, f"cannot start rrsync: {e}", command)
 

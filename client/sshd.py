@@ -67,7 +67,13 @@ def parse_allow(text: str) -> list[IpNet]:
         if not part:
             continue
         try:
-            nets.append(ipaddress.ip_network(part, strict=False))
+            net = ipaddress.ip_network(part, strict=False)
+            if isinstance(net, ipaddress.IPv6Network) and net.network_address.ipv4_mapped:
+                # peers are compared as IPv4, so an IPv4-mapped entry is one too
+                prefix = max(net.prefixlen - 96, 0)
+                net = ipaddress.ip_network(f"{net.network_address.ipv4_mapped}/{prefix}",
+                                           strict=False)
+            nets.append(net)
         except ValueError:
             raise ClientSetupError(f"--allow-from: {part!r} is not an IP address or network") from None
     if not nets:

@@ -32,7 +32,12 @@ def broker_endpoint(url: str) -> tuple[str, int]:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("redis", "rediss"):
         raise ClientSetupError(f"broker {redact_url(url)}: only redis:// URLs are supported")
-    return parts.hostname or "127.0.0.1", parts.port or 6379
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ClientSetupError(f"broker {redact_url(url)}: the port is not a number "
+                               "from 1 to 65535") from None
+    return parts.hostname or "127.0.0.1", port
 
 
 def with_endpoint(url: str, host: str, port: int) -> str:

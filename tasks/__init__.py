@@ -7,6 +7,9 @@ package and ``worker``. Nothing here imports either side.
 GRAB = "bakgrab.grab"
 """Task name of a backup pull, sent by name so the client never imports worker/."""
 
+RESTORE = "bakgrab.restore"
+"""Task name of a restore push into the client's staging directory."""
+
 DEFAULT_QUEUE = "bakgrab"
 """Queue a worker serves and a client sends to when none is configured."""
 

@@ -205,51 +205,69 @@ def prune(ctx: click.Context, dry_run: bool, as_json: bool, **flags: Any) -> Non
 
 # -- backed-up host --------------------------------------------------------------
 
+def connection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options with which a client reaches a backup host (backup, restore)."""
+    options = [
+        click.option("--broker", help="Broker URL as seen from the backup host when "
+                     "tunnelling (default: redis://127.0.0.1:6379/0)."),
+        click.option("--tunnel", metavar="USER@HOST[:PORT]",
+                     help="Reach the broker through `ssh -N -L` to this backup host."),
+        click.option("--ssh-option", "ssh_options", multiple=True, metavar="OPT",
+                     help="Extra -o option for the tunnel's ssh (repeatable)."),
+        click.option("--address", help="Address the backup host connects back to "
+                     "(default: this host's address towards it)."),
+        click.option("--listen", help="Address the one-shot sshd listens on "
+                     "(default: --address)."),
+        click.option("--port", type=click.IntRange(0, 65535), default=0,
+                     help="Port of the one-shot sshd (default: an ephemeral port)."),
+        click.option("--allow-from", metavar="IP[,IP...]",
+                     help="Peers allowed to connect (default: the backup host's addresses)."),
+        click.option("--queue", help="Queue of the backup host (default: bakgrab)."),
+        click.option("--timeout", "job_timeout", type=int,
+                     help="Seconds to wait for the job to finish (default: 43200)."),
+        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def client_setup(ctx: click.Context, name: str, root: Path, excludes: list[str],
+                 conn: dict[str, Any]) -> tuple[Any, config.Settings]:
+    from client.backup import BackupOptions
+
+    settings = settings_from(ctx, broker=conn["broker"], queue=conn["queue"],
+                             job_timeout=conn["job_timeout"])
+    opts = BackupOptions(
+        name=name, source=root, excludes=excludes, address=conn["address"],
+        listen=conn["listen"], port=conn["port"], allow_from=conn["allow_from"],
+        tunnel=conn["tunnel"], ssh_options=conn["ssh_options"],
+    )
+    return opts, settings
+
+
 @main.command(context_settings=CONTEXT)
 @click.option("--name", required=True, help="Backup name of this host (letters, digits, _.-).")
 @click.option("--source", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory to back up (/ for the whole system).")
-@click.option("--broker", help="Broker URL as seen from the backup host when tunnelling "
-                               "(default: redis://127.0.0.1:6379/0).")
-@click.option("--tunnel", metavar="USER@HOST[:PORT]",
-              help="Reach the broker through `ssh -N -L` to this backup host.")
-@click.option("--ssh-option", "ssh_options", multiple=True, metavar="OPT",
-              help="Extra -o option for the tunnel's ssh (repeatable).")
 @click.option("--exclude-from", type=click.Path(dir_okay=False, path_type=Path),
               help="File of rsync exclude patterns, one per line.")
-@click.option("--address", help="Address the backup host connects back to "
-                                "(default: this host's address towards it).")
-@click.option("--listen", help="Address the one-shot sshd listens on (default: --address).")
-@click.option("--port", type=click.IntRange(0, 65535), default=0,
-              help="Port of the one-shot sshd (default: an ephemeral port).")
-@click.option("--allow-from", metavar="IP[,IP...]",
-              help="Peers allowed to connect (default: the backup host's addresses).")
-@click.option("--queue", help="Queue of the backup host (default: bakgrab).")
-@click.option("--timeout", "job_timeout", type=int,
-              help="Seconds to wait for the job to finish (default: 43200).")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@connection_options
 @click.pass_context
 @guarded
-def backup(ctx: click.Context, name: str, source: Path, broker: str | None, tunnel: str | None,
-           ssh_options: tuple[str, ...], exclude_from: Path | None, address: str | None,
-           listen: str | None, port: int, allow_from: str | None, queue: str | None,
-           job_timeout: int | None, as_json: bool) -> None:
+def backup(ctx: click.Context, name: str, source: Path, exclude_from: Path | None,
+           as_json: bool, **conn: Any) -> None:
     """Ask the backup host for a backup of SOURCE and wait for it (backed-up host).
 
     Makes a one-time key in memory, starts a one-shot read-only sshd, sends the
     job and waits. Exits 0 on success, non-zero with a message on failure; on
     a terminal it shows progress, under cron it prints nothing but errors.
     """
-    from client.backup import BackupOptions, read_excludes, terminal_progress
+    from client.backup import read_excludes, terminal_progress
     from client.backup import backup as run_backup
 
-    settings = settings_from(ctx, broker=broker, queue=queue, job_timeout=job_timeout)
-    opts = BackupOptions(
-        name=name, source=source,
-        excludes=read_excludes(exclude_from) if exclude_from else [],
-        address=address, listen=listen, port=port, allow_from=allow_from,
-        tunnel=tunnel, ssh_options=ssh_options,
-    )
+    excludes = read_excludes(exclude_from) if exclude_from else []
+    opts, settings = client_setup(ctx, name, source, excludes, conn)
     result = run_backup(opts, settings, progress=None if as_json else terminal_progress())
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -257,6 +275,108 @@ def backup(ctx: click.Context, name: str, source: Path, broker: str | None, tunn
         click.echo(result.summary())
     if result.partial:
         sys.exit(1)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--name", required=True, help="Backup name of this host.")
+@click.option("--snapshot", default="latest", show_default=True,
+              help="Snapshot to restore from: 'latest' or NAME.YYYY-mm-dd.UNIXTIME.")
+@click.option("--into", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Staging directory the files are restored into (must exist); nothing "
+                   "outside it is ever written.")
+@click.argument("paths", nargs=-1, required=True)
+@connection_options
+@click.pass_context
+@guarded
+def restore(ctx: click.Context, name: str, snapshot: str, into: Path, paths: tuple[str, ...],
+            as_json: bool, **conn: Any) -> None:
+    """Get PATHS back from a snapshot into a staging dir (backed-up host).
+
+    Like a backup in reverse: a one-shot sshd whose gate allows only a
+    write-only rsync receiver into --into, and the backup host pushes the paths
+    (relative to the snapshot root, e.g. etc/fstab) with all their metadata.
+    Run as root or with the capabilities to restore owners and modes.
+    """
+    from client.backup import terminal_progress
+    from client.restore import restore as run_restore
+
+    opts, settings = client_setup(ctx, name, into, [], conn)
+    result = run_restore(opts, settings, snapshot, list(paths),
+                         progress=None if as_json else terminal_progress())
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"{name}: restored {len(result['paths'])} path(s) of {result['snapshot']} "
+                   f"into {into}: {result['files']} files in {result['duration']:.1f}s")
+    if result.get("partial"):
+        sys.exit(1)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--storage", help="Storage directory.")
+@click.option("--name", required=True, help="Backup name.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.argument("path")
+@click.pass_context
+@guarded
+def versions(ctx: click.Context, storage: str | None, name: str, path: str,
+             as_json: bool) -> None:
+    """List the snapshots of NAME holding PATH, and when it changed (backup host).
+
+    PATH is relative to the snapshot root (e.g. etc/fstab). A file is unchanged
+    from the previous snapshot when both are the same inode (a hard link).
+    """
+    settings = settings_from(ctx, storage=storage)
+    from worker.history import versions as find_versions
+
+    if not settings.storage:
+        raise config.ConfigError("give --storage DIR")
+    rows = find_versions(Path(settings.storage), name, path)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"{path}: in no snapshot of {name}")
+    for row in rows:
+        if row["present"]:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["mtime"]))
+            click.echo(f"{row['snapshot']}  {row['size']:>12}  {when}  "
+                       f"{'changed' if row['changed'] else 'same'}")
+        else:
+            click.echo(f"{row['snapshot']}  {'absent':>12}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--storage", help="Storage directory.")
+@click.option("--key", "public_key", metavar="'ssh-ed25519 AAAA...'",
+              help="Pin this key now; without it the next request of NAME pins its key.")
+@click.argument("name")
+@click.pass_context
+@guarded
+def trust(ctx: click.Context, storage: str | None, public_key: str | None, name: str) -> None:
+    """Re-pin NAME's sshd host key after a legitimate change (backup host).
+
+    Snapshots are untouched. Without --key, the pin is removed and the next
+    request for NAME is trusted on first use, as the very first one was.
+    """
+    settings = settings_from(ctx, storage=storage)
+    from tasks.request import check_name, check_public_key, fingerprint
+    from worker.storage import Storage, write_atomic
+
+    if not settings.storage:
+        raise config.ConfigError("give --storage DIR")
+    store = Storage(settings.storage).prepare()
+    pin = store.pin(check_name(name))
+    old = pin.read_text().strip() if pin.exists() else None
+    if public_key:
+        line = check_public_key(public_key)
+        write_atomic(pin, line + "\n", mode=0o644)
+        click.echo(f"{name}: pinned {fingerprint(line)}"
+                   + (f" (was {fingerprint(old)})" if old else ""))
+    else:
+        pin.unlink(missing_ok=True)
+        click.echo(f"{name}: pin removed" + (f" (was {fingerprint(old)})" if old else "")
+                   + "; the next request pins its key")
 
 
 # -- monitoring (backup host) ------------------------------------------------------

@@ -11,6 +11,7 @@ parsed and checked here, so the rest of the code receives typed settings.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import tomllib
@@ -104,15 +105,31 @@ FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
 
 
 def _coerce(name: str, value: Any) -> Any:
+    """The typed value of a setting; text (flags, environment) is parsed, other
+    TOML types must already be right (no silent truncation of 2.7 to 2)."""
     kind = FIELDS[name].type
+    bad = ConfigError(f"setting {name}: {value!r} is not a valid {kind}")
+    if isinstance(value, bool):
+        raise bad
     try:
         if kind == "int":
-            return int(value)
+            if isinstance(value, int):
+                return value
+            if isinstance(value, str):
+                return int(value)
+            raise bad
         if kind == "float":
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"setting {name}: {value!r} is not a valid {kind}") from None
+            if isinstance(value, int | float | str):
+                number = float(value)
+                if not math.isfinite(number):
+                    raise bad
+                return number
+            raise bad
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            return str(value)
+        raise bad
+    except ValueError:
+        raise bad from None
 
 
 def load(
@@ -156,7 +173,16 @@ def _read_file(path: Path, required: bool) -> dict[str, Any]:
         return {}
     except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path}: {e}") from None
-    section = data.get("bakgrab", data)
+    if "bakgrab" in data:
+        section = data["bakgrab"]
+        if not isinstance(section, dict):
+            raise ConfigError(f"config file {path}: [bakgrab] must be a table of settings")
+        outside = sorted(set(data) - {"bakgrab"})
+        if outside:
+            raise ConfigError(f"config file {path}: setting(s) {', '.join(outside)} outside "
+                              "the [bakgrab] table; put every setting inside it")
+    else:
+        section = data
     unknown = sorted(set(section) - set(FIELDS))
     if unknown:
         raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
@@ -165,6 +191,8 @@ def _read_file(path: Path, required: bool) -> dict[str, Any]:
 
 def check(settings: Settings) -> None:
     """Refuse settings that cannot work, naming the setting."""
+    if settings.min_free_avg < 0:
+        raise ConfigError("min_free_avg must be 0 (off) or a positive factor")
     if settings.min_keep < 1:
         raise ConfigError("min_keep must be at least 1: the newest snapshot is never removed")
     if settings.concurrency < 1:
@@ -174,8 +202,11 @@ def check(settings: Settings) -> None:
     for name in ("rsync_timeout", "connect_timeout", "server_alive_interval", "job_timeout"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name} must be a positive number of seconds")
-    parse_size(settings.min_free_abs)
-    parse_duration(settings.stale_after)
+    for name, parse in (("min_free_abs", parse_size), ("stale_after", parse_duration)):
+        try:
+            parse(getattr(settings, name))
+        except ConfigError as e:
+            raise ConfigError(f"setting {name}: {e}") from None
     if not 1 <= settings.flower_port <= 65535:
         raise ConfigError("flower_port must be from 1 to 65535")
     if settings.bwlimit and not re.fullmatch(r"\d+(\.\d+)?[KMGkmg]?", settings.bwlimit):

@@ -87,6 +87,11 @@ def redacted(fields: Mapping[str, Any]) -> str:
     excludes = fields.get("excludes")
     if isinstance(excludes, list | tuple):
         shown["excludes"] = f"<{len(excludes)} patterns>"
+    if isinstance(fields.get("snapshot"), str):
+        shown["snapshot"] = fields["snapshot"][:100]
+    paths = fields.get("paths")
+    if isinstance(paths, list | tuple):
+        shown["paths"] = f"<{len(paths)} paths>"
     return repr(shown)
 
 
@@ -216,4 +221,83 @@ def check_excludes(value: Any) -> tuple[str, ...]:
         if not pattern.strip():
             raise InvalidRequest(f"excludes[{i}]: a pattern must not be blank")
         out.append(pattern)
+    return tuple(out)
+
+
+RESTORE_FIELDS = ("v", "name", "snapshot", "paths", "address", "port", "user", "key",
+                  "host_key")
+MAX_PATHS = 1024
+MAX_PATH_LEN = 4096
+SNAPSHOT_ID_RE = re.compile(r"latest|[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.\d{4}-\d{2}-\d{2}\.\d{1,12}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreRequest:
+    """A validated request to push ``paths`` of a snapshot of ``name`` back to
+    the client's staging directory."""
+
+    name: str
+    snapshot: str
+    paths: tuple[str, ...]
+    address: str
+    port: int
+    user: str
+    key: str = dataclasses.field(repr=False)
+    host_key: str
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"v": REQUEST_VERSION, "name": self.name, "snapshot": self.snapshot,
+                "paths": list(self.paths), "address": self.address, "port": self.port,
+                "user": self.user, "key": self.key, "host_key": self.host_key}
+
+    @property
+    def host_key_fingerprint(self) -> str:
+        return fingerprint(self.host_key)
+
+
+def validate_restore(fields: Any, request_key: X25519PrivateKey | None = None) -> RestoreRequest:
+    """A :class:`RestoreRequest` from untrusted task kwargs, or InvalidRequest."""
+    if not isinstance(fields, Mapping):
+        raise InvalidRequest("request: expected a mapping of fields")
+    unknown = sorted(str(k)[:40] for k in fields if k not in RESTORE_FIELDS)
+    if unknown:
+        raise InvalidRequest(f"request: unknown field(s) {', '.join(unknown)}")
+    missing = [k for k in RESTORE_FIELDS if k not in fields]
+    if missing:
+        raise InvalidRequest(f"request: missing field(s) {', '.join(missing)}")
+    if fields["v"] != REQUEST_VERSION or isinstance(fields["v"], bool):
+        raise InvalidRequest(f"request: version must be {REQUEST_VERSION}; upgrade bakgrab")
+    snapshot = fields["snapshot"]
+    if not isinstance(snapshot, str) or not SNAPSHOT_ID_RE.fullmatch(snapshot):
+        raise InvalidRequest("snapshot: 'latest' or a snapshot name NAME.YYYY-mm-dd.UNIXTIME")
+    name = check_name(fields["name"])
+    if snapshot != "latest" and snapshot.rsplit(".", 2)[0] != name:
+        raise InvalidRequest("snapshot: must be a snapshot of the requested name")
+    return RestoreRequest(
+        name=name,
+        snapshot=snapshot,
+        paths=check_paths(fields["paths"]),
+        address=check_address(fields["address"]),
+        port=check_port(fields["port"]),
+        user=check_user(fields["user"]),
+        key=check_private_key(open_sealed(fields["key"], request_key)
+                              if request_key is not None else fields["key"]),
+        host_key=check_public_key(fields["host_key"]),
+    )
+
+
+def check_paths(value: Any) -> tuple[str, ...]:
+    """Paths inside a snapshot: relative, normalised, no '..', single-line."""
+    if not isinstance(value, list | tuple) or not 0 < len(value) <= MAX_PATHS:
+        raise InvalidRequest(f"paths: a list of 1 to {MAX_PATHS} paths")
+    out = []
+    for i, path in enumerate(value):
+        if not isinstance(path, str) or not 0 < len(path) <= MAX_PATH_LEN:
+            raise InvalidRequest(f"paths[{i}]: a path of 1-{MAX_PATH_LEN} characters")
+        if any(c in path for c in "\n\r\0"):
+            raise InvalidRequest(f"paths[{i}]: a path must be a single line")
+        parts = [p for p in path.strip("/").split("/") if p not in ("", ".")]
+        if ".." in parts:
+            raise InvalidRequest(f"paths[{i}]: '..' is not allowed")
+        out.append("/".join(parts) or ".")
     return tuple(out)

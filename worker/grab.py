@@ -204,8 +204,12 @@ class PullOutcome:
 
 
 def run_pull(spec: rsync.PullSpec, on_progress: ProgressFn) -> PullOutcome:
+    """Run the pull, report its progress, and classify its exit."""
+    return run_rsync(rsync.pull_argv(spec), on_progress)
+
+
+def run_rsync(argv: list[str], on_progress: ProgressFn) -> PullOutcome:
     """Run rsync, report its progress, and classify its exit."""
-    argv = rsync.pull_argv(spec)
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C",
            "HOME": os.environ.get("HOME", "/")}
     stderr_lines: collections.deque[str] = collections.deque(maxlen=200)

@@ -24,8 +24,9 @@ from tasks.errors import HostKeyMismatch, NoSpace, TransferFailed, TransferInter
 
 SKIP_COMPRESS = "/".join([
     # the original design's list
-    "gz", "bz2", r"t\[gb\]z", "tbz2", "lzma", "7z", "zip", "rar", "rpm", "deb", "iso",
-    "jpg", "gif", "png", "mov", "avi", "ogg", r"mp\[34g\]", "flv", "pdf",
+    # (its backslashes were for a shell; rsync's own syntax has bare [classes])
+    "gz", "bz2", "t[gb]z", "tbz2", "lzma", "7z", "zip", "rar", "rpm", "deb", "iso",
+    "jpg", "gif", "png", "mov", "avi", "ogg", "mp[34g]", "flv", "pdf",
     # formats that came after it
     "xz", "txz", "zst", "tzst", "lz4", "lz", "br", "jpeg", "webp", "heic", "heif", "avif",
     "mkv", "mp4", "m4a", "m4v", "webm", "opus", "flac", "jar", "apk", "whl", "docx",
@@ -145,6 +146,25 @@ def pull_argv(spec: PullSpec) -> list[str]:
     return argv
 
 
+def push_argv(spec: PullSpec, root: Path, paths: Sequence[str]) -> list[str]:
+    """The rsync argv of a restore: ``paths`` of the snapshot at ``root`` pushed,
+    with their parent dirs (``--relative`` from ``root/./``), to the client's
+    write-only gate."""
+    argv = [
+        "rsync", "-HaAXz", "--sparse", "--numeric-ids", "--relative",
+        # (no --modify-window=-1 here: rrsync -wo refuses its negative value)
+        f"--skip-compress={SKIP_COMPRESS}",
+        f"--timeout={spec.timeout}",
+        "--stats", "--info=progress2", "--no-human-readable", "--outbuf=L",
+        "--rsh=" + " ".join(quote_for_rsh(a) for a in ssh_command(spec)),
+    ]
+    if spec.bwlimit:
+        argv.append(f"--bwlimit={spec.bwlimit}")
+    argv += ["--", *(f"{root}/./{p}" for p in paths)]
+    host = f"[{spec.address}]" if ":" in spec.address else spec.address
+    return [*argv, f"{spec.user}@{host}:/"]
+
+
 def exclude_rules(patterns: Sequence[str]) -> str:
     """The exclude file: every pattern as an explicit ``- `` rule, so no pattern
     can turn into an include, a merge or a comment."""
@@ -213,7 +233,8 @@ def parse_stats(text: str) -> dict[str, int]:
     return stats
 
 
-FAILED_PATH_RE = re.compile(r'^rsync: \[sender\] .*?"(?P<path>.*)": (?P<why>.+?)(?: \(\d+\))?$')
+FAILED_PATH_RE = re.compile(
+    r'^rsync: \[sender\] [^"]*"(?P<path>.*)"(?: failed)?: (?P<why>.+?)(?: \(\d+\))?$')
 
 
 PINNED_ROOT_RE = re.compile(r"^/proc/self/fd/\d+/")

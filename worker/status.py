@@ -199,14 +199,14 @@ def to_text(statuses: list[NameStatus], stale_after: float) -> str:
         return "no backup names in this storage"
     rows = [("NAME", "LAST SUCCESS (UTC)", "AGE", "DURATION", "SIZE", "FAILURES", "STATUS")]
     for s in statuses:
+        running = "; a grab in progress or interrupted" if s.in_progress else ""
         if s.snapshot is None:
-            state = "STALE (no successful snapshot)"
+            state = f"STALE (no successful snapshot{running})"
             rows.append((s.name, "-", "-", "-", "-", str(s.failures), state))
             continue
         assert s.finished is not None and s.age is not None
-        state = "STALE" if s.stale else "ok"
-        if s.partial:
-            state += " (partial)"
+        notes = [note for note, on in (("partial", s.partial), (running[2:], running)) if on]
+        state = ("STALE" if s.stale else "ok") + (f" ({'; '.join(notes)})" if notes else "")
         rows.append((
             s.name,
             time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.finished)),
@@ -220,7 +220,9 @@ def to_text(statuses: list[NameStatus], stale_after: float) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip()
              for r in rows]
     stale = sum(s.stale for s in statuses)
-    limit = human_duration(stale_after)
+    limit = next((f"{stale_after / size:g}{unit}" for unit, size in
+                  (("d", 86400), ("h", 3600), ("m", 60)) if stale_after % size == 0),
+                 f"{stale_after:g}s")
     lines.append(f"{stale} of {len(statuses)} name(s) STALE (limit {limit})" if stale
                  else f"all {len(statuses)} name(s) backed up within {limit}")
     return "\n".join(lines)

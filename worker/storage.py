@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-SNAPSHOT_RE = re.compile(r"^(?P<name>[^.].*)\.(?P<date>\d{4}-\d{2}-\d{2})\.(?P<ts>\d+)$")
+SNAPSHOT_RE = re.compile(r"^(?P<name>[^.].*)\.(?P<date>\d{4}-\d{2}-\d{2})\.(?P<ts>\d+)\Z")
 STATE = ".bakgrab"
 
 
@@ -141,7 +141,7 @@ class Storage:
 
     def next_dirname(self, name: str, timestamp: int) -> str:
         """A snapshot dirname for ``name`` at ``timestamp`` that is not taken yet."""
-        while (self.root / snapshot_dirname(name, timestamp)).exists():
+        while os.path.lexists(self.root / snapshot_dirname(name, timestamp)):
             timestamp += 1
         return snapshot_dirname(name, timestamp)
 
@@ -149,7 +149,8 @@ class Storage:
 def write_atomic(path: Path, data: bytes | str, mode: int = 0o600) -> None:
     """Write ``path`` by a rename so a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    tmp.unlink(missing_ok=True)  # a leftover would keep its old mode
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data.encode() if isinstance(data, str) else data)
         f.flush()

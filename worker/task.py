@@ -24,12 +24,12 @@ from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_shutting_down
 
-from tasks import GRAB, request_key_name, sealed
+from tasks import GRAB, RESTORE, request_key_name, sealed
 from tasks.app import make_app
 from tasks.config import Settings
 from tasks.errors import BakgrabError, ConfigError, InvalidRequest, JobTimeout
-from tasks.request import redacted, validate
-from worker import grab, status
+from tasks.request import redacted, validate, validate_restore
+from worker import grab, restore, status
 from worker.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -137,6 +137,30 @@ def register(app: Celery, settings: Settings) -> Task:
             status.record_failure(storage, request.name, self.request.id, exc)
             raise
         return result.to_dict()
+
+    @app.task(name=RESTORE, bind=True, acks_late=True, max_retries=settings.max_retries)
+    def restore_task(self: Task, **fields: Any) -> dict[str, Any]:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+        storage = Storage(settings.storage)
+        try:
+            request = validate_restore(fields, request_key=sealed.load_or_create_private(
+                storage.request_key))
+        except InvalidRequest as exc:
+            log.warning("refused invalid restore request %s: %s", self.request.id, exc)
+            raise
+
+        def report(info: dict[str, Any]) -> None:
+            info = {"name": request.name, **info}
+            self.update_state(state="PROGRESS", meta=info)
+            self.send_event("task-progress", **info)
+
+        try:
+            return restore.restore(storage, settings, request, self.request.id, report)
+        except BakgrabError as exc:
+            if exc.transient and self.request.retries < settings.max_retries:
+                raise self.retry(exc=exc, countdown=backoff(self.request.retries, settings),
+                                 argsrepr="()", kwargsrepr=redacted(fields)) from None
+            raise
 
     return grab_task
 

@@ -130,7 +130,7 @@ def test_status_marks_stale_names_and_writes_the_same_numbers_as_metrics(
     shutil.rmtree(storage / ".bakgrab" / "inprogress" / "never-host", ignore_errors=True)
     relaxed = status(storage, "--stale-after", "1h", "--metrics-file", str(metrics))
     assert relaxed.returncode == 0, relaxed.stdout + relaxed.stderr
-    assert relaxed.stdout.splitlines()[-1] == "all 2 name(s) backed up within 1.0h"
+    assert relaxed.stdout.splitlines()[-1] == "all 2 name(s) backed up within 1h"
     assert parse_metrics(metrics.read_text())[("bakgrab_stale", "old-host")] == 0
 
 

@@ -129,32 +129,38 @@ def test_unknown_keys_in_file_refused(write: Any, text: str) -> None:
         load({}, path, {})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: when the file has a [bakgrab] table, top-level keys are silently ignored "
-    "(TOML puts keys written before the header at the root): min_keep = 3 has no effect",
+@pytest.mark.parametrize(
+    ("text", "outside"),
+    [
+        ("min_keep = 3\n\n[bakgrab]\nqueue = 'q'\n", "min_keep"),
+        ("[bakgrab]\nqueue = 'q'\n\n[other]\nmin_keep = 3\n", "other"),
+    ],
 )
-def test_settings_outside_the_bakgrab_table_are_not_ignored(write: Any) -> None:
-    """A setting written outside the [bakgrab] table is not silently dropped."""
-    path = write("min_keep = 3\n\n[bakgrab]\nqueue = 'q'\n")
-    try:
-        got = load({}, path, {})
-    except ConfigError as e:
-        assert "min_keep" in str(e)
-    else:
-        assert got.min_keep == 3
+def test_settings_outside_the_bakgrab_table_are_refused(
+    write: Any, text: str, outside: str
+) -> None:
+    """A file with a [bakgrab] table may hold nothing else: a setting written
+    before the header (TOML puts it at the root) is refused, naming it and the
+    file, not silently dropped."""
+    path = write(text)
+    with pytest.raises(ConfigError, match=f"config file {path}") as info:
+        load({}, path, {})
+    assert outside in str(info.value)
+    assert "[bakgrab]" in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a non-table `bakgrab = 5` in the file raises TypeError ('int' object is "
-    "not iterable) from _read_file instead of ConfigError",
-    raises=TypeError,
-)
-def test_bakgrab_key_that_is_not_a_table(write: Any) -> None:
+def test_file_without_a_bakgrab_table_is_all_settings(write: Any) -> None:
+    """A file without a [bakgrab] table holds the settings at its root."""
+    path = write("min_keep = 3\nqueue = 'q'\n")
+    got = load({}, path, {})
+    assert (got.min_keep, got.queue) == (3, "q")
+
+
+@pytest.mark.parametrize("text", ["bakgrab = 5\n", "bakgrab = 'x'\n", "bakgrab = [1]\n"])
+def test_bakgrab_key_that_is_not_a_table(write: Any, text: str) -> None:
     """`bakgrab = 5` is a ConfigError naming the file, not a crash."""
-    path = write("bakgrab = 5\n")
-    with pytest.raises(ConfigError, match="bakgrab"):
+    path = write(text)
+    with pytest.raises(ConfigError, match=f"config file {path}: \\[bakgrab\\]"):
         load({}, path, {})
 
 
@@ -185,66 +191,106 @@ def test_invalid_values_name_the_setting(environ: dict[str, str], setting: str) 
     assert info.value.exit_code == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: size/duration errors come from parse_size/parse_duration and say "
-    "\"size 'lots'\" / \"duration 'soon'\" without naming min_free_abs / stale_after",
-)
 @pytest.mark.parametrize(
     ("environ", "setting"),
     [({"BAKGRAB_MIN_FREE_ABS": "lots"}, "min_free_abs"),
-     ({"BAKGRAB_STALE_AFTER": "soon"}, "stale_after")],
+     ({"BAKGRAB_STALE_AFTER": "soon"}, "stale_after"),
+     ({"BAKGRAB_STALE_AFTER": "0"}, "stale_after")],
 )
 def test_invalid_size_and_duration_name_the_setting(
     environ: dict[str, str], setting: str
 ) -> None:
-    """An invalid size or duration setting is a ConfigError naming the setting."""
-    with pytest.raises(ConfigError) as info:
+    """An invalid size or duration setting is a ConfigError naming the setting
+    ("setting min_free_abs: size 'lots': ...")."""
+    with pytest.raises(ConfigError, match=rf"^setting {setting}: ") as info:
         load({}, None, environ)
-    assert setting in str(info.value)
+    assert info.value.exit_code == 3
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _coerce uses int()/str() on TOML values: concurrency = 2.7 becomes 2, "
-    "true becomes 1, and a table or array for a string setting becomes its Python repr",
-)
 @pytest.mark.parametrize(
     ("text", "setting"),
     [
         ("concurrency = 2.7\n", "concurrency"),
+        ("concurrency = 2.0\n", "concurrency"),
         ("concurrency = true\n", "concurrency"),
+        ("concurrency = [2]\n", "concurrency"),
+        ("min_free_avg = true\n", "min_free_avg"),
+        ("min_free_avg = [1.5]\n", "min_free_avg"),
         ("broker = { host = 'x' }\n", "broker"),
         ("broker = ['redis://h']\n", "broker"),
+        ("queue = false\n", "queue"),
+        ("bwlimit = 1979-05-27\n", "bwlimit"),
+        ("[bakgrab]\nconcurrency = 2.7\n", "concurrency"),
     ],
 )
 def test_wrong_toml_types_refused(write: Any, text: str, setting: str) -> None:
     """A TOML value of the wrong type is refused, naming the setting, not coerced."""
     path = write(text)
-    with pytest.raises(ConfigError, match=setting):
+    with pytest.raises(ConfigError, match=rf"^setting {setting}: "):
         load({}, path, {})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: check() does not check min_free_avg: nan and inf are accepted (TOML and "
-    "float() both allow them) and then need() crashes with ValueError/OverflowError",
+@pytest.mark.parametrize(
+    ("text", "setting", "expected"),
+    [
+        ("concurrency = 3\n", "concurrency", 3),
+        ("min_free_avg = 2\n", "min_free_avg", 2.0),
+        ("min_free_avg = 1.5\n", "min_free_avg", 1.5),
+        ("queue = 'q1'\n", "queue", "q1"),
+        ("min_free_abs = '5G'\n", "min_free_abs", "5G"),
+    ],
 )
-@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_right_toml_types_kept(write: Any, text: str, setting: str, expected: Any) -> None:
+    """TOML values of the setting's type are taken as they are (an integer for
+    a float setting too)."""
+    got = getattr(load({}, write(text), {}), setting)
+    assert got == expected and type(got) is type(expected)
+
+
+def test_text_from_environment_and_flags_is_still_parsed() -> None:
+    """BAKGRAB_* variables and flags given as text are parsed to the setting's type."""
+    got = load({"concurrency": "4"}, None,
+               {"BAKGRAB_MIN_FREE_AVG": "1.5", "BAKGRAB_MIN_KEEP": "2"})
+    assert (got.concurrency, got.min_free_avg, got.min_keep) == (4, 1.5, 2)
+
+
+@pytest.mark.parametrize("value", ["nan", "NaN", "inf", "-inf", "infinity", "-1", "-0.5"])
 def test_min_free_avg_must_be_finite_and_not_negative(value: str) -> None:
     """min_free_avg that is not a finite number >= 0 is a ConfigError naming it."""
-    with pytest.raises(ConfigError, match="min_free_avg"):
+    with pytest.raises(ConfigError, match="min_free_avg") as info:
         load({}, None, {"BAKGRAB_MIN_FREE_AVG": value})
+    assert info.value.exit_code == 3
 
 
-def test_nan_min_free_avg_breaks_need() -> None:
-    """Why the check above matters: need() cannot compute with a NaN average."""
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "-1.0", "-1"])
+def test_min_free_avg_from_toml_must_be_finite_and_not_negative(
+    write: Any, value: str
+) -> None:
+    """TOML's own nan and inf are refused too, when the file is loaded."""
+    path = write(f"min_free_avg = {value}\n")
+    with pytest.raises(ConfigError, match="min_free_avg"):
+        load({}, path, {})
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_min_free_avg_from_flags_must_be_finite(value: float) -> None:
+    """A float flag (click parses "nan" to a float) is refused the same way."""
+    with pytest.raises(ConfigError, match="min_free_avg"):
+        load({"min_free_avg": value}, None, {})
+
+
+def test_nan_min_free_avg_never_reaches_need() -> None:
+    """Why the checks above matter: need() cannot compute with a NaN average, so
+    load() refuses it and need() only ever sees finite factors."""
     from worker.retention import Usage, need
 
-    settings = load({}, None, {"BAKGRAB_MIN_FREE_AVG": "nan"})
-    assert math.isnan(settings.min_free_avg)
-    with pytest.raises(ValueError):
-        need(settings, Usage(1, 100, 1, 100, True), 3)
+    with pytest.raises(ConfigError, match="min_free_avg"):
+        load({}, None, {"BAKGRAB_MIN_FREE_AVG": "nan"})
+    settings = load({}, None, {"BAKGRAB_MIN_FREE_AVG": "3", "BAKGRAB_MIN_FREE_ABS": "0",
+                               "BAKGRAB_MIN_FREE_INODES": "0"})
+    assert math.isfinite(settings.min_free_avg)
+    got = need(settings, Usage(1, 3 << 30, 1, 3000, True), 3)
+    assert (got.bytes, got.inodes) == (3 << 30, 3000)
 
 
 @pytest.mark.parametrize(

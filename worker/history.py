@@ -1,0 +1,49 @@
+"""The history of one path across the snapshots of a name: ``bakgrab versions``.
+
+Fast by the hard-link identity: a path unchanged since the previous snapshot
+is the same inode there (rsync --link-dest linked it), so one lstat per
+snapshot tells the story without reading any content.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from tasks.errors import InvalidRequest
+from tasks.request import check_name, check_paths
+from worker.storage import Storage
+
+
+def versions(root: Path, name: str, path: str) -> list[dict[str, Any]]:
+    """One row per snapshot of ``name``, oldest first: whether ``path`` is there,
+    its size and mtime, and whether it changed since the previous snapshot."""
+    name = check_name(name)
+    (rel,) = check_paths([path])
+    storage = Storage(root)
+    rows = []
+    previous: tuple[int, int] | None = None
+    for snap in storage.snapshots(name):
+        base = os.path.realpath(storage.root / snap.dirname)
+        target = os.path.join(base, rel)
+        parent = os.path.realpath(os.path.dirname(target))
+        if parent != base and not parent.startswith(base + os.sep):
+            raise InvalidRequest(f"{path!r} leads outside the snapshot (a symlink)")
+        try:
+            st = os.lstat(target)
+        except FileNotFoundError:
+            rows.append({"snapshot": snap.dirname, "present": False})
+            previous = None
+            continue
+        ident = (st.st_dev, st.st_ino)
+        rows.append({
+            "snapshot": snap.dirname,
+            "present": True,
+            "size": st.st_size,
+            "mtime": st.st_mtime,
+            "inode": st.st_ino,
+            "changed": ident != previous,
+        })
+        previous = ident
+    return rows

@@ -1,0 +1,103 @@
+"""One restore: push paths of a snapshot into the client's staging directory.
+
+Invariants: a restore goes only to the host whose sshd key is pinned for the
+name (it would otherwise hand a backup to whoever asks); it never pins; every
+path must lie inside the snapshot without passing through a symlink (a
+snapshot is the client's data and may hold symlinks pointing anywhere on the
+backup host); symlinks themselves are sent as symlinks, never followed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks.config import Settings
+from tasks.errors import HostKeyMismatch, InvalidRequest
+from tasks.request import GrabRequest, RestoreRequest, fingerprint
+from worker import grab, rsync
+from worker.storage import Snapshot, Storage
+
+log = logging.getLogger(__name__)
+
+
+def check_requester(storage: Storage, request: RestoreRequest) -> None:
+    pin = storage.pin(request.name)
+    try:
+        pinned = pin.read_text().strip()
+    except FileNotFoundError:
+        raise HostKeyMismatch(
+            f"{request.name}: no host key is pinned for this name, so no restore can be "
+            "sent; restores go only to the host that made the backups") from None
+    if pinned != request.host_key:
+        raise HostKeyMismatch(
+            f"{request.name}: the requesting sshd key {request.host_key_fingerprint} is not "
+            f"the pinned {fingerprint(pinned)}; restores go only to the host that made the "
+            "backups (`bakgrab trust` re-pins after a legitimate change)")
+
+
+def find_snapshot(storage: Storage, request: RestoreRequest) -> Snapshot:
+    snaps = storage.snapshots(request.name)
+    if not snaps:
+        raise InvalidRequest(f"{request.name}: there is no snapshot to restore from")
+    if request.snapshot == "latest":
+        return snaps[-1]
+    for snap in snaps:
+        if snap.dirname == request.snapshot:
+            return snap
+    raise InvalidRequest(f"snapshot {request.snapshot} does not exist")
+
+
+def inside(root: str, path: str) -> bool:
+    return path == root or path.startswith(root + os.sep)
+
+
+def check_paths(root: str, paths: tuple[str, ...]) -> None:
+    """Each path exists in the snapshot and its parents are real dirs in it."""
+    for path in paths:
+        target = os.path.join(root, path)
+        parent = os.path.dirname(target) if path != "." else root
+        if not inside(root, os.path.realpath(parent)):
+            raise InvalidRequest(f"paths: {path!r} leads outside the snapshot (a symlink)")
+        if not os.path.lexists(target):
+            raise InvalidRequest(f"paths: {path!r} is not in the snapshot")
+
+
+def restore(storage: Storage, settings: Settings, request: RestoreRequest, task_id: str,
+            on_progress: grab.ProgressFn = lambda info: None) -> dict[str, Any]:
+    task_id = grab.check_task_id(task_id)
+    storage.prepare()
+    check_requester(storage, request)
+    snap = find_snapshot(storage, request)
+    root = os.path.realpath(storage.root / snap.dirname)
+    check_paths(root, request.paths)
+    started = time.time()
+    # job_files wants a grab request: the same key and host key, no excludes
+    as_grab = GrabRequest(name=request.name, address=request.address, port=request.port,
+                          user=request.user, key=request.key, host_key=request.host_key)
+    with grab.job_files(storage, task_id, as_grab) as files:
+        spec = rsync.PullSpec(
+            user=request.user, address=request.address, port=request.port,
+            key_file=files["key"], known_hosts=files["known_hosts"],
+            host_alias=grab.host_alias(request.name), exclude_file=files["exclude"],
+            dest=storage.root, link_dest=None, timeout=settings.rsync_timeout,
+            connect_timeout=settings.connect_timeout,
+            alive_interval=settings.server_alive_interval, bwlimit=settings.bwlimit)
+        on_progress({"phase": "pushing", "snapshot": snap.dirname})
+        outcome = grab.run_rsync(rsync.push_argv(spec, Path(root), request.paths), on_progress)
+    log.info("restored %d path(s) of %s to %s", len(request.paths), snap.dirname,
+             request.address)
+    return {
+        "name": request.name,
+        "snapshot": snap.dirname,
+        "paths": list(request.paths),
+        "files": outcome.stats.get("files", 0),
+        "bytes_transferred": outcome.stats.get("bytes_sent", 0),
+        "duration": round(time.time() - started, 3),
+        "rsync_exit": outcome.code,
+        "partial": outcome.code == rsync.PARTIAL,
+        "failed_paths": outcome.failed_paths,
+    }

@@ -51,6 +51,9 @@ class BackupOptions:
     allow_from: str | None = None
     tunnel: str | None = None
     ssh_options: Sequence[str] = ()
+    reverse: bool = False
+    """Offer the one-shot sshd on the backup host's loopback through the tunnel
+    (``ssh -R``) instead of connecting back to this host (clients behind NAT)."""
 
 
 def read_excludes(path: Path) -> list[str]:
@@ -92,6 +95,12 @@ def plan_addresses(opts: BackupOptions, settings: Settings) -> tuple[str, str, s
     Defaults: the backup host is the tunnel's host, or the broker's host; the
     peer allowed is that host; the address announced is our address towards it.
     """
+    if opts.reverse:
+        if not opts.tunnel:
+            raise ClientSetupError("--reverse needs --tunnel: the sshd is offered through it")
+        # The worker reaches us at its own loopback; our sshd sees the tunnel's
+        # ssh, a local process, as the peer.
+        return "127.0.0.1", "127.0.0.1", opts.allow_from or "127.0.0.1,::1"
     backup_host = (Tunnel(opts.tunnel, settings.broker).host if opts.tunnel
                    else broker_endpoint(settings.broker)[0])
     loop = is_loopback(backup_host)
@@ -168,11 +177,14 @@ def submit(opts: BackupOptions, settings: Settings, task: str, mode: str,
         if opts.tunnel:
             tunnel = stack.enter_context(Tunnel(
                 opts.tunnel, settings.broker, settings.server_alive_interval, opts.ssh_options,
-                settings.connect_timeout))
+                settings.connect_timeout, reverse_port=server.port if opts.reverse else 0))
             broker = tunnel.url
+        port = tunnel.remote_port if opts.reverse else server.port
         recipient = request_public_key(settings, broker, state_dir,
                                        opts.tunnel or "%s:%d" % broker_endpoint(settings.broker))
-        wire = fields(Session(address=address, port=server.port, user=login_user(),
+        if not opts.tunnel:
+            port = server.port
+        wire = fields(Session(address=address, port=port, user=login_user(),
                               key=sealed.seal(recipient, key.private.encode()),
                               host_key=host_public))
         app = make_app(settings, broker=broker)
@@ -183,7 +195,7 @@ def submit(opts: BackupOptions, settings: Settings, task: str, mode: str,
             raise ClientSetupError(
                 f"cannot send the job to the broker {redact_url(broker)}: {e}") from None
         log.info("sent %s for %s (task %s); backup host connects to %s:%d",
-                 task, wire.get("name"), result.id, address, server.port)
+                 task, wire.get("name"), result.id, address, port)
         del wire
         done = False
 
@@ -292,3 +304,53 @@ def wait(result: Any, timeout: float, progress: Reporter | None) -> dict[str, An
     if not isinstance(value, dict):
         raise BakgrabError(f"the worker returned an unexpected result: {type(value).__name__}")
     return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One backup host of a multi-host run: its tunnel, broker and queue."""
+
+    label: str
+    tunnel: str | None = None
+    broker: str | None = None
+    queue: str | None = None
+
+
+def parse_to(spec: str) -> Target:
+    """``tunnel=USER@HOST[:PORT],broker=URL,queue=Q`` (any subset) to a Target."""
+    fields: dict[str, str] = {}
+    for part in spec.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in ("tunnel", "broker", "queue") or not value.strip():
+            raise ClientSetupError(
+                f"--to {spec!r}: expected tunnel=USER@HOST[:PORT],broker=URL,queue=Q")
+        fields[key.strip()] = value.strip()
+    label = fields.get("tunnel") or redact_url(fields.get("broker", "")) or fields["queue"]
+    return Target(label=label, **fields)
+
+
+def backup_many(opts: BackupOptions, settings: Settings, targets: Sequence[Target],
+                ) -> list[tuple[Target, GrabResult | BaseException]]:
+    """Back up to every target at once; each outcome, in the targets' order."""
+    import threading
+
+    if opts.port and len(targets) > 1:
+        raise ClientSetupError("--port cannot be shared by several --to targets")
+    outcomes: dict[int, GrabResult | BaseException] = {}
+
+    def one(i: int, target: Target) -> None:
+        try:
+            o = dataclasses.replace(opts, tunnel=target.tunnel or opts.tunnel)
+            s = settings.replace(broker=target.broker or settings.broker,
+                                 queue=target.queue or settings.queue)
+            outcomes[i] = backup(o, s, None)
+        except BaseException as e:  # reported per target by the caller
+            outcomes[i] = e
+
+    threads = [threading.Thread(target=one, args=(i, t), name=f"to-{i}")
+               for i, t in enumerate(targets)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return [(t, outcomes[i]) for i, t in enumerate(targets)]

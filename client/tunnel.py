@@ -8,6 +8,7 @@ authenticated by the user's own ssh known_hosts (or the options given).
 
 from __future__ import annotations
 
+import os
 import re
 import socket
 import time
@@ -68,12 +69,18 @@ class Tunnel:
     """A running ``ssh -N -L`` to the broker; use as a context manager."""
 
     def __init__(self, target: str, broker_url: str, alive_interval: int = 15,
-                 ssh_options: Sequence[str] = (), connect_timeout: int = 20) -> None:
+                 ssh_options: Sequence[str] = (), connect_timeout: int = 20,
+                 reverse_port: int = 0) -> None:
         self.user, self.host, self.ssh_port = parse_target(target)
         self.remote = broker_endpoint(broker_url)
         self.broker_url = broker_url
         self.alive_interval = alive_interval
         self.ssh_options = list(ssh_options)
+        self.reverse_port = reverse_port
+        """Local port of the one-shot sshd to offer on the backup host's loopback
+        (``--reverse``, for clients behind NAT); 0 for none."""
+        self.remote_port = 0
+        """The port the backup host allocated for that reverse forward."""
         self.connect_timeout = connect_timeout
         self.child: process.Child | None = None
         self.local_port = 0
@@ -96,6 +103,8 @@ class Tunnel:
                     "-o", f"ConnectTimeout={self.connect_timeout}",
                     "-o", "ClearAllForwardings=no", "-o", "ForwardAgent=no",
                     "-o", "ForwardX11=no", "-o", "PermitLocalCommand=no"]
+            if self.reverse_port:
+                argv += ["-R", f"127.0.0.1:0:127.0.0.1:{self.reverse_port}"]
             for opt in self.ssh_options:
                 argv += ["-o", opt]
             argv += ["--", dest]
@@ -111,6 +120,8 @@ class Tunnel:
 
     def _wait_ready(self) -> bool:
         assert self.child is not None
+        if self.reverse_port and not self._read_allocated_port():
+            return False
         deadline = time.monotonic() + self.connect_timeout + 5
         while time.monotonic() < deadline:
             if self.child.poll() is not None:
@@ -120,6 +131,30 @@ class Tunnel:
                     return True
             except OSError:
                 time.sleep(0.05)
+        return False
+
+    def _read_allocated_port(self) -> bool:
+        """ssh says ``Allocated port N for remote forward to ...`` on stderr once
+        the backup host listens for us; read N (or fail when ssh exits)."""
+        assert self.child is not None and self.child.stderr is not None
+        import select
+
+        deadline = time.monotonic() + self.connect_timeout + 5
+        buf = b""
+        fd = self.child.stderr.fileno()
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    return False
+                buf += chunk
+                m = re.search(rb"Allocated port (\d+) for remote forward", buf)
+                if m:
+                    self.remote_port = int(m.group(1))
+                    return True
+            elif self.child.poll() is not None:
+                return False
         return False
 
     def close(self) -> None:

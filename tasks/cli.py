@@ -212,6 +212,9 @@ def connection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      "tunnelling (default: redis://127.0.0.1:6379/0)."),
         click.option("--tunnel", metavar="USER@HOST[:PORT]",
                      help="Reach the broker through `ssh -N -L` to this backup host."),
+        click.option("--reverse", is_flag=True,
+                     help="Behind NAT: offer the one-shot sshd on the backup host's loopback "
+                          "through the tunnel (`ssh -R`) instead of being connected to."),
         click.option("--ssh-option", "ssh_options", multiple=True, metavar="OPT",
                      help="Extra -o option for the tunnel's ssh (repeatable)."),
         click.option("--address", help="Address the backup host connects back to "
@@ -241,7 +244,7 @@ def client_setup(ctx: click.Context, name: str, root: Path, excludes: list[str],
     opts = BackupOptions(
         name=name, source=root, excludes=excludes, address=conn["address"],
         listen=conn["listen"], port=conn["port"], allow_from=conn["allow_from"],
-        tunnel=conn["tunnel"], ssh_options=conn["ssh_options"],
+        tunnel=conn["tunnel"], ssh_options=conn["ssh_options"], reverse=conn["reverse"],
     )
     return opts, settings
 
@@ -252,11 +255,15 @@ def client_setup(ctx: click.Context, name: str, root: Path, excludes: list[str],
               help="Directory to back up (/ for the whole system).")
 @click.option("--exclude-from", type=click.Path(dir_okay=False, path_type=Path),
               help="File of rsync exclude patterns, one per line.")
+@click.option("--to", "targets", multiple=True, metavar="tunnel=U@H[:P],broker=URL,queue=Q",
+              help="A backup host to send to (repeatable: all at once, each reported; the "
+                   "exit status is non-zero if any failed). Unset parts come from "
+                   "--tunnel, --broker and --queue.")
 @connection_options
 @click.pass_context
 @guarded
 def backup(ctx: click.Context, name: str, source: Path, exclude_from: Path | None,
-           as_json: bool, **conn: Any) -> None:
+           targets: tuple[str, ...], as_json: bool, **conn: Any) -> None:
     """Ask the backup host for a backup of SOURCE and wait for it (backed-up host).
 
     Makes a one-time key in memory, starts a one-shot read-only sshd, sends the
@@ -268,6 +275,9 @@ def backup(ctx: click.Context, name: str, source: Path, exclude_from: Path | Non
 
     excludes = read_excludes(exclude_from) if exclude_from else []
     opts, settings = client_setup(ctx, name, source, excludes, conn)
+    if targets:
+        backup_to_many(ctx, opts, settings, targets, as_json)
+        return
     result = run_backup(opts, settings, progress=None if as_json else terminal_progress())
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
@@ -275,6 +285,32 @@ def backup(ctx: click.Context, name: str, source: Path, exclude_from: Path | Non
         click.echo(result.summary())
     if result.partial:
         sys.exit(1)
+
+
+def backup_to_many(ctx: click.Context, opts: Any, settings: config.Settings,
+                   specs: tuple[str, ...], as_json: bool) -> None:
+    from client.backup import backup_many, parse_to
+
+    outcomes = backup_many(opts, settings, [parse_to(s) for s in specs])
+    report = []
+    code = 0
+    for target, outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            code = code or exit_code_for(outcome)
+            msg = str(outcome) if isinstance(outcome, BakgrabError) else repr(outcome)
+            report.append({"to": target.label, "ok": False, "error": msg,
+                           "exit_code": exit_code_for(outcome)})
+            if not as_json:
+                click.echo(f"bakgrab: error: to {target.label}: {msg}", err=True)
+        else:
+            if outcome.partial:
+                code = code or 1
+            report.append({"to": target.label, "ok": True, "result": outcome.to_dict()})
+            if not as_json:
+                click.echo(f"to {target.label}: {outcome.summary()}")
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    sys.exit(code)
 
 
 @main.command(context_settings=CONTEXT)

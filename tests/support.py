@@ -112,6 +112,12 @@ def comm(pid: int) -> str:
         return ""
 
 
+def which(program: str) -> str:
+    from tasks.process import which as find
+
+    return find(program)
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):

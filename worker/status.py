@@ -199,14 +199,16 @@ def to_text(statuses: list[NameStatus], stale_after: float) -> str:
         return "no backup names in this storage"
     rows = [("NAME", "LAST SUCCESS (UTC)", "AGE", "DURATION", "SIZE", "FAILURES", "STATUS")]
     for s in statuses:
-        running = "; a grab in progress or interrupted" if s.in_progress else ""
+        notes = ["partial"] if s.partial else []
         if s.snapshot is None:
-            state = f"STALE (no successful snapshot{running})"
+            notes.insert(0, "no successful snapshot")
+        if s.in_progress:
+            notes.append("a grab in progress or interrupted")
+        state = ("STALE" if s.stale else "ok") + (f" ({'; '.join(notes)})" if notes else "")
+        if s.snapshot is None:
             rows.append((s.name, "-", "-", "-", "-", str(s.failures), state))
             continue
         assert s.finished is not None and s.age is not None
-        notes = [note for note, on in (("partial", s.partial), (running[2:], running)) if on]
-        state = ("STALE" if s.stale else "ok") + (f" ({'; '.join(notes)})" if notes else "")
         rows.append((
             s.name,
             time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(s.finished)),

@@ -53,6 +53,9 @@ CLIENT_INSTALL = DEPLOY / "client" / "install.sh"
 PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 WORKER_CAPS = {"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_MKNOD",
                "CAP_SETFCAP"}
+CAP_BITS = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_FOWNER": 3, "CAP_FSETID": 4,
+            "CAP_MKNOD": 27, "CAP_SETFCAP": 31}
+"""Bit numbers in /proc/PID/status (linux/capability.h)."""
 
 
 # -- helpers (also used by test_redis_acl.py) ---------------------------------------
@@ -253,8 +256,8 @@ class Deployment:
     client_user: str
     ssh_port: int
     client_key: str
-    client_broker: str
-    tmp: Path
+    client_broker: str = dataclasses.field(repr=False)  # holds a password
+    tmp: Path = dataclasses.field(default=Path())
 
     @property
     def client_etc(self) -> Path:
@@ -336,6 +339,10 @@ def deployed_worker(deployment: Deployment) -> Iterator[support.Proc]:
     try:
         support.wait_for(lambda: " ready." in proc.text() or not proc.alive(), 60, "worker ready")
         assert proc.alive(), proc.text()[-3000:]
+        status = dict(line.split(":\t", 1) for line in
+                      Path(f"/proc/{proc.pid}/status").read_text().splitlines() if ":\t" in line)
+        assert int(status["Uid"].split()[0]) == pwd.getpwnam(deployment.host.worker_user).pw_uid
+        assert int(status["CapAmb"], 16) == sum(1 << CAP_BITS[c] for c in WORKER_CAPS)
         yield proc
     finally:
         proc.stop()
@@ -655,6 +662,8 @@ def test_deployed_backup_end_to_end(deployment: Deployment,
     assert (first[0] / "secret" / "shadow").read_bytes() == b"root-only\n"
     assert (first[0] / "data" / "owned-by-nobody").stat().st_uid == pwd.getpwnam("nobody").pw_uid
     assert stat.S_ISCHR((first[0] / "data" / "null-dev").lstat().st_mode)
+    meta = json.loads((host.storage / ".bakgrab" / "meta" / f"{first[0].name}.json").read_text())
+    assert meta["client"]["user"] == dep.client_user  # its one-shot sshd ran as that user
 
     # the cron line, as cron would run it (its own PATH; syslog stood in for)
     cron = (dep.client_prefix / "etc" / "cron.d" / "bakgrab-backup").read_text()

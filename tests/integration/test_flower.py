@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -193,10 +194,16 @@ def test_api_shows_each_job_with_its_final_state_name_and_retries(fleet: Fleet) 
 
 
 def test_no_field_shows_the_private_key(fleet: Fleet) -> None:
-    """Nothing Flower serves about the jobs (task list, each task, the tasks
-    page's data) contains a private key, though each job carried one."""
+    """Nothing Flower serves about the jobs (the API's task list and task info,
+    each task's page, the data of the tasks page) contains a private key,
+    though each job carried one."""
     wait_for_states(fleet.base, {fleet.retried: "FAILURE"})
     blob = http(fleet.base + "/api/tasks")[1]
+    status, table = http(fleet.base + "/tasks/datatable?" + urllib.parse.urlencode({
+        "draw": 1, "start": 0, "length": 100, "search[value]": "",
+        "order[0][column]": 0, "order[0][dir]": "asc", "columns[0][data]": "name"}))
+    assert status == 200 and fleet.ok.encode() in table, table
+    blob += table
     for tid in (fleet.ok, fleet.refused, fleet.retried):
         status, body = http(f"{fleet.base}/api/task/info/{tid}")
         assert status == 200, body

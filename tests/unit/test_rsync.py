@@ -110,12 +110,6 @@ def test_skip_compress_keeps_original_list_and_adds_modern_formats(
     assert len(suffixes) == len(set(suffixes))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: SKIP_COMPRESS holds shell escapes r't\\[gb\\]z' and r'mp\\[34g\\]'; in an argv "
-    "list no shell removes them, so rsync gets literal backslashes (its suffix syntax has none) "
-    "and these entries match 't\\gz' etc., not tgz/tbz/mp3/mp4/mpg",
-)
 def test_skip_compress_character_classes_are_unescaped(
     make_spec: Callable[..., PullSpec],
 ) -> None:
@@ -146,7 +140,7 @@ def test_bwlimit_only_when_set(make_spec: Callable[..., PullSpec]) -> None:
         ("192.0.2.10", "bk@192.0.2.10:/"),
         ("client.example.com", "bk@client.example.com:/"),
         ("2001:db8::1", "bk@[2001:db8::1]:/"),
-        ("fe80::1%eth0", "bk@[fe80::1%eth0]:/"),
+        ("fe80::1", "bk@[fe80::1]:/"),  # no zone id: check_address refuses "%"
     ],
 )
 def test_source_brackets_ipv6(
@@ -441,11 +435,6 @@ def test_real_exit_23_names_the_unreadable_file(
 
 
 @needs_rsync
-@pytest.mark.xfail(
-    strict=True,
-    reason='BUG: FAILED_PATH_RE needs `"PATH": ` and so misses sender errors of the form '
-    '`opendir "PATH" failed: ...` (also change_dir/link_stat): unreadable dirs are not recorded',
-)
 def test_real_exit_23_names_the_unreadable_directory(
     unreadable_tree: tuple[Path, list[str]],
 ) -> None:
@@ -456,6 +445,36 @@ def test_real_exit_23_names_the_unreadable_directory(
     assert done.returncode == 23, done.stderr
     paths = {p for p in map(failed_path, done.stderr.splitlines()) if p}
     assert str(src / "closed") in paths
+
+
+needs_rrsync_and_setpriv = pytest.mark.skipif(
+    not (RSYNC and shutil.which("rrsync") and shutil.which("setpriv")),
+    reason="rsync, rrsync and setpriv needed",
+)
+
+
+@needs_rrsync_and_setpriv
+def test_real_rrsync_exit_23_paths_are_relative_to_the_source(
+    unreadable_tree: tuple[Path, list[str]],
+) -> None:
+    """Through rrsync -ro (which pins the source by an fd and so names files
+    /proc/self/fd/N/...), failed_path() gives paths relative to the source."""
+    src, prefix = unreadable_tree
+    ssh = src.parent / "ssh"
+    ssh.write_text(
+        "#!/bin/sh\n"
+        "# drop ssh's options up to '-l USER HOST'; what follows is the remote command\n"
+        "while [ $# -gt 0 ]; do case \"$1\" in -l) shift 3; break;; *) shift;; esac; done\n"
+        f'SSH_ORIGINAL_COMMAND="$*" exec rrsync -ro {src}\n'
+    )
+    ssh.chmod(0o755)
+    done = subprocess.run([*prefix, "rsync", "-a", f"--rsh={ssh}", "bk@client:/",
+                           f"{src.parent / 'dst'}/"],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 23, done.stderr
+    paths = {p for p in map(failed_path, done.stderr.splitlines()) if p}
+    assert paths == {"secret", "closed"}, done.stderr
+    assert (src.parent / "dst" / "ok").read_text() == "ok"
 
 
 @pytest.mark.parametrize(
@@ -479,10 +498,6 @@ def test_failed_path_of_captured_lines(line: str, path: str | None) -> None:
     assert failed_path(line) == path
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='BUG: FAILED_PATH_RE misses `VERB "PATH" failed: ...` sender errors',
-)
 @pytest.mark.parametrize(
     ("line", "path"),
     [
@@ -490,10 +505,35 @@ def test_failed_path_of_captured_lines(line: str, path: str | None) -> None:
          "/root/.cache"),
         ('rsync: [sender] link_stat "/srv/gone" failed: No such file or directory (2)',
          "/srv/gone"),
+        ('rsync: [sender] change_dir "/srv/x y" failed: Permission denied (13)',
+         "/srv/x y"),
     ],
 )
 def test_failed_path_of_directory_errors(line: str, path: str) -> None:
     """Sender errors about a directory or a vanished entry give its path."""
+    assert failed_path(line) == path
+
+
+@pytest.mark.parametrize(
+    ("line", "path"),
+    [
+        ('rsync: [sender] opendir "/proc/self/fd/3/closed" failed: Permission denied (13)',
+         "closed"),
+        ('rsync: [sender] send_files failed to open "/proc/self/fd/3/secret": '
+         "Permission denied (13)", "secret"),
+        ('rsync: [sender] link_stat "/proc/self/fd/12/a/b c" failed: '
+         "No such file or directory (2)", "a/b c"),
+        ('rsync: [sender] read errors mapping "/proc/self/fd/3/srv/proc/self/fd/4/x": '
+         "Input/output error (5)", "srv/proc/self/fd/4/x"),
+        ('rsync: [sender] opendir "/proc/self/fdx/3/a" failed: Permission denied (13)',
+         "/proc/self/fdx/3/a"),
+        ('rsync: [sender] opendir "/srv/proc/self/fd/3/a" failed: Permission denied (13)',
+         "/srv/proc/self/fd/3/a"),
+    ],
+)
+def test_failed_path_strips_the_pinned_source_root(line: str, path: str) -> None:
+    """rrsync pins the source by an fd, so rsync names files /proc/self/fd/N/...:
+    only that leading root is stripped, leaving the path relative to the source."""
     assert failed_path(line) == path
 
 

@@ -58,15 +58,35 @@ def test_peer_allowed(peer: str, allow: str, allowed: bool) -> None:
     assert peer_allowed(peer, parse_allow(allow)) is allowed
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: parse_allow keeps '::ffff:10.0.0.1' as an IPv6 network while peer_allowed "
-    "turns mapped peers into IPv4, so such an --allow-from entry never matches anyone",
-)
 @pytest.mark.parametrize("peer", ["::ffff:10.0.0.1", "10.0.0.1"])
 def test_ipv4_mapped_allow_entry(peer: str) -> None:
     """An allow entry written as an IPv4-mapped address admits that IPv4 peer."""
     assert peer_allowed(peer, parse_allow("::ffff:10.0.0.1"))
+
+
+@pytest.mark.parametrize(
+    ("entry", "network"),
+    [
+        ("::ffff:10.0.0.1", "10.0.0.1/32"),
+        ("::ffff:10.0.0.1/128", "10.0.0.1/32"),
+        ("::ffff:10.0.0.0/120", "10.0.0.0/24"),
+        ("::ffff:10.1.2.3/104", "10.0.0.0/8"),
+        ("::FFFF:0A00:0001", "10.0.0.1/32"),
+    ],
+)
+def test_ipv4_mapped_allow_entry_becomes_the_ipv4_network(entry: str, network: str) -> None:
+    """An IPv4-mapped entry (with or without a prefix) is parsed to the IPv4
+    network it maps, so it is compared the way peers are."""
+    assert parse_allow(entry) == [ipaddress.ip_network(network)]
+    inside, outside = ipaddress.ip_network(network)[0], ipaddress.ip_address("192.0.2.1")
+    assert peer_allowed(f"::ffff:{inside}", parse_allow(entry))
+    assert not peer_allowed(str(outside), parse_allow(entry))
+
+
+def test_plain_ipv6_allow_entry_stays_ipv6() -> None:
+    """Only IPv4-mapped entries are turned into IPv4."""
+    assert parse_allow("2001:db8::/64, ::1") == [
+        ipaddress.ip_network("2001:db8::/64"), ipaddress.ip_network("::1/128")]
 
 
 @pytest.fixture

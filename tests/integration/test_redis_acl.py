@@ -1,0 +1,266 @@
+"""The Redis users of a deployed backup host, against a real redis-server.
+
+The backup host is installed by deploy/backup-host/install.sh (``--prefix``,
+throwaway user names removed at the end), with two clients added by
+add-client.sh; redis-server runs from the generated snippet and ACL file.
+A client's credential may send a request and read results, and nothing
+else: not another client's queued request (it holds that client's sealed
+one-time key), not the request key's slot, not remote control, not admin
+commands. The worker's and the client's credentials are enough for a real
+`bakgrab worker` and a real `bakgrab backup`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests import support
+from tests.conftest import need_root
+from tests.integration import test_deploy as deploy
+
+pytestmark = pytest.mark.integration
+
+QUEUE = "bakgrab"
+SEP = b"\x06\x16"
+
+
+@dataclass
+class AclHost:
+    host: deploy.Host
+    alpha: str = field(repr=False)  # broker URLs with passwords: not in test output
+    beta: str = field(repr=False)
+    tmp: Path = field(default=Path())
+
+    @property
+    def worker(self) -> str:
+        return self.host.broker("worker.env")
+
+
+@pytest.fixture(scope="module")
+def acl_host() -> Iterator[AclHost]:
+    need_root()
+    suffix = secrets.token_hex(3)
+    root = support.readable_tmp(Path("/tmp"))
+    proc = None
+    try:
+        with deploy.removed_afterwards(f"bkw{suffix}", f"bkt{suffix}"):
+            host = deploy.install_host(root / "host", suffix, support.free_port())
+            keys = root / "keys"
+            keys.mkdir()
+            alpha = host.add_client("alpha", deploy.new_key(keys / "alpha"), "--no-reload")
+            beta = host.add_client("beta", deploy.new_key(keys / "beta"), "--no-reload")
+            proc = deploy.start_redis(host, root / "redis")
+            yield AclHost(host, alpha, beta, root)
+    finally:
+        if proc is not None:
+            proc.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def command(url: str | None, port: int, *args: str | bytes) -> bytes:
+    """The first line of Redis's answer to one command (after AUTH from
+    ``url``), over a raw connection: SUBSCRIBE and MONITOR answer like any other."""
+    def encode(parts: tuple[str | bytes, ...]) -> bytes:
+        out = b"*%d\r\n" % len(parts)
+        for part in parts:
+            data = part if isinstance(part, bytes) else part.encode()
+            out += b"$%d\r\n%s\r\n" % (len(data), data)
+        return out
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        f = s.makefile("rb")
+        if url is not None:
+            u = urllib.parse.urlsplit(url)
+            s.sendall(encode(("AUTH", u.username or "", u.password or "")))
+            assert f.readline() == b"+OK\r\n"
+        s.sendall(encode(args))
+        return f.readline().rstrip(b"\r\n")
+
+
+def denied(reply: bytes) -> bool:
+    return reply.startswith(b"-NOPERM")
+
+
+def test_default_user_is_off(acl_host: AclHost) -> None:
+    """Without a password nothing works, and the default user cannot log in."""
+    port = acl_host.host.redis_port
+    assert command(None, port, "GET", "x").startswith(b"-NOAUTH")
+    assert command(None, port, "AUTH", "default", "").startswith(b"-WRONGPASS")
+    bad = acl_host.alpha.replace("@", "x@")  # alpha's user, a wrong password
+    with pytest.raises(redis.AuthenticationError):
+        redis.Redis.from_url(bad).ping()
+
+
+def test_client_can_send_a_request_and_read_results(acl_host: AclHost) -> None:
+    """What Celery's client side does: ping, count and bind its queue in a
+    transaction, push the request, publish the task-sent event, read the
+    request key, subscribe to and read its result."""
+    port = acl_host.host.redis_port
+    client = redis.Redis.from_url(acl_host.alpha)
+    worker = redis.Redis.from_url(acl_host.worker)
+    worker.set(f"bakgrab:request-key:{QUEUE}", "PUBLIC")
+    assert client.ping()
+    assert client.get(f"bakgrab:request-key:{QUEUE}") == b"PUBLIC"
+    with client.pipeline() as pipe:
+        for key in [QUEUE.encode()] + [QUEUE.encode() + SEP + p for p in (b"3", b"6", b"9")]:
+            pipe.llen(key)
+        assert pipe.execute() == [0, 0, 0, 0]
+    member = SEP + SEP + QUEUE.encode()
+    with client.pipeline() as pipe:
+        pipe.sadd(f"_kombu.binding.{QUEUE}", QUEUE.encode() + member)
+        pipe.sadd(f"_kombu.binding_permanent.{QUEUE}", QUEUE.encode() + member)
+        pipe.execute()
+    assert client.lpush(QUEUE, b"request") >= 1
+    assert client.publish("/0.celeryev/task.sent", b"event") == 0
+
+    sub = client.pubsub()
+    sub.subscribe("celery-task-meta-job1")
+    assert sub.get_message(timeout=5)["type"] == "subscribe"
+    worker.set("celery-task-meta-job1", b'{"status": "SUCCESS"}')
+    worker.publish("celery-task-meta-job1", b'{"status": "SUCCESS"}')
+    msg = sub.get_message(timeout=5)
+    assert msg is not None and msg["data"] == b'{"status": "SUCCESS"}'
+    sub.unsubscribe("celery-task-meta-job1")
+    sub.close()
+    assert client.get("celery-task-meta-job1") == b'{"status": "SUCCESS"}'
+    assert client.mget(["celery-task-meta-job1"]) == [b'{"status": "SUCCESS"}']
+    assert command(acl_host.alpha, port, "PING") == b"+PONG"
+    worker.delete(QUEUE, "celery-task-meta-job1", f"bakgrab:request-key:{QUEUE}")
+
+
+QUEUE_READS = [
+    ("LRANGE", QUEUE, "0", "-1"), ("LPOP", QUEUE), ("RPOP", QUEUE), ("BRPOP", QUEUE, "1"),
+    ("BLPOP", QUEUE, "1"), ("LINDEX", QUEUE, "0"), ("LPOS", QUEUE, "x"),
+    ("LMOVE", QUEUE, "mine", "LEFT", "LEFT"), ("RPOPLPUSH", QUEUE, "mine"),
+    ("SORT", QUEUE, "ALPHA"), ("DUMP", QUEUE), ("OBJECT", "ENCODING", QUEUE),
+    ("LRANGE", QUEUE.encode() + SEP + b"3", "0", "-1"),
+    ("HGETALL", "unacked"), ("HVALS", "unacked"), ("ZRANGE", "unacked_index", "0", "-1"),
+    ("SMEMBERS", f"_kombu.binding.{QUEUE}"),
+    ("SUBSCRIBE", "/0.celeryev/task.sent"), ("PSUBSCRIBE", "/0.celeryev/*"),
+]
+WRITES = [
+    ("LPUSH", "other-queue", "x"), ("DEL", QUEUE), ("LTRIM", QUEUE, "1", "0"),
+    ("SET", f"bakgrab:request-key:{QUEUE}", "attacker-key"),
+    ("SET", "celery-task-meta-job2", "forged"), ("PUBLISH", "celery-task-meta-job2", "forged"),
+    ("PSUBSCRIBE", "celery-task-meta-*"),
+    ("PUBLISH", "/0.celery.pidbox", "shutdown"), ("PUBLISH", "/0.celery.pidbox/", "shutdown"),
+    ("SREM", f"_kombu.binding.{QUEUE}", "x"), ("SADD", "_kombu.binding.other", "x"),
+]
+ADMIN = [
+    ("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "GET", "*"), ("CONFIG", "SET", "dir", "/tmp"),
+    ("KEYS", "*"), ("SCAN", "0"), ("RANDOMKEY",), ("MONITOR",), ("ACL", "LIST"),
+    ("ACL", "SETUSER", "x", "on"), ("CLIENT", "LIST"), ("CLIENT", "KILL", "TYPE", "normal"),
+    ("INFO",), ("SHUTDOWN",), ("SELECT", "1"), ("SWAPDB", "0", "1"),
+    ("EVAL", "return 1", "0"), ("SCRIPT", "FLUSH"), ("FUNCTION", "LIST"), ("SAVE",),
+    ("BGSAVE",), ("REPLICAOF", "127.0.0.1", "1"), ("MIGRATE", "127.0.0.1", "1", QUEUE, "0", "1"),
+]
+
+
+@pytest.mark.parametrize("args", QUEUE_READS + WRITES + ADMIN, ids=lambda a: " ".join(
+    x if isinstance(x, str) else repr(x) for x in a))
+def test_client_is_refused(acl_host: AclHost, args: tuple[str | bytes, ...]) -> None:
+    """Reading any queue, the unacked hash or the events; writing anything
+    but its requests; the request key's slot, forged results, remote control
+    (Celery's pidbox), and every admin command: NOPERM."""
+    reply = command(acl_host.beta, acl_host.host.redis_port, *args)
+    assert denied(reply), reply
+
+
+def test_client_cannot_read_another_clients_request(acl_host: AclHost) -> None:
+    """Beta's queued request stays unreadable to alpha (every way of reading
+    a list is refused), while the worker's credential can take it."""
+    host = acl_host.host
+    marker = f"beta-request-{secrets.token_hex(4)}"
+    assert redis.Redis.from_url(acl_host.beta).lpush(QUEUE, marker) >= 1
+    for args in QUEUE_READS[:12]:
+        reply = command(acl_host.alpha, host.redis_port, *args)
+        assert denied(reply), (args, reply)
+        assert marker.encode() not in reply
+    worker = redis.Redis.from_url(acl_host.worker)
+    assert worker.rpop(QUEUE) == marker.encode()
+
+
+def test_worker_credential_cannot_run_dangerous_commands(acl_host: AclHost) -> None:
+    """The worker's user holds every key and channel but not the @dangerous
+    commands; only the admin user (for the operator) has them."""
+    port = acl_host.host.redis_port
+    for args in [("FLUSHALL",), ("CONFIG", "GET", "*"), ("KEYS", "*"), ("ACL", "LIST"),
+                 ("MONITOR",), ("SHUTDOWN",)]:
+        assert denied(command(acl_host.worker, port, *args)), args
+    assert acl_host.host.admin().acl_whoami() == "admin"
+
+
+def test_a_client_added_while_redis_runs_works_at_once(acl_host: AclHost) -> None:
+    """add-client.sh reloads Redis's users (the admin password on redis-cli's
+    stdin): the new client connects at once and the others still do."""
+    host = acl_host.host
+    url = host.add_client("gamma", deploy.new_key(acl_host.tmp / "keys" / "gamma"))
+    assert redis.Redis.from_url(url).ping()
+    assert redis.Redis.from_url(acl_host.alpha).ping()
+    assert denied(command(url, host.redis_port, "LRANGE", QUEUE, "0", "-1"))
+
+
+def env_for(broker: str, tmp: Path, **settings: str) -> dict[str, str]:
+    """Settings through the environment: the broker URL's password stays out of argv."""
+    env = support.worker_env(**settings)
+    (tmp / "empty.toml").write_text("")
+    env.update({"BAKGRAB_BROKER": broker, "BAKGRAB_CONFIG": str(tmp / "empty.toml"),
+                "XDG_STATE_HOME": str(tmp / "state")})
+    return env
+
+
+def test_real_worker_and_backup_with_the_acl_users(acl_host: AclHost, tmp_path: Path) -> None:
+    """`bakgrab worker` as the worker user and `bakgrab backup` as client
+    alpha complete a backup (Redis denies neither anything), and a failing
+    one reports its failure; neither password reached argv or output."""
+    host = acl_host.host
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    worker = support.Proc([support.BAKGRAB, "worker"], tmp_path / "worker.log",
+                          env=env_for(acl_host.worker, tmp_path, storage=str(storage)))
+    try:
+        support.wait_for(lambda: " ready." in worker.text() or not worker.alive(), 60,
+                         "worker ready")
+        assert worker.alive(), worker.text()[-3000:]
+        host.admin().acl_log_reset()
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "f").write_text("x")
+        client_env = env_for(acl_host.alpha, tmp_path)
+        argv = [support.BAKGRAB, "backup", "--name", "acl-e2e", "--source", str(src), "--json"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=client_env)
+        assert done.returncode == 0, done.stderr + worker.text()[-3000:]
+        result = json.loads(done.stdout)
+        assert (storage / result["snapshot"] / "f").read_text() == "x"
+        assert deploy.acl_denials(host) == []
+
+        # a failure travels back too: another sshd host key for the same name
+        shutil.rmtree(tmp_path / "state")
+        failed = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                                env=client_env)
+        assert failed.returncode == 5, failed.stderr
+        assert "differs from the pinned" in failed.stderr
+
+        # The client's attempt to revoke its (already failed) job is remote
+        # control, which clients may not do (deploy/backup-host/acl.sh).
+        assert set(deploy.acl_denials(host)) <= {"client-alpha: channel /0.celery.pidbox"}
+        passwords = [urllib.parse.urlsplit(u).password for u in (acl_host.worker, acl_host.alpha)]
+        blob = worker.text() + done.stdout + done.stderr + failed.stderr
+        cmdline = Path(f"/proc/{worker.pid}/cmdline").read_text()
+        for pw in passwords:
+            assert pw and pw not in blob and pw not in cmdline
+    finally:
+        worker.stop()
+    assert os.path.isdir(storage)

@@ -15,6 +15,7 @@ import dataclasses
 import ipaddress
 import json
 import logging
+import os
 import socket
 import sys
 import time
@@ -27,7 +28,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from tasks import GRAB, request_key_name, sealed
+from tasks import GRAB, caps, request_key_name, sealed
 from tasks.app import make_app
 from tasks.config import Settings, default_state_dir
 from tasks.errors import BakgrabError, ClientSetupError, JobTimeout
@@ -141,6 +142,19 @@ def terminal_progress(stream: Any = sys.stderr) -> Reporter | None:
     return show
 
 
+def check_privileges(mode: str) -> None:
+    """rsync >= 3.4; and say what an unprivileged client will miss."""
+    version = caps.rsync_version()
+    if version < caps.MIN_RSYNC:
+        raise ClientSetupError(
+            f"rsync {'.'.join(map(str, version))} is too old: bakgrab needs >= "
+            f"{'.'.join(map(str, caps.MIN_RSYNC))} (security fixes); upgrade rsync")
+    if os.geteuid() != 0 and mode == "ro" and caps.missing_ambient(caps.CLIENT_CAPS):
+        log.warning("running without root and without CAP_DAC_READ_SEARCH: files this user "
+                    "cannot read will be missing (a partial snapshot); %s",
+                    caps.how_to_grant(caps.CLIENT_CAPS))
+
+
 @dataclasses.dataclass
 class Session:
     """What the one-shot side offers the backup host for one job."""
@@ -159,6 +173,7 @@ def submit(opts: BackupOptions, settings: Settings, task: str, mode: str,
     """Serve ``opts.source`` through a one-shot sshd in ``mode`` (``ro`` for a
     backup, ``wo`` for a restore), send ``task`` with ``fields(session)`` and
     wait for its result; everything is torn down on the way out."""
+    check_privileges(mode)
     address, listen, allow = plan_addresses(opts, settings)
     state_dir = Path(settings.state_dir) if settings.state_dir else default_state_dir()
     host_key_path, host_public = keys.host_key(state_dir)

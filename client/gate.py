@@ -77,6 +77,23 @@ def die_with_session(log_path: str) -> None:
         pass
 
 
+def check_own_caps(mode: str) -> str | None:
+    """Unprivileged, a read-only gate may hold CAP_DAC_READ_SEARCH and nothing
+    more: any capability that writes would outlive rrsync's option checks."""
+    if os.geteuid() == 0:
+        return None
+    if mode != "ro":
+        return None  # a restore into the staging dir may need to set owners
+    allowed = 1 << 2  # CAP_DAC_READ_SEARCH
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("CapEff:", "CapAmb:")):
+                extra = int(line.split(":")[1], 16) & ~allowed
+                if extra:
+                    return f"the gate holds capabilities beyond a read-only pull ({extra:#x})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 3 or argv[0] not in PREFIX:
@@ -84,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     mode, root, log_path = argv
     command = os.environ.get("SSH_ORIGINAL_COMMAND", "")
-    why = check(mode, command)
+    why = check(mode, command) or check_own_caps(mode)
     if why is not None:
         return refuse(log_path, why, command)
     die_with_session(log_path)

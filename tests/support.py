@@ -155,12 +155,22 @@ def worker_env(**settings: str) -> dict[str, str]:
     return env
 
 
+def as_user(user: str, argv: list[str], caps: Sequence[str] = ()) -> list[str]:
+    """``argv`` run as ``user`` holding only ``caps``, ambient (like the systemd units)."""
+    grant = []
+    if caps:
+        plus = ",".join(f"+{c}" for c in caps)
+        grant = [f"--inh-caps={plus}", f"--ambient-caps={plus}"]
+    return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *grant, *argv]
+
+
 def start_worker(storage: Path, broker: str, log: Path, *args: str,
-                 env: dict[str, str] | None = None, user: str | None = None) -> Proc:
+                 env: dict[str, str] | None = None, user: str | None = None,
+                 caps: Sequence[str] = ()) -> Proc:
     storage.mkdir(parents=True, exist_ok=True)
     argv = [BAKGRAB, "worker", "--storage", str(storage), "--broker", broker, *args]
     if user:
-        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *argv]
+        argv = as_user(user, argv, caps)
     proc = Proc(argv, log, env=env or worker_env())
     wait_for(lambda: " ready." in proc.text() or not proc.alive(), 60, "worker ready")
     if not proc.alive():
@@ -170,11 +180,12 @@ def start_worker(storage: Path, broker: str, log: Path, *args: str,
 
 def run_backup(broker: str, name: str, source: Path, *args: str, timeout: float = 120,
                env: dict[str, str] | None = None, user: str | None = None,
-               pre: Sequence[str] = ()) -> subprocess.CompletedProcess[str]:
+               pre: Sequence[str] = (), caps: Sequence[str] = ()
+               ) -> subprocess.CompletedProcess[str]:
     argv = [BAKGRAB, *pre, "backup", "--broker", broker, "--name", name, "--source", str(source),
             *args]
     if user:
-        argv = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *argv]
+        argv = as_user(user, argv, caps)
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                           env=env or dict(os.environ))
 

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks import process
+from tasks import caps, process
 from tasks.config import Settings
 from tasks.errors import HostKeyMismatch, InvalidRequest, TransferInterrupted
 from tasks.request import GrabRequest, fingerprint
@@ -71,7 +71,8 @@ def finished(storage: Storage, task_id: str) -> dict[str, Any] | None:
         name = record.get("name", "")
         if not storage.inprogress(name).is_dir():
             return None
-        os.rename(storage.inprogress(name), storage.root / snapshot)
+        with caps.raised("dac_override"):
+            os.rename(storage.inprogress(name), storage.root / snapshot)
     result: dict[str, Any] = record["result"]
     return result
 
@@ -165,9 +166,10 @@ def grab(
         removed = retention.make_room(storage, settings, current=request.name)
         link = storage.newest(request.name)
         dest = storage.inprogress(request.name)
-        resumed = dest.is_dir()
-        dest.mkdir(mode=0o700, exist_ok=True)
-        os.utime(dest)  # an in-progress dir in use is never "stale"
+        with caps.raised("dac_override", "fowner"):
+            resumed = dest.is_dir()
+            dest.mkdir(mode=0o700, exist_ok=True)
+            os.utime(dest)  # an in-progress dir in use is never "stale"
         with job_files(storage, task_id, request) as files:
             spec = rsync.PullSpec(
                 user=request.user,
@@ -315,7 +317,10 @@ def publish(
     write_atomic(storage.job(task_id),
                  json.dumps({"name": request.name, "snapshot": snapshot,
                              "result": result.to_dict()}))
-    os.rename(storage.inprogress(request.name), storage.root / snapshot)
+    # Moving a directory to another parent rewrites its "..": that needs write
+    # access to the (client-owned) directory itself.
+    with caps.raised("dac_override"):
+        os.rename(storage.inprogress(request.name), storage.root / snapshot)
     fsync_dir(storage.root)
     log.info("grab of %s complete: %s", request.name, snapshot)
     return result

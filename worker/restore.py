@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tasks import caps
 from tasks.config import Settings
 from tasks.errors import HostKeyMismatch, InvalidRequest
 from tasks.request import GrabRequest, RestoreRequest, fingerprint
@@ -72,8 +73,9 @@ def restore(storage: Storage, settings: Settings, request: RestoreRequest, task_
     storage.prepare()
     check_requester(storage, request)
     snap = find_snapshot(storage, request)
-    root = os.path.realpath(storage.root / snap.dirname)
-    check_paths(root, request.paths)
+    with caps.raised("dac_override"):  # the snapshot's dirs belong to the client's users
+        root = os.path.realpath(storage.root / snap.dirname)
+        check_paths(root, request.paths)
     started = time.time()
     # job_files wants a grab request: the same key and host key, no excludes
     as_grab = GrabRequest(name=request.name, address=request.address, port=request.port,

@@ -24,7 +24,7 @@ from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_shutting_down
 
-from tasks import GRAB, RESTORE, request_key_name, sealed
+from tasks import GRAB, RESTORE, caps, request_key_name, sealed
 from tasks.app import make_app
 from tasks.config import Settings
 from tasks.errors import BakgrabError, ConfigError, InvalidRequest, JobTimeout
@@ -187,10 +187,29 @@ def publish_request_key(settings: Settings, public: str) -> None:
     threading.Thread(target=again, name="request-key", daemon=True).start()
 
 
+def check_privileges() -> None:
+    """rsync >= 3.4, and without root the worker's capabilities (ambient), of
+    which it then keeps none effective itself (rsync gets them on exec)."""
+    version = caps.rsync_version()
+    if version < caps.MIN_RSYNC:
+        raise ConfigError(f"rsync {'.'.join(map(str, version))} is too old: bakgrab needs "
+                          f">= {'.'.join(map(str, caps.MIN_RSYNC))} (security fixes)")
+    if os.geteuid() == 0:
+        return
+    missing = caps.missing_ambient(caps.WORKER_CAPS)
+    if missing:
+        raise ConfigError(
+            "the worker runs without root and lacks the capabilities rsync needs to keep "
+            f"owners, modes, ACLs, xattrs and devices: {', '.join(missing)}; "
+            + caps.how_to_grant(caps.WORKER_CAPS))
+    caps.drop_effective()
+
+
 def serve(settings: Settings) -> None:
     """Run a Celery worker (prefork pool, events on) serving ``settings.queue``."""
     if not settings.storage:
         raise ConfigError("the worker needs a storage directory: --storage DIR")
+    check_privileges()
     storage = Storage(settings.storage)
     try:
         storage.prepare()

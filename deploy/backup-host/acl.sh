@@ -77,6 +77,16 @@ acl_client_rules() {
     printf ' %s' "(+subscribe +unsubscribe &celery-task-meta-*)"
 }
 
+# tunnel_options PORT ALLOW_REVERSE: the options of a client's line in the
+# tunnel user's authorized_keys: only a forward to Redis on loopback, and with
+# ALLOW_REVERSE=yes also listening on loopback (ssh -R, for --reverse).
+tunnel_options() {
+    printf 'restrict,port-forwarding,permitopen="127.0.0.1:%s"' "$1"
+    if [ "$2" = yes ]; then
+        printf ',permitlisten="127.0.0.1:*"'
+    fi
+}
+
 # acl_hash FILE: the SHA-256 (hex) of the password in FILE.
 acl_hash() {
     read_secret "$1" | sha256_hex

@@ -21,7 +21,8 @@ deploy/client/install.sh printed on that client).
     to the queue and read results, and nothing else (deploy/backup-host/acl.sh);
     the running Redis reloads its users at once;
   * the key, in the tunnel user's authorized_keys, limited to forwarding to
-    Redis: restrict,port-forwarding,permitopen="127.0.0.1:PORT";
+    Redis: restrict,port-forwarding,permitopen="127.0.0.1:PORT" (and
+    permitlisten="127.0.0.1:*" if install.sh --allow-reverse);
   * /etc/bakgrab/clients/NAME.env (0600): the client's broker URL with its
     password. Copy it to the client as /etc/bakgrab/client.env (0600 root),
     e.g. with deploy/client/install.sh --broker-env FILE, then delete it here.
@@ -69,8 +70,8 @@ fi
 ETC=$PREFIX/etc/bakgrab
 DEPLOY_CONF=$ETC/deploy-backup-host.conf
 [ -f "$DEPLOY_CONF" ] || die "$DEPLOY_CONF missing: run deploy/backup-host/install.sh${PREFIX:+ --prefix $PREFIX} first"
-REDIS_PORT="" QUEUE="" TUNNEL_USER=""
-load_conf "$DEPLOY_CONF" REDIS_PORT QUEUE TUNNEL_USER
+REDIS_PORT="" QUEUE="" TUNNEL_USER="" ALLOW_REVERSE=""
+load_conf "$DEPLOY_CONF" REDIS_PORT QUEUE TUNNEL_USER ALLOW_REVERSE
 AUTHORIZED_KEYS=$PREFIX/var/lib/$TUNNEL_USER/.ssh/authorized_keys
 ACL_FILE=$PREFIX/etc/redis/bakgrab-users.acl
 TAG="bakgrab:$NAME"
@@ -139,8 +140,8 @@ fi
 # -- the tunnel key -------------------------------------------------------------
 {
     without_client
-    printf 'restrict,port-forwarding,permitopen="127.0.0.1:%s" %s %s %s\n' \
-        "$REDIS_PORT" "$key_type" "$key_data" "$TAG"
+    printf '%s %s %s %s\n' "$(tunnel_options "$REDIS_PORT" "${ALLOW_REVERSE:-no}")" \
+        "$key_type" "$key_data" "$TAG"
 } | put_file "$AUTHORIZED_KEYS" 0644 root:root
 
 finish

@@ -35,6 +35,10 @@ Options:
   --flower-port PORT   Flower's port on loopback (default: 5555)
   --stop-timeout SECS  systemd's TimeoutStopSec for the worker; keep it above
                        the worker's shutdown_grace (default: 90)
+  --allow-reverse      let clients behind NAT use `bakgrab backup --reverse`:
+                       the tunnel user may then also listen on this host's
+                       loopback (ssh -R); see deploy/README.md before using it
+  --no-reverse         undo --allow-reverse (the default)
   --bakgrab PATH       use this bakgrab executable; do not install a virtualenv
   --prefix DIR         install everything under DIR instead of / (paths in the
                        generated files include DIR; nothing is started)
@@ -46,7 +50,7 @@ EOF
 }
 
 PREFIX="" STORAGE="" WORKER_USER="" TUNNEL_USER="" REDIS_PORT="" QUEUE=""
-FLOWER_PORT="" STOP_TIMEOUT="" BAKGRAB="" START=yes
+FLOWER_PORT="" STOP_TIMEOUT="" BAKGRAB="" ALLOW_REVERSE="" START=yes
 while [ $# -gt 0 ]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
@@ -59,6 +63,8 @@ while [ $# -gt 0 ]; do
         --flower-port) FLOWER_PORT=${2:?--flower-port needs a number}; shift ;;
         --stop-timeout) STOP_TIMEOUT=${2:?--stop-timeout needs seconds}; shift ;;
         --bakgrab) BAKGRAB=${2:?--bakgrab needs a path}; shift ;;
+        --allow-reverse) ALLOW_REVERSE=yes ;;
+        --no-reverse) ALLOW_REVERSE=no ;;
         --no-start) START=no ;;
         *) usage >&2; die "unknown option $1" ;;
     esac
@@ -73,7 +79,9 @@ fi
 [ -n "$PREFIX" ] && START=no
 ETC=$PREFIX/etc/bakgrab
 DEPLOY_CONF=$ETC/deploy-backup-host.conf
-load_conf "$DEPLOY_CONF" STORAGE WORKER_USER TUNNEL_USER REDIS_PORT QUEUE FLOWER_PORT STOP_TIMEOUT BAKGRAB
+CONF_KEYS=(STORAGE WORKER_USER TUNNEL_USER REDIS_PORT QUEUE FLOWER_PORT STOP_TIMEOUT BAKGRAB
+           ALLOW_REVERSE)
+load_conf "$DEPLOY_CONF" "${CONF_KEYS[@]}"
 STORAGE=${STORAGE:-$PREFIX/srv/bakgrab}
 WORKER_USER=${WORKER_USER:-bakgrab}
 TUNNEL_USER=${TUNNEL_USER:-bakgrab-tunnel}
@@ -81,6 +89,7 @@ REDIS_PORT=${REDIS_PORT:-6379}
 QUEUE=${QUEUE:-bakgrab}
 FLOWER_PORT=${FLOWER_PORT:-5555}
 STOP_TIMEOUT=${STOP_TIMEOUT:-90}
+ALLOW_REVERSE=${ALLOW_REVERSE:-no}
 
 [[ $STORAGE = /* ]] || die "--storage $STORAGE: give an absolute path"
 [[ $STORAGE =~ ^[A-Za-z0-9_./+-]+$ ]] || die "--storage $STORAGE: letters, digits and _./+- only"
@@ -169,16 +178,23 @@ fi
 
 # -- sshd -----------------------------------------------------------------------
 SSHD_SNIPPET=$PREFIX/etc/ssh/sshd_config.d/bakgrab.conf
+TUNNEL_OPTIONS=$(tunnel_options "$REDIS_PORT" "$ALLOW_REVERSE")
+if [ "$ALLOW_REVERSE" = yes ]; then
+    forwarding=(TCP_FORWARDING=yes PERMIT_LISTEN="127.0.0.1:*")
+else
+    forwarding=(TCP_FORWARDING=local PERMIT_LISTEN=none)
+fi
 render "$HERE/sshd-bakgrab.conf.in" TUNNEL_USER="$TUNNEL_USER" REDIS_PORT="$REDIS_PORT" \
-    AUTHORIZED_KEYS="$AUTHORIZED_KEYS" | put_file "$SSHD_SNIPPET" 0644 root:root
+    AUTHORIZED_KEYS="$AUTHORIZED_KEYS" TUNNEL_OPTIONS="$TUNNEL_OPTIONS" "${forwarding[@]}" \
+    | put_file "$SSHD_SNIPPET" 0644 root:root
 if [ -f "$PREFIX/etc/ssh/sshd_config" ] \
         && ! grep -qiE '^[[:space:]]*Include[[:space:]]+/etc/ssh/sshd_config\.d/' "$PREFIX/etc/ssh/sshd_config"; then
     note "warning: $PREFIX/etc/ssh/sshd_config does not include sshd_config.d/*.conf;" \
          "add 'Include /etc/ssh/sshd_config.d/*.conf' at its top"
 fi
-# A client's tunnel line must name the Redis port of today's install.
+# The clients' lines (tagged bakgrab:NAME) get today's options (Redis port, reverse).
 if [ -s "$AUTHORIZED_KEYS" ]; then
-    sed -e "s|permitopen=\"127\\.0\\.0\\.1:[0-9]*\"|permitopen=\"127.0.0.1:$REDIS_PORT\"|" \
+    awk -v opts="$TUNNEL_OPTIONS" '$NF ~ /^bakgrab:/ && NF == 4 {$1 = opts} {print}' \
         "$AUTHORIZED_KEYS" | put_file "$AUTHORIZED_KEYS" 0644 root:root
 fi
 
@@ -191,7 +207,7 @@ render "$HERE/bakgrab-flower.service.in" CONFIG="$CONFIG" FLOWER_ENV="$ETC/flowe
     BAKGRAB="$BAKGRAB" FLOWER_ADDRESS=127.0.0.1 FLOWER_PORT="$FLOWER_PORT" \
     | put_file "$UNITS/bakgrab-flower.service" 0644 root:root
 
-save_conf "$DEPLOY_CONF" STORAGE WORKER_USER TUNNEL_USER REDIS_PORT QUEUE FLOWER_PORT STOP_TIMEOUT BAKGRAB
+save_conf "$DEPLOY_CONF" "${CONF_KEYS[@]}"
 
 # -- services -------------------------------------------------------------------
 if [ "$START" = yes ] && systemd_running; then

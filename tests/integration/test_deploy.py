@@ -27,10 +27,13 @@ import os
 import pwd
 import re
 import secrets
+import select
 import shlex
 import shutil
+import signal
 import stat
 import subprocess
+import time
 import tomllib
 import urllib.error
 import urllib.request
@@ -258,6 +261,7 @@ class Deployment:
     client_key: str
     client_broker: str = dataclasses.field(repr=False)  # holds a password
     tmp: Path = dataclasses.field(default=Path())
+    sshd: support.Proc | None = None
 
     @property
     def client_etc(self) -> Path:
@@ -320,6 +324,7 @@ def deployment() -> Iterator[Deployment]:
             sshd = support.Proc(["/usr/sbin/sshd", "-D", "-e", "-f", str(tmp / "sshd_config")],
                                 tmp / "sshd.log")
             procs.append(sshd)
+            dep.sshd = sshd
             support.wait_for(lambda: "listening on" in sshd.text() or not sshd.alive(), 10,
                              "sshd listening")
             assert sshd.alive(), sshd.text()
@@ -636,6 +641,65 @@ def test_tunnel_user_cannot_run_commands_or_forward_elsewhere(deployment: Deploy
     redis_ok = subprocess.run([*ssh, "-W", f"127.0.0.1:{dep.host.redis_port}", target],
                               capture_output=True, timeout=30, input=b"PING\r\nQUIT\r\n")
     assert b"NOAUTH" in redis_ok.stdout
+    assert not reverse_forward(dep)
+
+
+def reverse_forward(dep: Deployment) -> bool:
+    """Whether the tunnel user may listen on the backup host's loopback (ssh -R)."""
+    argv = ["setpriv", f"--reuid={dep.client_user}", f"--regid={dep.client_user}",
+            "--init-groups", "ssh", "-N", "-p", str(dep.ssh_port), "-o", "BatchMode=yes",
+            "-o", "ExitOnForwardFailure=yes", "-R", "127.0.0.1:0:127.0.0.1:9",
+            f"{dep.host.tunnel_user}@127.0.0.1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert proc.stderr is not None
+    err = b""
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if select.select([proc.stderr], [], [], 0.2)[0]:
+                chunk = os.read(proc.stderr.fileno(), 4096)
+                err += chunk
+                if b"Allocated port" in err:
+                    return True
+                if b"forwarding failed" in err or not chunk:
+                    return False
+        raise AssertionError(f"ssh -R said neither yes nor no: {err!r}")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def reload_sshd(dep: Deployment) -> None:
+    assert dep.sshd is not None
+    count = dep.sshd.text().count("Server listening on")
+    dep.sshd.signal(signal.SIGHUP)
+    support.wait_for(lambda: dep.sshd.text().count("Server listening on") > count,  # type: ignore[union-attr]
+                     10, "sshd to restart")
+
+
+def test_allow_reverse_lets_clients_listen_on_loopback_only(deployment: Deployment) -> None:
+    """install.sh --allow-reverse (for clients behind NAT, `--reverse`): the
+    tunnel user may listen on the backup host's loopback, nowhere else, and
+    every client's key line says so; --no-reverse takes it back."""
+    dep = deployment
+    host = dep.host
+    try:
+        script(HOST_INSTALL, "--prefix", str(host.prefix), "--allow-reverse")
+        assert host.authorized_keys.read_text().startswith(
+            f'restrict,port-forwarding,permitopen="127.0.0.1:{host.redis_port}",'
+            'permitlisten="127.0.0.1:*" ssh-ed25519 ')
+        out = subprocess.run(["/usr/sbin/sshd", "-T", "-f", str(dep.tmp / "sshd_config"), "-C",
+                              f"user={host.tunnel_user},host=client,addr=127.0.0.1"],
+                             capture_output=True, text=True, check=True).stdout
+        assert "\nallowtcpforwarding yes\n" in out and "\npermitlisten 127.0.0.1:*\n" in out
+        assert "\ngatewayports no\n" in out
+        reload_sshd(dep)
+        assert reverse_forward(dep)
+    finally:
+        script(HOST_INSTALL, "--prefix", str(host.prefix), "--no-reverse")
+        reload_sshd(dep)
+    assert "permitlisten" not in host.authorized_keys.read_text()
+    assert not reverse_forward(dep)
 
 
 def test_deployed_backup_end_to_end(deployment: Deployment,

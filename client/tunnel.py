@@ -30,15 +30,17 @@ def parse_target(text: str) -> tuple[str | None, str, int]:
 
 
 def broker_endpoint(url: str) -> tuple[str, int]:
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port
+    except ValueError:
+        raise ClientSetupError("broker: not a valid redis://[:PASSWORD@]HOST[:PORT]/DB URL "
+                               "(is the port a number from 1 to 65535?)") from None
     if parts.scheme not in ("redis", "rediss"):
         raise ClientSetupError(f"broker {redact_url(url)}: only redis:// URLs are supported")
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        raise ClientSetupError(f"broker {redact_url(url)}: the port is not a number "
-                               "from 1 to 65535") from None
-    return parts.hostname or "127.0.0.1", port
+    if port == 0:
+        raise ClientSetupError(f"broker {redact_url(url)}: port 0 is not a port")
+    return parts.hostname or "127.0.0.1", port or 6379
 
 
 def with_endpoint(url: str, host: str, port: int) -> str:
@@ -51,7 +53,11 @@ def with_endpoint(url: str, host: str, port: int) -> str:
 
 def redact_url(url: str) -> str:
     """The URL with any password replaced, for messages."""
-    parts = urllib.parse.urlsplit(url)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 -- raises on a malformed netloc
+    except ValueError:
+        return "<malformed URL>"
     if parts.password is None:
         return url
     host = parts.netloc.rpartition("@")[2]

@@ -87,10 +87,18 @@ def load_or_create_private(path: Path) -> X25519PrivateKey:
         raw = X25519PrivateKey.generate().private_bytes(
             RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption())
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.unlink(missing_ok=True)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(raw)
-        os.rename(tmp, path)
+        # link, not rename: of two processes making it at once, the first wins
+        # and both read the same key back.
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
     data = path.read_bytes()
     if len(data) != 32:
         raise ValueError(f"{path} is not a bakgrab request key")

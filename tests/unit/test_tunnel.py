@@ -85,24 +85,12 @@ def test_broker_endpoint_bad_port_error_hides_password() -> None:
     assert "hunter2" not in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: broker_endpoint reads port 0 as 'no port' (`parts.port or 6379`), so "
-    "redis://h:0/0 silently becomes port 6379 although its own message says ports are 1-65535",
-)
 def test_broker_endpoint_port_zero_is_a_bad_port() -> None:
     """Port 0 is no port to connect to: a ClientSetupError, not the default port."""
     with pytest.raises(ClientSetupError):
         broker_endpoint("redis://h:0/0")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: broker_endpoint calls urllib.parse.urlsplit outside its try, so a malformed "
-    "URL such as 'redis://[::1/0' lets urllib's ValueError('Invalid IPv6 URL') escape "
-    "instead of ClientSetupError (redact_url, used for the message, would raise it too)",
-    raises=ValueError,
-)
 def test_broker_endpoint_malformed_url() -> None:
     """A broker URL urllib cannot split is a ClientSetupError, not a ValueError."""
     with pytest.raises(ClientSetupError):

@@ -477,6 +477,29 @@ def status(ctx: click.Context, storage: str | None, stale_after: str | None, as_
     sys.exit(name_status.exit_code(statuses))
 
 
+@main.command(context_settings=CONTEXT)
+@click.option("--role", type=click.Choice(["worker", "client", "both"]), default="both",
+              show_default=True, help="What this host is.")
+@click.option("--storage", help="Storage directory to check (worker).")
+@click.option("--user", help="Login user of the one-shot sshd (client; default: this user).")
+@click.pass_context
+@guarded
+def doctor(ctx: click.Context, role: str, storage: str | None, user: str | None) -> None:
+    """Check this host: programs, rsync >= 3.4, capabilities, account, storage.
+
+    Prints one line per check (ok, warn or FAIL, with how to fix it) and exits
+    2 if any check failed. Changes nothing.
+    """
+    from tasks.doctor import run
+
+    settings = settings_from(ctx, storage=storage)
+    checks = run(role, user, settings.storage or None)
+    for level, what, detail in checks:
+        click.echo(f"{level:4}  {what}: {detail}")
+    if any(level == "FAIL" for level, _, _ in checks):
+        sys.exit(2)
+
+
 @main.command(hidden=True, context_settings=CONTEXT)
 def version() -> None:
     """Print the version."""

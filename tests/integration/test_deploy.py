@@ -754,6 +754,50 @@ def test_deployed_backup_end_to_end(deployment: Deployment,
         assert not any(pw in Path(f"/proc/{pid}/cmdline").read_text() for pw in passwords)
 
 
+def readme_block(after: str) -> str:
+    """The first ``sh`` code block of deploy/README.md after the line ``after``."""
+    text = (DEPLOY / "README.md").read_text()
+    rest = text[text.index(after):]
+    return rest.split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+def test_restore_as_the_readme_says(deployment: Deployment,
+                                    deployed_worker: support.Proc) -> None:
+    """deploy/README.md's restore commands, run on the client as root with
+    its credentials and tunnel key, bring files back from the deployed
+    snapshot with their owners and modes."""
+    dep = deployment
+    host = dep.host
+    if not support.snapshots(host.storage, "deployed"):
+        test_deployed_backup_end_to_end(dep, deployed_worker)
+    into = dep.tmp / "restore"
+    shutil.rmtree(into, ignore_errors=True)
+    commands = readme_block("## Restoring")
+    for old, new in [("/etc/bakgrab/", f"{dep.client_etc}/"),
+                     ("/var/lib/bakgrab-client/", f"{dep.client_home}/"),
+                     ("/opt/bakgrab/bin/bakgrab", support.BAKGRAB),
+                     ("bakgrab-tunnel@backup.example.org",
+                      f"{host.tunnel_user}@127.0.0.1:{dep.ssh_port}"),
+                     ('"$(hostname)"', "deployed"), ("/root/restore", str(into)),
+                     ("etc/fstab home/alice", "secret data/file.txt")]:
+        assert old in commands, old
+        commands = commands.replace(old, new)
+    env = {"PATH": PATH, "HOME": str(dep.tmp), "XDG_STATE_HOME": str(dep.tmp / "root-state"),
+           "BAKGRAB_CONFIG": str(dep.client_etc / "bakgrab.toml")}
+    done = subprocess.run(["bash", "-euc", commands], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0, done.stderr + deployed_worker.text()[-3000:]
+    src = dep.root / "src"
+    assert (into / "secret" / "shadow").read_bytes() == b"root-only\n"
+    assert stat.S_IMODE((into / "secret" / "shadow").stat().st_mode) == 0o600
+    assert (into / "data" / "file.txt").read_text() == (src / "data" / "file.txt").read_text()
+    assert client_password(dep) not in done.stdout + done.stderr
+
+
+def client_password(dep: Deployment) -> str:
+    return dep.client_broker.split(":")[2].split("@")[0]
+
+
 def test_deployed_flower_shows_the_worker(deployment: Deployment,
                                           deployed_worker: support.Proc) -> None:
     """bakgrab-flower.service's command, with its environment file and the

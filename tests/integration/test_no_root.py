@@ -83,3 +83,37 @@ def test_worker_without_capabilities_says_what_is_missing(shared_tmp: Path,
         for cap in ("dac_override", "fowner", "fsetid", "mknod", "setfcap"):
             assert cap in done.stderr
         assert "AmbientCapabilities=" in done.stderr
+
+
+def test_doctor_names_what_is_missing(shared_tmp: Path) -> None:
+    """`bakgrab doctor` passes for a user with the capabilities and a usable
+    account, and fails naming the fix for missing capabilities, a locked
+    account and a world-writable storage."""
+    need_root()
+    tag = secrets.token_hex(3)
+    with support.throwaway_user(f"bkgd{tag}", shared_tmp / "home") as u:
+        storage = shared_tmp / "storage"
+        storage.mkdir(mode=0o750)
+        os.chown(storage, u.pw_uid, u.pw_gid)
+        env = {"PATH": os.environ["PATH"]}
+
+        def doctor(role: str, caps: tuple[str, ...]) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                support.as_user(u.pw_name, [support.BAKGRAB, "doctor", "--role", role,
+                                            "--storage", str(storage)], caps),
+                capture_output=True, text=True, timeout=60, env=env)
+
+        good = doctor("worker", WORKER_CAPS)
+        assert good.returncode == 0, good.stdout
+        assert "ok    worker capabilities" in good.stdout
+        bad = doctor("worker", ())
+        assert bad.returncode == 2
+        assert "FAIL  worker capabilities: missing chown" in bad.stdout
+        assert "AmbientCapabilities=" in bad.stdout
+        os.chmod(storage, 0o777)
+        assert "chmod go-w" in doctor("worker", WORKER_CAPS).stdout
+        subprocess.run(["usermod", "-L", u.pw_name], check=True)
+        locked = subprocess.run([support.BAKGRAB, "doctor", "--role", "client", "--user",
+                                 u.pw_name], capture_output=True, text=True, env=env)
+        assert locked.returncode == 2
+        assert f"usermod -p '*' {u.pw_name}" in locked.stdout

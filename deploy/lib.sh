@@ -14,6 +14,8 @@
 
 set -euo pipefail
 umask 077
+# Root's tools (sshd, useradd) wherever this was started from (sudo, cron, su).
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 # bash 5.2 expands '&' in ${var//pattern/replacement}; render() needs it literal.
 shopt -u patsub_replacement 2>/dev/null || true
 

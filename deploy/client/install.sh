@@ -38,6 +38,7 @@ Options:
   --tunnel-user NAME         the backup host's tunnel user (default: bakgrab-tunnel)
   --cron                     also write /etc/cron.d/bakgrab-backup (for a host
                              without systemd; then do not enable the timer)
+  --no-cron                  undo --cron: remove that file
   --bakgrab PATH             use this bakgrab executable; no virtualenv
   --prefix DIR               install under DIR instead of / (paths in the
                              generated files include DIR; nothing is started)
@@ -60,6 +61,7 @@ while [ $# -gt 0 ]; do
         --user) CLIENT_USER=${2:?--user needs a name}; shift ;;
         --tunnel-user) TUNNEL_USER=${2:?--tunnel-user needs a name}; shift ;;
         --cron) CRON=yes ;;
+        --no-cron) CRON=no ;;
         --bakgrab) BAKGRAB=${2:?--bakgrab needs a path}; shift ;;
         --no-start) START=no ;;
         *) usage >&2; die "unknown option $1" ;;
@@ -169,6 +171,8 @@ if [ "$CRON" = yes ]; then
     render "$HERE/bakgrab-backup.cron.in" "${common[@]}" CRON_NAME="$cron_name" \
         MINUTE=$((sum % 60)) HOUR=$((1 + sum / 60 % 5)) \
         | put_file "$PREFIX/etc/cron.d/bakgrab-backup" 0644 root:root
+else
+    rm -f "$PREFIX/etc/cron.d/bakgrab-backup"
 fi
 
 save_conf "$DEPLOY_CONF" BACKUP_HOST BACKUP_NAME SOURCE CLIENT_USER TUNNEL_USER BAKGRAB CRON
@@ -179,7 +183,7 @@ if [ ! -s "$KNOWN_HOSTS" ] || ! awk -v host="$KNOWN_AS" '$1 == host {f=1} END {e
     todo+=("give the backup host's SSH key: rerun with --backup-host-key \"\$(the key line printed by the backup host's install.sh)\"")
 fi
 if [ ! -s "$CLIENT_ENV" ]; then
-    todo+=("on the backup host, run add-client.sh with the key below; copy the NAME.env it writes here and rerun with --broker-env FILE")
+    todo+=("on the backup host, run add-client.sh with the key above; copy the NAME.env it writes here and rerun with --broker-env FILE")
 fi
 if [ "$START" = yes ] && systemd_running && [ "${#todo[@]}" -eq 0 ] && [ "$CRON" != yes ]; then
     systemctl daemon-reload

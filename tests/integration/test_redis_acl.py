@@ -39,12 +39,12 @@ SEP = b"\x06\x16"
 @dataclass
 class AclHost:
     host: deploy.Host
-    alpha: str = field(repr=False)  # broker URLs with passwords: not in test output
-    beta: str = field(repr=False)
+    alpha: deploy.Secret  # broker URLs with their passwords, masked in reprs
+    beta: deploy.Secret
     tmp: Path = field(default=Path())
 
     @property
-    def worker(self) -> str:
+    def worker(self) -> deploy.Secret:
         return self.host.broker("worker.env")
 
 
@@ -140,7 +140,7 @@ def test_client_can_send_a_request_and_read_results(acl_host: AclHost) -> None:
     worker.delete(QUEUE, "celery-task-meta-job1", f"bakgrab:request-key:{QUEUE}")
 
 
-QUEUE_READS = [
+QUEUE_READS: list[tuple[str | bytes, ...]] = [
     ("LRANGE", QUEUE, "0", "-1"), ("LPOP", QUEUE), ("RPOP", QUEUE), ("BRPOP", QUEUE, "1"),
     ("BLPOP", QUEUE, "1"), ("LINDEX", QUEUE, "0"), ("LPOS", QUEUE, "x"),
     ("LMOVE", QUEUE, "mine", "LEFT", "LEFT"), ("RPOPLPUSH", QUEUE, "mine"),
@@ -150,7 +150,7 @@ QUEUE_READS = [
     ("SMEMBERS", f"_kombu.binding.{QUEUE}"),
     ("SUBSCRIBE", "/0.celeryev/task.sent"), ("PSUBSCRIBE", "/0.celeryev/*"),
 ]
-WRITES = [
+WRITES: list[tuple[str | bytes, ...]] = [
     ("LPUSH", "other-queue", "x"), ("DEL", QUEUE), ("LTRIM", QUEUE, "1", "0"),
     ("SET", f"bakgrab:request-key:{QUEUE}", "attacker-key"),
     ("SET", "celery-task-meta-job2", "forged"), ("PUBLISH", "celery-task-meta-job2", "forged"),
@@ -158,7 +158,7 @@ WRITES = [
     ("PUBLISH", "/0.celery.pidbox", "shutdown"), ("PUBLISH", "/0.celery.pidbox/", "shutdown"),
     ("SREM", f"_kombu.binding.{QUEUE}", "x"), ("SADD", "_kombu.binding.other", "x"),
 ]
-ADMIN = [
+ADMIN: list[tuple[str | bytes, ...]] = [
     ("FLUSHALL",), ("FLUSHDB",), ("CONFIG", "GET", "*"), ("CONFIG", "SET", "dir", "/tmp"),
     ("KEYS", "*"), ("SCAN", "0"), ("RANDOMKEY",), ("MONITOR",), ("ACL", "LIST"),
     ("ACL", "SETUSER", "x", "on"), ("CLIENT", "LIST"), ("CLIENT", "KILL", "TYPE", "normal"),
@@ -256,11 +256,12 @@ def test_real_worker_and_backup_with_the_acl_users(acl_host: AclHost, tmp_path: 
         # The client's attempt to revoke its (already failed) job is remote
         # control, which clients may not do (deploy/backup-host/acl.sh).
         assert set(deploy.acl_denials(host)) <= {"client-alpha: channel /0.celery.pidbox"}
-        passwords = [urllib.parse.urlsplit(u).password for u in (acl_host.worker, acl_host.alpha)]
+        passwords = [deploy.Secret(urllib.parse.urlsplit(u).password or "")
+                     for u in (acl_host.worker, acl_host.alpha)]
+        assert all(passwords)
         blob = worker.text() + done.stdout + done.stderr + failed.stderr
-        cmdline = Path(f"/proc/{worker.pid}/cmdline").read_text()
-        for pw in passwords:
-            assert pw and pw not in blob and pw not in cmdline
+        blob += Path(f"/proc/{worker.pid}/cmdline").read_text()
+        assert deploy.leaked(blob, passwords) == []
     finally:
         worker.stop()
     assert os.path.isdir(storage)

@@ -222,7 +222,13 @@ def submit(opts: BackupOptions, settings: Settings, task: str, mode: str,
 
         stack.callback(revoke_unless_done)
         stack.callback(forget_pending, result)
-        outcome = wait(result, settings.job_timeout, progress)
+        try:
+            outcome = wait(result, settings.job_timeout, progress)
+        except (JobTimeout, KeyboardInterrupt, SystemExit):
+            raise  # not final: the revoke above runs
+        except BaseException:
+            done = True  # the job failed: it is final, nothing to revoke
+            raise
         done = True
         if progress is not None:
             sys.stderr.write("\r\x1b[K")

@@ -44,6 +44,11 @@ def make_app(settings: Settings, broker: str | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout,
+            # kombu sweeps for unacked messages of dead workers every
+            # interval x throttle seconds (100 s by default); a lost grab
+            # should come back soon after its visibility timeout.
+            "unacked_restore_interval": max(1, min(60, settings.visibility_timeout // 4)),
+            "unacked_restore_throttle": 1,
             "socket_timeout": 30,
             "socket_connect_timeout": 10,
             "socket_keepalive": True,

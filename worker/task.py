@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -218,7 +219,11 @@ def serve(settings: Settings) -> None:
     app = make_app(settings)
     register(app, settings)
     private = sealed.load_or_create_private(storage.request_key)
-    publish_request_key(settings, sealed.public_text(private.public_key()))
+    public = sealed.public_text(private.public_key())
+    print(f"bakgrab: request public key of queue {settings.queue}: {public}\n"
+          "bakgrab: (clients may pin it with request_public_key in their config)",
+          file=sys.stderr, flush=True)
+    publish_request_key(settings, public)
     worker_shutting_down.connect(
         lambda **_: stop_grabs_after(settings.shutdown_grace), weak=False)
     app.worker_main([

@@ -47,7 +47,7 @@ from tasks import config
 from tests import support
 from tests.conftest import need_root
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.root]
 
 DEPLOY = support.REPO / "deploy"
 HOST_INSTALL = DEPLOY / "backup-host" / "install.sh"
@@ -405,10 +405,13 @@ def test_backup_host_files_have_safe_modes_and_no_password_in_clear(
     for pw in passwords[:3] + passwords[4:]:
         assert "#" + hashlib.sha256(pw.encode()).hexdigest() in acl
     assert acl.splitlines()[0] == "user default off resetpass resetkeys resetchannels -@all"
-    assert host.broker("worker.env") == (
+    # (compared into a bool: pytest would print a failing string comparison's diff)
+    worker_url = host.broker("worker.env") == (
         f"redis://worker:{host.secret('redis-worker')}@127.0.0.1:{host.redis_port}/0")
-    assert read_env(host.etc / "flower.env")["BAKGRAB_FLOWER_BASIC_AUTH"] == (
+    assert worker_url, "worker.env does not hold the worker's broker URL"
+    flower_auth = read_env(host.etc / "flower.env")["BAKGRAB_FLOWER_BASIC_AUTH"] == (
         f"admin:{host.secret('flower-web')}")
+    assert flower_auth, "flower.env does not hold Flower's login"
     # nothing in any world-readable file carries a password
     for path in host.prefix.rglob("*"):
         if path.is_file() and path.stat().st_mode & 0o004:

@@ -30,7 +30,7 @@ from tests import support
 from tests.conftest import need_root
 from tests.integration import test_deploy as deploy
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.root]
 
 QUEUE = "bakgrab"
 SEP = b"\x06\x16"

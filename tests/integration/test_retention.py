@@ -130,7 +130,8 @@ def test_cannot_free_enough_fails_clearly_and_keeps_min_keep(
     assert "free space" in done.stderr and "1.0 GiB" in done.stderr
     left = sorted(p.name for p in storage.iterdir() if not p.name.startswith("."))
     assert left == sorted([made[n][i] for n, idx in expect_left.items() for i in idx] + extra)
-    assert (storage / ".bakgrab" / "inprogress" / "a").is_dir()
+    # a failed grab's in-progress dir is no backup: it goes first
+    assert not (storage / ".bakgrab" / "inprogress" / "a").exists()
 
 
 def test_inode_rule_removes_snapshots_when_inodes_run_out(tmp_path: Path,

@@ -25,18 +25,17 @@ from typing import Any
 
 from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeout
-
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
+from client import keys
+from client.sshd import OneShotServer, ServerConfig, login_user, parse_allow
+from client.tunnel import Tunnel, broker_endpoint, redact_url
 from tasks import GRAB, caps, request_key_name, sealed
 from tasks.app import make_app
 from tasks.config import Settings, default_state_dir
 from tasks.errors import BakgrabError, ClientSetupError, JobTimeout
 from tasks.request import GrabRequest, check_excludes, check_name, redacted
 from tasks.result import GrabResult, human_bytes
-from client import keys
-from client.sshd import OneShotServer, ServerConfig, login_user, parse_allow
-from client.tunnel import Tunnel, broker_endpoint, redact_url
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +194,8 @@ def submit(opts: BackupOptions, settings: Settings, task: str, mode: str,
                 settings.connect_timeout, reverse_port=server.port if opts.reverse else 0))
             broker = tunnel.url
         port = tunnel.remote_port if opts.reverse else server.port
-        recipient = request_public_key(settings, broker, state_dir,
-                                       opts.tunnel or "%s:%d" % broker_endpoint(settings.broker))
+        backup_host = opts.tunnel or "{}:{}".format(*broker_endpoint(settings.broker))
+        recipient = request_public_key(settings, broker, state_dir, backup_host)
         if not opts.tunnel:
             port = server.port
         wire = fields(Session(address=address, port=port, user=login_user(),
@@ -269,7 +268,7 @@ def request_public_key(settings: Settings, broker: str, state_dir: Path,
         raise ClientSetupError(
             f"the backup host published no request key for queue {settings.queue!r}: is "
             "`bakgrab worker` running there for that queue?")
-    text = raw.decode(errors="replace")
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
     try:
         public = sealed.load_public(text)
     except ValueError as e:

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from client.backup import BackupOptions, Reporter, Session, submit
 from tasks import RESTORE
 from tasks.config import Settings
 from tasks.errors import ClientSetupError
 from tasks.request import RestoreRequest, check_name, check_paths
-from client.backup import BackupOptions, Reporter, Session, submit
 
 
 def restore(opts: BackupOptions, settings: Settings, snapshot: str, paths: list[str],

@@ -75,7 +75,8 @@ def parse_allow(text: str) -> list[IpNet]:
                                            strict=False)
             nets.append(net)
         except ValueError:
-            raise ClientSetupError(f"--allow-from: {part!r} is not an IP address or network") from None
+            raise ClientSetupError(
+                f"--allow-from: {part!r} is not an IP address or network") from None
     if not nets:
         raise ClientSetupError("--allow-from: give at least one address")
     return nets

@@ -18,7 +18,10 @@ from collections.abc import Sequence
 from tasks import process
 from tasks.errors import ClientSetupError
 
-TARGET_RE = re.compile(r"(?:(?P<user>[A-Za-z_][A-Za-z0-9_.-]*)@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::(?P<port>\d{1,5}))?")
+TARGET_RE = re.compile(
+    r"(?:(?P<user>[A-Za-z_][A-Za-z0-9_.-]*)@)?"
+    r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)"
+    r"(?::(?P<port>\d{1,5}))?")
 
 
 def parse_target(text: str) -> tuple[str | None, str, int]:

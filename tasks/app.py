@@ -22,6 +22,7 @@ from celery import Celery
 
 from tasks.config import Settings
 
+
 def make_app(settings: Settings, broker: str | None = None) -> Celery:
     """A Celery app for ``settings``; ``broker`` overrides the URL (tunnels)."""
     url = broker or settings.broker

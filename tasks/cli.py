@@ -96,7 +96,8 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--min-free-avg", type=float,
               help="Also keep this many average snapshots' size free (default: 0, off).")
 @click.option("--min-free-inodes", type=int, help="Free inodes to keep (default: 10000).")
-@click.option("--min-keep", type=int, help="Snapshots per name cleanup never goes below (default: 1).")
+@click.option("--min-keep", type=int,
+              help="Snapshots per name cleanup never goes below (default: 1).")
 @click.option("--max-retries", type=int, help="Retries of a transient failure (default: 3).")
 @click.option("--rsync-timeout", type=int, help="rsync --timeout in seconds (default: 300).")
 @click.option("--bwlimit", help="rsync --bwlimit, e.g. 10M (default: none).")
@@ -270,8 +271,8 @@ def backup(ctx: click.Context, name: str, source: Path, exclude_from: Path | Non
     job and waits. Exits 0 on success, non-zero with a message on failure; on
     a terminal it shows progress, under cron it prints nothing but errors.
     """
-    from client.backup import read_excludes, terminal_progress
     from client.backup import backup as run_backup
+    from client.backup import read_excludes, terminal_progress
 
     excludes = read_excludes(exclude_from) if exclude_from else []
     opts, settings = client_setup(ctx, name, source, excludes, conn)

@@ -16,6 +16,7 @@ Every ssh, sshd, rsync and ssh-keygen child starts here, and so each one:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -91,20 +92,16 @@ class Child:
     def kill(self, grace: float = 2.0) -> None:
         """SIGTERM the whole group, then SIGKILL what is left after ``grace``."""
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, sig)
-            except ProcessLookupError:
-                pass
             try:
                 self.popen.wait(wait)
                 break
             except subprocess.TimeoutExpired:
                 continue
         # The leader may be gone while others in its group live on (rsync's ssh).
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     def __enter__(self) -> Child:
         return self

@@ -231,7 +231,7 @@ def run_rsync(argv: list[str], on_progress: ProgressFn) -> PullOutcome:
 
         reader = threading.Thread(target=read_stderr, daemon=True)
         reader.start()
-        tail = collections.deque(maxlen=64)
+        tail: collections.deque[str] = collections.deque(maxlen=64)
         last = 0.0
         buf = b""
         while True:

@@ -29,7 +29,7 @@ def inventory(root: Path, sizes: bool = True) -> list[dict[str, Any]]:
         snaps = []
         for snap in reversed(by_name.get(name, [])):
             meta = storage.read_meta(snap.dirname)
-            entry = {
+            entry: dict[str, Any] = {
                 "snapshot": snap.dirname,
                 "timestamp": snap.timestamp,
                 "complete": True,
@@ -43,7 +43,7 @@ def inventory(root: Path, sizes: bool = True) -> list[dict[str, Any]]:
         out.append({
             "name": name,
             "count": len(snaps),
-            "newest_age": round(time.time() - snaps[0]["timestamp"]) if snaps else None,
+            "newest_age": round(time.time() - by_name[name][-1].timestamp) if snaps else None,
             "snapshots": snaps,
             "in_progress": name in in_progress,
         })

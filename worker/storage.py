@@ -111,9 +111,9 @@ class Storage:
         with os.scandir(self.root) as it:
             for entry in it:
                 snap = parse_snapshot(entry.name)
-                if snap and entry.is_dir(follow_symlinks=False):
-                    if name is None or snap.name == name:
-                        found.append(snap)
+                if (snap and entry.is_dir(follow_symlinks=False)
+                        and (name is None or snap.name == name)):
+                    found.append(snap)
         return sorted(found)
 
     def by_name(self) -> dict[str, list[Snapshot]]:

@@ -64,7 +64,7 @@ def test_read_only_pull_works(server, tmp_path: Path) -> None:  # type: ignore[n
     """The one-time key pulls the source tree read-only."""
     srv, src, key = server
     out = tmp_path / "out"
-    done = rsync(srv.port, key, "-a", f"root@127.0.0.1:/", f"{out}/")
+    done = rsync(srv.port, key, "-a", "root@127.0.0.1:/", f"{out}/")
     assert done.returncode == 0, done.stderr
     assert (out / "dir" / "file").read_text() == "client data\n"
 

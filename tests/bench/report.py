@@ -60,6 +60,8 @@ def markdown(doc: dict[str, Any]) -> str:
         f"Machine: {m['nproc']} cores ({m['cpu']}), {m['memory']} RAM, disk {m['disk']}, "
         f"{m['os']}, kernel {m['kernel']}, as {m['user']}.",
         "",
+        f"Storage: {doc.get('storage', '?')}.",
+        "",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
         "",
         f"Tree (seed {t['seed']}): {t['files']} names ({t['regular_files']} regular files, "

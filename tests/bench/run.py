@@ -62,6 +62,7 @@ class Plan:
     runs6: int
     clients: int
     second6: bool
+    storage_fs: str
     out: Path
     workdir: Path | None
     keep: bool
@@ -88,6 +89,10 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
     ap.add_argument("--second6", action=argparse.BooleanOptionalAction, default=None,
                     help="in scenario 6 also time a second backup of every client, nothing "
                          "changed (default: on; off with --quick)")
+    ap.add_argument("--storage-fs", choices=("loop", "dir"), default="loop",
+                    help="loop (default, as root): each tool's storage is a fresh loop-mounted "
+                         "ext4, remade empty before every first backup; dir: plain "
+                         "directories in the work dir, emptied with rm -rf")
     ap.add_argument("--out", type=Path, default=REPO / "bench-results",
                     help="where results.json and results.md go (default: bench-results/)")
     ap.add_argument("--workdir", type=Path,
@@ -109,8 +114,8 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
     if runs < 1 or runs6 < 1:
         ap.error("--runs and --runs6 must be at least 1")
     second6 = a.second6 if a.second6 is not None else not quick
-    return Plan("quick" if quick else "full", spec, runs, runs6, a.clients, second6, a.out,
-                a.workdir, a.keep)
+    return Plan("quick" if quick else "full", spec, runs, runs6, a.clients, second6,
+                a.storage_fs, a.out, a.workdir, a.keep)
 
 
 def log(msg: str) -> None:
@@ -127,7 +132,9 @@ def measure(tool: tools.Tool, jobs: Sequence[tools.Job], *, concurrent: bool = F
             errdir: Path, memory_of: int | None = None) -> dict[str, Any]:
     """Run ``jobs`` (one after another, or all at once) and measure them:
     wall time, CPU of what we ran (and what it reaped), CPU of the tool's
-    long-lived servers, bytes and inodes added to its storage."""
+    long-lived servers, bytes and inodes added to its storage. Dirty pages
+    are written out first (untimed), so that no run pays for an earlier one."""
+    os.sync()
     bytes0, inodes0 = tool.usage if tool.usage is not None else procs.disk_usage(tool.storage)
     srv0 = procs.tree_cpu(tool.server_pids())
     cpu0 = procs.children_cpu()
@@ -211,8 +218,10 @@ def rotated(items: Sequence[tools.Tool], r: int) -> list[tools.Tool]:
 # -- the scenarios ------------------------------------------------------------------------
 
 class Bench:
-    def __init__(self, plan: Plan, work: Path, tool_list: list[tools.Tool]) -> None:
+    def __init__(self, plan: Plan, work: Path, tool_list: list[tools.Tool],
+                 fs: dict[str, tools.LoopStorage] | None) -> None:
         self.plan = plan
+        self.fs = fs
         self.work = work
         self.tools = tool_list
         self.tree = work / "tree"
@@ -221,6 +230,17 @@ class Bench:
         self.errdir.mkdir()
         self.results: dict[str, Any] = {}
         self.extra: dict[str, Any] = {}
+
+    def empty_storage(self, tool: tools.Tool, names: Sequence[str]) -> None:
+        """Make ``tool``'s storage hold nothing of ``names`` (a fresh filesystem
+        when it has one of its own)."""
+        if self.fs:
+            self.fs[tool.key].fresh(keep=tool.kept_state)
+            tool.forget()
+        else:
+            for n in names:
+                tool.wipe(n)
+        tool.usage = None
 
     def m(self, tool: tools.Tool, jobs: Sequence[tools.Job], **kw: Any) -> dict[str, Any]:
         return measure(tool, jobs, errdir=self.errdir, **kw)
@@ -243,8 +263,7 @@ class Bench:
                 changes.append(before_run(r))
             for tool in rotated(self.tools, r):
                 if sid == "1":
-                    tool.wipe(name)
-                    tool.usage = None
+                    self.empty_storage(tool, [name])
                 if tool.prepare(name):
                     tool.usage = None
                 per[tool.key].append(self.m(tool, [tool.backup(name, source)]))
@@ -299,10 +318,9 @@ class Bench:
             modes = ["concurrent", "serial"] if r % 2 == 0 else ["serial", "concurrent"]
             for tool in rotated(self.tools, r):
                 for mode in modes:
+                    self.empty_storage(tool, names)
                     for n in names:
-                        tool.wipe(n)
                         tool.prepare(n)
-                    tool.usage = None
                     mem = (tool.worker.pid if isinstance(tool, tools.Bakgrab)
                            and mode == "concurrent" else None)
                     jobs = [tool.backup(n, s) for n, s in zip(names, sources, strict=True)]
@@ -528,13 +546,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             tree["bytes_on_disk"] = procs.disk_usage(work / "tree")[0]
             log(f"tree: {tree['files']} names, {tree['directories']} dirs, "
                 f"{tree['bytes'] / 2**20:.1f} MiB")
+            fs = None
+            if plan.storage_fs == "loop":
+                why = tools.LoopStorage.available(work)
+                if why:
+                    log(f"warning: storage in plain directories ({why}); first backups may "
+                        "measure ext4's cost of reusing recently deleted inodes")
+                else:
+                    # borg wants a segment (500 MiB) and more free; the image is sparse.
+                    size = max(2 << 30, 4 * tree["bytes_on_disk"] + (1 << 30))
+                    (work / "images").mkdir()
+                    fs = {}
+                    for key in ("bakgrab", "rsync", "rsnapshot", "borg"):
+                        fs[key] = tools.LoopStorage(work / "images" / f"{key}.img",
+                                                    work / "storage" / key, size)
+                        opened.append(fs[key])
+            storage_note = ("each tool's own loop-mounted ext4 (a sparse image in the work dir), "
+                            "made anew before every first backup" if fs else
+                            "plain directories in the work dir, emptied with rm -rf")
             ssh = tools.SshServer(work)
             opened.append(ssh)
             bg = tools.Bakgrab(work, bakgrab, concurrency=max(2, plan.clients))
             opened.append(bg)
             tool_list: list[tools.Tool] = [bg, tools.BareRsync(work, ssh),
                                            tools.Rsnapshot(work, ssh), tools.Borg(work)]
-            bench = Bench(plan, work, tool_list)
+            bench = Bench(plan, work, tool_list, fs)
             bench.run_all()
             doc: dict[str, Any] = {
                 "mode": plan.mode,
@@ -545,6 +581,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "duration_seconds": time.time() - started,
                 "load_average": {"start": load_start, "end": procs.load_average()},
                 "machine": machine(work),
+                "storage": storage_note,
                 "versions": tools.versions(bakgrab),
                 "tree": tree,
                 "runs": plan.runs, "runs_scenario6": plan.runs6,

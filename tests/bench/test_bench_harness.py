@@ -81,7 +81,8 @@ def test_quick_mode_on_a_tiny_tree_reports_every_tool_and_scenario(tmp_path: Pat
         assert f"| {label} |" in md
     assert "## Goals" in md
 
-    # Everything it started is stopped, and its temp dir is gone.
+    # Everything it started is stopped and unmounted, and its temp dir is gone.
+    assert str(work) not in Path("/proc/mounts").read_text()
     assert list(work.iterdir()) == []
     assert processes_mentioning(str(work)) == []
 

@@ -25,8 +25,11 @@ from tests.support import alive, comm, descendants
 pytestmark = pytest.mark.integration
 
 FAST = {"rsync_timeout": "4", "connect_timeout": "3", "server_alive_interval": "2",
-        "retry_backoff": "0.3", "retry_backoff_max": "1", "visibility_timeout": "6",
+        "retry_backoff": "0.3", "retry_backoff_max": "1", "visibility_timeout": "120",
         "shutdown_grace": "2"}
+# Only where a whole worker dies does the test wait for the visibility timeout;
+# elsewhere a short one would redeliver grabs that are still running.
+SHORT_VISIBILITY = "6"
 
 
 def slow_worker(tmp_path: Path, storage: Path, broker: str, log: str = "worker.log",
@@ -117,7 +120,7 @@ def test_whole_worker_killed_mid_pull(tmp_path: Path, redis_url: str, storage: P
                                       src: Path) -> None:
     """SIGKILL of the whole worker mid-pull: no rsync or ssh survives it; a new
     worker gets the unacked job back after the visibility timeout and completes."""
-    worker = slow_worker(tmp_path, storage, redis_url)
+    worker = slow_worker(tmp_path, storage, redis_url, visibility_timeout=SHORT_VISIBILITY)
     client = start_client(redis_url, "whole", src)
     try:
         wait_pulling(worker, storage, "whole")
@@ -125,7 +128,8 @@ def test_whole_worker_killed_mid_pull(tmp_path: Path, redis_url: str, storage: P
         os.killpg(worker.pid, signal.SIGKILL)
         support.wait_for(lambda: not [p for p in below if alive(p)], 15,
                          "every process of the worker to die")
-        again = slow_worker(tmp_path, storage, redis_url, "worker2.log", bwlimit="")
+        again = slow_worker(tmp_path, storage, redis_url, "worker2.log", bwlimit="",
+                            visibility_timeout=SHORT_VISIBILITY)
         try:
             code, result, err = finish(client)
             assert code == 0, err + again.text()[-3000:]

@@ -88,3 +88,47 @@ def test_interrupted_client_tears_everything_down(
         assert (storage / ".bakgrab" / "inprogress" / "slow").is_dir()
     finally:
         worker.stop()
+
+
+def test_progress_on_a_terminal_and_silence_under_cron(
+    tmp_path: Path, redis_url: str, storage: Path
+) -> None:
+    """On a terminal the client shows live progress (bytes, percent, rate,
+    files, ETA); without one (cron) a successful backup prints nothing on
+    stderr and only the summary line on stdout."""
+    import pty
+
+    worker = support.start_worker(storage, redis_url, tmp_path / "worker.log",
+                                  env=support.worker_env(bwlimit="300K"))
+    try:
+        src = tmp_path / "src"
+        src.mkdir()
+        for i in range(6):
+            (src / f"f{i}").write_bytes(os.urandom(200_000))
+        master, slave = pty.openpty()
+        client = subprocess.Popen(
+            [support.BAKGRAB, "backup", "--broker", redis_url, "--name", "tty",
+             "--source", str(src)], stdout=subprocess.PIPE, stderr=slave, text=True)
+        os.close(slave)
+        seen = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            seen += chunk
+        client.wait(60)
+        os.close(master)
+        assert client.returncode == 0
+        text = seen.decode(errors="replace")
+        assert "ETA" in text and "%" in text and "files" in text, text
+
+        (src / "f0").write_bytes(os.urandom(1000))
+        quiet = support.run_backup(redis_url, "tty", src)
+        assert quiet.returncode == 0
+        assert quiet.stderr == ""
+        assert quiet.stdout.count("\n") == 1 and "tty: snapshot" in quiet.stdout
+    finally:
+        worker.stop()

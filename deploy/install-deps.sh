@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 packages=(rsync openssh-client openssh-server redis-server acl attr util-linux
           procps iproute2 e2fsprogs libcap2-bin python3 python3-venv python3-pip)
 # The Flower browser test drives Debian's headless Chromium with its chromedriver.
-[ "${1:-}" = "--test" ] && packages+=(chromium chromium-driver systemd rsnapshot borgbackup)
+[ "${1:-}" = "--test" ] && packages+=(chromium chromium-driver systemd rsnapshot borgbackup debootstrap)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -20,6 +20,8 @@ from __future__ import annotations
 EXIT_OK = 0
 EXIT_WARNING = 1
 EXIT_ERROR = 2
+EXIT_STALE = 13
+"""``bakgrab status``: some name's last successful snapshot is too old."""
 
 
 class BakgrabError(Exception):

@@ -29,14 +29,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import BakgrabError, InvalidRequest, exit_code_for
+from tasks.errors import EXIT_STALE, BakgrabError, InvalidRequest, exit_code_for
 from tasks.result import human_bytes
 from worker.storage import Storage, write_atomic
 
 log = logging.getLogger(__name__)
 
-EXIT_STALE = 13
-"""``bakgrab status`` exit code when at least one name is stale."""
 
 FAILURES_DIR = "failures"
 MAX_MESSAGE = 300

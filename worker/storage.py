@@ -11,6 +11,7 @@
         pins/NAME.pub                   the client's pinned sshd host key
         locks/NAME.lock, storage.lock   flock(2) files
         jobs/TASK_ID.json               finished jobs, for idempotent redelivery
+        failures/NAME                   one JSON line per grab that failed for good
         run/                            per-job private files (key, known_hosts)
         trash/                          snapshots being deleted
 

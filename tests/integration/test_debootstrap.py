@@ -199,7 +199,9 @@ def run_debootstrap(target: Path, log: Path) -> None:
 
 def cached_rootfs(work: Path) -> Path:
     """The tarball of a minbase bookworm tree, built once (under a lock)."""
-    assert support.REPO not in CACHE_DIR.resolve().parents, "the cache must be outside the repo"
+    cache = CACHE_DIR.resolve()
+    assert cache != support.REPO and support.REPO not in cache.parents, \
+        f"the cache {cache} must be outside the repo"
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     with open(CACHE_DIR / ".debootstrap.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -384,3 +384,25 @@ def test_unreadable_files_make_a_partial_snapshot(shared_tmp: Path, redis_url: s
         meta = json.loads((storage / ".bakgrab" / "meta" / f"{snap.name}.json").read_text())
         assert meta["partial"] is True
         assert meta["failed_paths"] == ["root-only"]
+
+
+def test_files_vanishing_during_the_pull_are_a_warning(tmp_path: Path, redis_url: str,
+                                                       storage: Path) -> None:
+    """A file deleted on the client while the pull runs (rsync exit 24) gives a
+    complete snapshot with a warning, not a failure; the client exits 0."""
+    src = make_source(tmp_path / "src", files=12, size=150_000)
+    worker = slow_worker(tmp_path, storage, redis_url)
+    try:
+        client = start_client(redis_url, "van", src)
+        wait_pulling(worker, storage, "van", min_files=1)
+        (src / "f011").unlink()
+        code, result, err = finish(client)
+        assert code == 0, err
+        assert result["rsync_exit"] == 24
+        assert any("vanished" in w for w in result["warnings"])
+        snap = support.snapshots(storage, "van")[0]
+        assert not (snap / "f011").exists()
+        # the source dir's mtime moved with the delete, after rsync read it
+        assert [d for d in support.rsync_diff(src, snap) if not d.endswith(" ./")] == []
+    finally:
+        worker.stop()

@@ -96,10 +96,13 @@ def check_own_caps(mode: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 3 or argv[0] not in PREFIX:
-        sys.stderr.write("usage: python -m client.gate ro|wo DIR LOG\n")
+    if len(argv) not in (3, 5) or argv[0] not in PREFIX:
+        sys.stderr.write("usage: python -m client.gate ro|wo DIR LOG [IONICE RRSYNC]\n")
         return 2
-    mode, root, log_path = argv
+    mode, root, log_path = argv[:3]
+    # The client passes absolute paths, resolved before sshd's login shell had
+    # a chance to change PATH (its startup files run before the gate).
+    ionice, rrsync = argv[3:5] if len(argv) == 5 else ("ionice", "rrsync")
     command = os.environ.get("SSH_ORIGINAL_COMMAND", "")
     why = check(mode, command) or check_own_caps(mode)
     if why is not None:
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # -no-lock makes rrsync exec rsync (it would run it as a child otherwise),
         # so the parent-death signal set above carries through to rsync.
-        os.execvp("ionice", ["ionice", "-c", "3", "-t", "rrsync", *flags, "-no-lock", root])
+        os.execvp(ionice, [ionice, "-c", "3", "-t", rrsync, *flags, "-no-lock", root])
     except OSError as e:
         return refuse(log_path, f"cannot start rrsync: {e}", command)
 

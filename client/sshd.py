@@ -166,7 +166,7 @@ class OneShotServer:
             SSHD_PRIVSEP_DIR.mkdir(mode=0o755)
         gate = "exec " + " ".join(shlex.quote(a) for a in [
             sys.executable, "-I", "-m", "client.gate", cfg.mode, str(cfg.source.absolute()),
-            str(self.gate_log),
+            str(self.gate_log), process.which("ionice"), process.which("rrsync"),
         ])
         expiry = time.strftime("%Y%m%d%H%M%SZ", time.gmtime(time.time() + cfg.lifetime))
         sources = ",".join(str(n) if n.num_addresses > 1 else str(n.network_address)

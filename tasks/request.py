@@ -103,13 +103,16 @@ def validate(fields: Any, request_key: X25519PrivateKey | None = None) -> GrabRe
     without, ``key`` is the plain private key (tests, local tools)."""
     if not isinstance(fields, Mapping):
         raise InvalidRequest("request: expected a mapping of fields")
-    unknown = sorted(str(k)[:40] for k in fields if k not in FIELDS)
+    unknown = [k for k in fields if k not in FIELDS]
     if unknown:
-        raise InvalidRequest(f"request: unknown field(s) {', '.join(unknown)}")
+        # never echo the names: a hostile one could carry anything, a key too
+        raise InvalidRequest(f"request: {len(unknown)} unknown field(s); the fields are "
+                             f"{', '.join(FIELDS)}")
     missing = [k for k in FIELDS if k not in fields]
     if missing:
         raise InvalidRequest(f"request: missing field(s) {', '.join(missing)}")
-    if fields["v"] != REQUEST_VERSION:
+    if isinstance(fields["v"], bool) or not isinstance(fields["v"], int) \
+            or fields["v"] != REQUEST_VERSION:
         raise InvalidRequest(f"request: version must be {REQUEST_VERSION}; upgrade bakgrab")
     return GrabRequest(
         name=check_name(fields["name"]),
@@ -259,13 +262,15 @@ def validate_restore(fields: Any, request_key: X25519PrivateKey | None = None) -
     """A :class:`RestoreRequest` from untrusted task kwargs, or InvalidRequest."""
     if not isinstance(fields, Mapping):
         raise InvalidRequest("request: expected a mapping of fields")
-    unknown = sorted(str(k)[:40] for k in fields if k not in RESTORE_FIELDS)
+    unknown = [k for k in fields if k not in RESTORE_FIELDS]
     if unknown:
-        raise InvalidRequest(f"request: unknown field(s) {', '.join(unknown)}")
+        raise InvalidRequest(f"request: {len(unknown)} unknown field(s); the fields are "
+                             f"{', '.join(RESTORE_FIELDS)}")
     missing = [k for k in RESTORE_FIELDS if k not in fields]
     if missing:
         raise InvalidRequest(f"request: missing field(s) {', '.join(missing)}")
-    if fields["v"] != REQUEST_VERSION or isinstance(fields["v"], bool):
+    if isinstance(fields["v"], bool) or not isinstance(fields["v"], int) \
+            or fields["v"] != REQUEST_VERSION:
         raise InvalidRequest(f"request: version must be {REQUEST_VERSION}; upgrade bakgrab")
     snapshot = fields["snapshot"]
     if not isinstance(snapshot, str) or not SNAPSHOT_ID_RE.fullmatch(snapshot):

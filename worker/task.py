@@ -87,12 +87,14 @@ def register(app: Celery, settings: Settings) -> Task:
     """Define ``bakgrab.grab`` on ``app`` for a worker with ``settings``."""
 
     @app.task(name=GRAB, bind=True, acks_late=True, max_retries=settings.max_retries)
-    def grab_task(self: Task, **fields: Any) -> dict[str, Any]:
+    def grab_task(self: Task, *args: Any, **fields: Any) -> dict[str, Any]:
         # Celery's own SIGTERM handling in pool children ends the process
         # without running any finally: block (rsync orphaned, key file left);
         # set per task, as Celery installs its handlers after process init.
         signal.signal(signal.SIGTERM, _raise_terminated)
         storage = Storage(settings.storage)
+        if args:
+            raise InvalidRequest("request: fields go in keyword arguments, not positional ones")
         try:
             request = validate(fields, request_key=sealed.load_or_create_private(
                 storage.request_key))
@@ -140,9 +142,11 @@ def register(app: Celery, settings: Settings) -> Task:
         return result.to_dict()
 
     @app.task(name=RESTORE, bind=True, acks_late=True, max_retries=settings.max_retries)
-    def restore_task(self: Task, **fields: Any) -> dict[str, Any]:
+    def restore_task(self: Task, *args: Any, **fields: Any) -> dict[str, Any]:
         signal.signal(signal.SIGTERM, _raise_terminated)
         storage = Storage(settings.storage)
+        if args:
+            raise InvalidRequest("request: fields go in keyword arguments, not positional ones")
         try:
             request = validate_restore(fields, request_key=sealed.load_or_create_private(
                 storage.request_key))

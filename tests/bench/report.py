@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 CPU_NOTE = (
@@ -37,6 +38,12 @@ def fmt_ratio(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}"
 
 
+def short_version(text: str) -> str:
+    """``rsync  version 3.5.0  protocol version 32`` -> ``3.5.0``."""
+    m = re.search(r"(?<![0-9A-Za-z.])(\d+\.\d+(?:\.\d+)?(?:p\d+)?(?:-\d+)?)", text)
+    return m.group(1) if m else text
+
+
 def load(doc: dict[str, Any], when: str) -> str:
     values = doc.get("load_average", {}).get(when) or []
     return "/".join(f"{v:.2f}" for v in values) or "?"
@@ -62,7 +69,7 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"Storage: {doc.get('storage', '?')}.",
         "",
-        "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+        "Versions: " + ", ".join(f"{k} {short_version(val)}" for k, val in v.items()) + ".",
         "",
         f"Tree (seed {t['seed']}): {t['files']} names ({t['regular_files']} regular files, "
         f"{t['hard_links']} extra hard links, {t['symlinks']} symlinks of which "
@@ -143,7 +150,8 @@ def markdown(doc: dict[str, Any]) -> str:
     if mem:
         out += [
             "",
-            f"Worker memory during {mem['clients']} concurrent first backups: PSS "
+            f"Worker memory during {mem['clients']} concurrent first backups (medians over "
+            f"{mem.get('runs', 1)} runs): PSS "
             f"{mem['idle_pss_kib'] / 1024:.0f} MiB idle ({mem['idle_processes']} processes), "
             f"{mem['peak_pss_kib'] / 1024:.0f} MiB at peak ({mem['peak_processes']} processes): "
             f"**{mem['per_grab_pss_kib'] / 1024:.1f} MiB per concurrent grab** "

@@ -343,21 +343,25 @@ class Bench:
                 entry["ratio" + kind] = c / s if s else None
             out[t.key] = entry
         bg = per.get("bakgrab", {}).get("concurrent", [])
-        memory = None
         if bg:
-            rec = bg[len(bg) // 2]
-            idle, peak = rec["memory"]["idle"], rec["memory"]["peak"]
-            memory = {
-                "clients": len(names),
-                "idle_pss_kib": idle["pss_kib"], "peak_pss_kib": peak["pss_kib"],
-                "idle_rss_kib": idle["rss_kib"], "peak_rss_kib": peak["rss_kib"],
-                "peak_processes": peak["processes"], "idle_processes": idle["processes"],
-                "per_grab_pss_kib": (peak["pss_kib"] - idle["pss_kib"]) / len(names),
+            def med(part: str, key: str) -> float:
+                return statistics.median(r["memory"][part][key] for r in bg)
+
+            idle_pss, peak_pss = med("idle", "pss_kib"), med("peak", "pss_kib")
+            self.extra["worker_memory"] = {
+                "clients": len(names), "runs": len(bg),
+                "idle_pss_kib": idle_pss, "peak_pss_kib": peak_pss,
+                "idle_rss_kib": med("idle", "rss_kib"), "peak_rss_kib": med("peak", "rss_kib"),
+                "idle_processes": med("idle", "processes"),
+                "peak_processes": med("peak", "processes"),
+                "per_grab_pss_kib": statistics.median(
+                    (r["memory"]["peak"]["pss_kib"] - r["memory"]["idle"]["pss_kib"]) / len(names)
+                    for r in bg),
                 "note": "PSS of the worker's whole process tree (Celery main, prefork pool, "
                         "their rsync receivers and ssh), sampled every 50 ms during the "
-                        "concurrent first backups; per grab = (peak - idle) / clients",
+                        "concurrent first backups; per grab = (peak - idle) / clients, the "
+                        "median over runs",
             }
-            self.extra["worker_memory"] = memory
         self.results["6"] = {"title": SCENARIOS["6"], "clients": names, "tools": out}
         log("scenario 6: " + ", ".join(
             f"{t.key} at-once/serial {out[t.key]['ratio']:.2f}" for t in self.tools))

@@ -113,6 +113,18 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         srv.close()
 
 
+def gates_running(env: Env) -> bool:
+    """Whether a gate of this server is still running: one whose client gave
+    up (a refused tty) outlives its sshd and writes its refusal late."""
+    marker = str(env.srv.gate_log).encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if marker in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    return True
+    return False
+
+
 @contextlib.contextmanager
 def nothing_changes(env: Env) -> Iterator[None]:
     """The source and everything around it are the same afterwards, once every
@@ -122,8 +134,9 @@ def nothing_changes(env: Env) -> Iterator[None]:
     src_before = tree_state(env.src)
     around_before = tree_state(env.base, skip=env.src)
     yield
-    support.wait_for(lambda: all(c.poll() is not None for c in env.srv.children[first:]), 15,
-                     "the sessions' sshd to end")
+    support.wait_for(lambda: all(c.poll() is not None for c in env.srv.children[first:])
+                     and not gates_running(env), 15, "the sessions' sshd and gate to end",
+                     interval=0.02)
     assert tree_state(env.src) == src_before, "the client's source tree changed"
     assert tree_state(env.base, skip=env.src) == around_before, "a file changed outside the source"
     assert list(env.canary.iterdir()) == []
@@ -167,6 +180,8 @@ MATRIX = [
     ("copy-unsafe-links", [], f"{PULL} --copy-unsafe-links . /"),
     ("copy-dirlinks-k", [], f"rsync --server --sender -k {PULL[24:]} . /"),
     ("debug", [], f"{PULL} --debug=ALL . /"),
+    ("confine-root-override", [], f"{PULL} --confine-root=/ . /"),
+    ("no-confine-root", [], f"{PULL} --no-confine-root . /"),
     ("rsh-option", [], f"{PULL} --rsh=sh . /"),
     ("semicolon", [], f"{PULL} . /; touch {{canary}}/semicolon"),
     ("and-and", [], f"{PULL} . / && touch {{canary}}/and"),
@@ -215,11 +230,12 @@ def test_hostile_command_is_refused(env: Env, ssh_args: list[str], command: str 
     assert done.stdout == b""
     stderr = done.stderr.decode(errors="replace")
     assert SECRET not in stderr
-    new_log = env.srv.gate_log.read_text()[len(log_before):]
-    if new_log:
-        assert "refused: " in new_log
-        assert repr((remote[0] if remote else "")[:500]) in new_log
-    assert new_log or "rrsync error:" in stderr or any(s in stderr for s in SSHD_REFUSALS), stderr
+    new_log = env.srv.gate_log.read_text()[len(log_before):].splitlines()
+    shown = repr((remote[0] if remote else "")[:500])
+    gate_refused = [line for line in new_log if " refused: " in line and line.endswith(shown)]
+    assert len(gate_refused) == len(new_log)
+    assert (gate_refused or "rrsync error:" in stderr
+            or any(s in stderr for s in SSHD_REFUSALS)), stderr
 
 
 def pulled_text(dest: Path) -> str:
@@ -251,6 +267,11 @@ RSYNC_CASES = [
     ("files-from-outside", ["-a", "--files-from=:{outside}/list", "root@127.0.0.1:/", "{dest}/"], False),
     ("files-from-dotdot", ["-a", "--files-from=:/../outside/list", "root@127.0.0.1:/", "{dest}/"], False),
     ("files-from-via-link", ["-a", "--files-from=:/dirlink/list", "root@127.0.0.1:/", "{dest}/"], False),
+    ("files-from-list-dotdot", ["-a", "--files-from={list_dotdot}", "root@127.0.0.1:/", "{dest}/"], False),
+    ("files-from-list-through-link", ["-a", "--files-from={list_link}", "root@127.0.0.1:/", "{dest}/"], False),
+    ("files-from-list-link-dir", ["-ar", "--files-from={list_link_dir}", "root@127.0.0.1:/", "{dest}/"], False),
+    ("relative-through-link", ["-aR", "root@127.0.0.1:/./dirlink/secret", "{dest}/"], False),
+    ("glob-through-link", ["-a", "root@127.0.0.1:/*/secret", "{dest}/"], False),
     ("dir-merge-outside", ["-a", "--filter=:_{outside}/secret", "root@127.0.0.1:/", "{dest}/"], True),
     ("remote-log-file", ["-a", "-M--log-file={canary}/log", "root@127.0.0.1:/", "{dest}/"], False),
     ("remote-copy-devices", ["-a", "-M--copy-devices", "root@127.0.0.1:/", "{dest}/"], False),
@@ -267,15 +288,21 @@ RSYNC_CASES = [
                          ids=[c[0] for c in RSYNC_CASES])
 def test_real_rsync_client_gets_nothing_from_outside(env: Env, tmp_path: Path, args: list[str],
                                                      allowed: bool) -> None:
-    """A real rsync client with link-following, remote options, file lists or
-    filter rules that point outside the root, or a write: a refused one exits
+    """A real rsync client with link-following, remote options, file lists
+    (remote, or local ones the sender reads over the wire), globs or filter
+    rules that point outside the root, or a write: a refused one exits
     non-zero; an allowed one exits 0. Either way no byte of the file outside
     the root comes back, links arrive as links, and nothing is written."""
     dest = tmp_path / "dest"
     (tmp_path / "upload").write_text("evil\n")
     (tmp_path / "empty").mkdir()
+    lists = {"list_dotdot": "../outside/secret\n", "list_link": "dirlink/secret\n",
+             "list_link_dir": "dirlink/\n"}
+    for name, text in lists.items():
+        (tmp_path / name).write_text(text)
     argv = [a.format(dest=dest, upload=tmp_path / "upload", empty=tmp_path / "empty",
-                     outside=env.outside, canary=env.canary) for a in args]
+                     outside=env.outside, canary=env.canary,
+                     **{name: tmp_path / name for name in lists}) for a in args]
     with nothing_changes(env):
         done = subprocess.run(["rsync", "-e", " ".join(env.ssh()), *argv],
                               capture_output=True, text=True, timeout=60,
@@ -445,17 +472,32 @@ def server_rsync(env: Env, first_session: int) -> int | None:
     return None
 
 
-@pytest.mark.parametrize("forward", [["-A"], ["-X", "-o", "ForwardX11Trusted=yes"]],
-                         ids=["agent", "x11"])
-def test_agent_and_x11_forwarding_reach_nothing(env: Env, agent: Path,
-                                                forward: list[str]) -> None:
-    """ssh -A / -X on a pull the gate lets through: the server-side rsync has
-    no agent socket and no display in its environment, no agent socket is
-    made for the session, and its stdin is no tty."""
+CLIENT_ENV = {"SSH_AUTH_SOCK", "DISPLAY", "SSH_TTY", "LD_PRELOAD", "PYTHONPATH", "PYTHONSTARTUP",
+              "RSYNC_RSH", "SENDME"}
+"""Variables a client could try to plant in the session (agent, X11, tty,
+SetEnv/SendEnv): the server-side rsync must have none of them. (LANG and
+LC_ALL may come from the login user's own shell startup; the values the
+client sent for them must not.)"""
+
+
+@pytest.mark.parametrize("options", [
+    ["-A"],
+    ["-X", "-o", "ForwardX11Trusted=yes"],
+    ["-o", "SetEnv=LD_PRELOAD=/nonexistent.so PYTHONPATH={canary} PYTHONSTARTUP={canary}/x "
+     "RSYNC_RSH=sh"],
+    ["-o", "SendEnv=LANG LC_ALL SENDME"],
+], ids=["agent", "x11", "setenv", "sendenv"])
+def test_session_gets_nothing_from_the_client(env: Env, agent: Path, options: list[str]) -> None:
+    """Agent or X11 forwarding, or environment variables sent by the client,
+    on a pull the gate lets through: the server-side rsync has none of them in
+    its environment, no agent socket is made for the session, and its stdin
+    is no tty."""
     session = env.srv.served + 1
-    client_env = {**os.environ, "SSH_AUTH_SOCK": str(agent), "DISPLAY": "127.0.0.1:57"}
+    client_env = {**os.environ, "SSH_AUTH_SOCK": str(agent), "DISPLAY": "127.0.0.1:57",
+                  "LANG": "xx_XX.UTF-8", "LC_ALL": "xx_XX.UTF-8", "SENDME": "planted"}
     with nothing_changes(env):
-        proc = subprocess.Popen([*env.ssh(*forward), "root@127.0.0.1", f"{PULL} . /"],
+        proc = subprocess.Popen([*env.ssh(*(env.fill(o) for o in options)), "root@127.0.0.1",
+                                 f"{PULL} . /"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=client_env)
         try:
@@ -467,16 +509,16 @@ def test_agent_and_x11_forwarding_reach_nothing(env: Env, agent: Path,
                 item.split(b"=", 1) for item in
                 Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") if b"=" in item)
             stdin = os.readlink(f"/proc/{pid}/fd/0")
-            session_pids = {env.srv.children[session - 1].pid,
-                            *support.descendants(env.srv.children[session - 1].pid)}
+            sshd = env.srv.children[session - 1].pid
+            session_pids = {sshd, *support.descendants(sshd)}
             agent_sockets = [p for p in Path("/tmp").glob("ssh-*/agent.*")
                              if p.name.split(".", 1)[1].isdigit()
                              and int(p.name.split(".", 1)[1]) in session_pids]
         finally:
             proc.kill()
             proc.communicate(timeout=10)
-    assert b"SSH_AUTH_SOCK" not in environ
-    assert b"DISPLAY" not in environ
-    assert b"SSH_TTY" not in environ
+    assert {k.decode() for k in environ} & CLIENT_ENV == set()
+    assert b"planted" not in b"".join(environ.values())
+    assert b"xx_XX" not in b"".join(environ.values())
     assert agent_sockets == []
     assert not stdin.startswith("/dev/pts")

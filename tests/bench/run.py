@@ -499,11 +499,12 @@ def write_results(plan: Plan, doc: dict[str, Any]) -> tuple[Path, Path]:
 
 @contextlib.contextmanager
 def interrupts_unwind() -> Iterator[None]:
-    """SIGTERM and SIGHUP unwind like Ctrl-C, through every finally: block."""
+    """SIGINT, SIGTERM and SIGHUP unwind through every finally: block (SIGINT
+    too when the shell started us in the background with it ignored)."""
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:

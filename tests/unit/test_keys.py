@@ -11,17 +11,18 @@ from client import keys
 def test_host_key_made_once_when_many_jobs_start_at_once(tmp_path: Path) -> None:
     """Jobs starting together (backup --to a, --to b) all get the same host key,
     the one on disk, kept 0600."""
+    state = tmp_path / "state-dir"
     results: list[str] = []
-    threads = [threading.Thread(target=lambda: results.append(keys.host_key(tmp_path)[1]))
+    threads = [threading.Thread(target=lambda: results.append(keys.host_key(state)[1]))
                for _ in range(16)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    path, public = keys.host_key(tmp_path)
+    path, public = keys.host_key(state)
     assert set(results) == {public}
     assert path.stat().st_mode & 0o777 == 0o600
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert [p.name for p in state.iterdir()] == [path.name]
 
 
 def test_one_time_keys_differ_and_private_half_is_not_in_repr() -> None:

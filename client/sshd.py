@@ -145,6 +145,7 @@ class OneShotServer:
         self.served = 0
         self.refused: list[str] = []
         self._stop = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()  # wakes the accept loop at close
         self._thread: threading.Thread | None = None
         self.sock: socket.socket | None = None
         self.user = login_user()
@@ -197,8 +198,10 @@ class OneShotServer:
         assert self.sock is not None
         sshd = process.which("sshd")
         while not self._stop.is_set():
-            ready, _, _ = select.select([self.sock], [], [], 0.2)
-            if not ready or self._stop.is_set():
+            ready, _, _ = select.select([self.sock, self._wake_r], [], [], 5)
+            if self._stop.is_set():
+                break
+            if self.sock not in ready:
                 continue
             try:
                 conn, peer = self.sock.accept()
@@ -227,9 +230,14 @@ class OneShotServer:
 
     def close(self) -> None:
         """Stop listening, kill every sshd served, remove the generated files."""
+        if self._stop.is_set():
+            return  # closed already
         self._stop.set()
+        os.write(self._wake_w, b"x")
         if self._thread is not None:
             self._thread.join(5)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
         if self.sock is not None:
             self.sock.close()
         for child in self.children:

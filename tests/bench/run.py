@@ -605,7 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log("interrupted; stopping everything")
         return 130
-    except (tools.subprocess.CalledProcessError, RuntimeError, TimeoutError) as e:
+    except (subprocess.CalledProcessError, RuntimeError, TimeoutError) as e:
         log(f"failed: {e}")
         return 1
     finally:

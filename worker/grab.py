@@ -185,6 +185,7 @@ def grab(
                 connect_timeout=settings.connect_timeout,
                 alive_interval=settings.server_alive_interval,
                 bwlimit=settings.bwlimit,
+                as_root=os.geteuid() == 0,
             )
             on_progress({"phase": "pulling", "resumed": resumed})
             outcome = run_pull(spec, on_progress)

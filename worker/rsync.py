@@ -80,6 +80,18 @@ class PullSpec:
     connect_timeout: int
     alive_interval: int
     bwlimit: str = ""
+    as_root: bool = True
+    """Whether the receiving rsync runs as root (else with capabilities only)."""
+
+
+XATTR_FILTERS = [
+    # Without CAP_SYS_ADMIN the receiver cannot store trusted.* or security.*
+    # xattrs other than security.capability (CAP_SETFCAP): skip them
+    # explicitly instead of failing every such file (first match wins).
+    "--filter=+x security.capability",
+    "--filter=-x security.*",
+    "--filter=-x trusted.*",
+]
 
 
 def ssh_command(spec: PullSpec) -> list[str]:
@@ -137,6 +149,8 @@ def pull_argv(spec: PullSpec) -> list[str]:
         "--stats", "--info=progress2", "--no-human-readable", "--outbuf=L",
         "--rsh=" + " ".join(quote_for_rsh(a) for a in ssh_command(spec)),
     ]
+    if not spec.as_root:
+        argv += XATTR_FILTERS
     if spec.link_dest is not None:
         argv.append(f"--link-dest={spec.link_dest}")
     if spec.bwlimit:

@@ -199,3 +199,26 @@ def test_broker_unreachable_fails_clearly(tmp_path: Path) -> None:
                               "--timeout", "20", timeout=90)
     assert done.returncode != 0
     assert "broker" in done.stderr.lower() or "error" in done.stderr.lower()
+
+
+def test_trust_re_pins_after_a_legitimate_key_change(
+    tmp_path: Path, redis_url: str, storage: Path, worker: support.Proc
+) -> None:
+    """After a refused host key change, `bakgrab trust NAME` removes the pin;
+    the next backup pins the new key and succeeds; snapshots are untouched."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    assert support.run_backup(redis_url, "host-t", src).returncode == 0
+    first = support.snapshots(storage, "host-t")
+    shutil.rmtree(tmp_path / "state")
+    assert support.run_backup(redis_url, "host-t", src).returncode == 5
+    trust = subprocess.run([support.BAKGRAB, "trust", "--storage", str(storage), "host-t"],
+                           capture_output=True, text=True)
+    assert trust.returncode == 0 and "pin removed" in trust.stdout
+    again = support.run_backup(redis_url, "host-t", src)
+    assert again.returncode == 0, again.stderr
+    snaps = support.snapshots(storage, "host-t")
+    assert snaps[0] == first[0] and len(snaps) == 2
+    new_key = (tmp_path / "state" / "bakgrab" / "ssh_host_ed25519_key").read_bytes()
+    assert new_key  # the client made a new key, now pinned

@@ -117,3 +117,36 @@ def test_doctor_names_what_is_missing(shared_tmp: Path) -> None:
                                  u.pw_name], capture_output=True, text=True, env=env)
         assert locked.returncode == 2
         assert f"usermod -p '*' {u.pw_name}" in locked.stdout
+
+
+def test_xattrs_the_worker_cannot_store_are_skipped_not_failed(shared_tmp: Path,
+                                                               redis_url: str) -> None:
+    """A root client sends trusted.* and security.* xattrs; an unprivileged
+    worker (no CAP_SYS_ADMIN) skips those namespaces explicitly, keeps
+    security.capability and user.*, and the snapshot is complete, not partial."""
+    need_root()
+    tag = secrets.token_hex(3)
+    with support.throwaway_user(f"bkgw{tag}", shared_tmp / "whome") as w:
+        src = shared_tmp / "src"
+        src.mkdir()
+        f = src / "file"
+        f.write_text("x\n")
+        os.setxattr(f, "trusted.bakgrab", b"needs CAP_SYS_ADMIN")
+        os.setxattr(f, "user.kept", b"kept")
+        subprocess.run(["setcap", "cap_net_raw+ep", str(f)], check=True)
+        storage = shared_tmp / "storage"
+        storage.mkdir()
+        os.chown(storage, w.pw_uid, w.pw_gid)
+        worker = support.start_worker(storage, redis_url, shared_tmp / "worker.log",
+                                      user=w.pw_name, caps=WORKER_CAPS)
+        try:
+            done = support.run_backup(redis_url, "xa", src, "--json")
+        finally:
+            worker.stop()
+        assert done.returncode == 0, done.stderr + worker.text()[-2000:]
+        assert json.loads(done.stdout)["partial"] is False
+        copy = support.snapshots(storage, "xa")[0] / "file"
+        names = os.listxattr(copy)
+        assert "trusted.bakgrab" not in names
+        assert os.getxattr(copy, "user.kept") == b"kept"
+        assert "security.capability" in names

@@ -198,10 +198,11 @@ class OneShotServer:
         assert self.sock is not None
         sshd = process.which("sshd")
         while not self._stop.is_set():
-            ready, _, _ = select.select([self.sock, self._wake_r], [], [], 5)
+            listening = self.sock.fileno()
+            ready, _, _ = select.select([listening, self._wake_r], [], [], 5)
             if self._stop.is_set():
                 break
-            if self.sock not in ready:
+            if listening not in ready:
                 continue
             try:
                 conn, peer = self.sock.accept()

@@ -9,8 +9,10 @@ backup host); symlinks themselves are sent as symlinks, never followed.
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,7 @@ def restore(storage: Storage, settings: Settings, request: RestoreRequest, task_
     with caps.raised("dac_override"):  # the snapshot's dirs belong to the client's users
         root = os.path.realpath(storage.root / snap.dirname)
         check_paths(root, request.paths)
+        found = specials(root, request.paths)
     started = time.time()
     # job_files wants a grab request: the same key and host key, no excludes
     as_grab = GrabRequest(name=request.name, address=request.address, port=request.port,
@@ -102,4 +105,43 @@ def restore(storage: Storage, settings: Settings, request: RestoreRequest, task_
         "rsync_exit": outcome.code,
         "partial": outcome.code == rsync.PARTIAL,
         "failed_paths": outcome.failed_paths,
+        "specials": found,
     }
+
+
+MAX_SPECIALS = 100_000
+
+
+def specials(root: str, paths: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Device nodes and FIFOs under ``paths``: rrsync -wo will not create them
+    in its restricted dir (--drop-D), so the client recreates them from this
+    list, inside its staging dir only."""
+    found: list[dict[str, Any]] = []
+
+    def add(path: str) -> None:
+        st = os.lstat(path)
+        if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISFIFO(st.st_mode):
+            if len(found) >= MAX_SPECIALS:
+                return
+            found.append({
+                "path": os.path.relpath(path, root),
+                "mode": st.st_mode,
+                "uid": st.st_uid,
+                "gid": st.st_gid,
+                "major": os.major(st.st_rdev),
+                "minor": os.minor(st.st_rdev),
+                "mtime_ns": st.st_mtime_ns,
+                "xattrs": {name: base64.b64encode(os.getxattr(path, name,
+                                                              follow_symlinks=False)).decode()
+                           for name in os.listxattr(path, follow_symlinks=False)},
+            })
+
+    for rel in paths:
+        top = os.path.join(root, rel) if rel != "." else root
+        if not os.path.isdir(top) or os.path.islink(top):
+            add(top)
+            continue
+        for dirpath, _dirs, names in os.walk(top):
+            for name in names:
+                add(os.path.join(dirpath, name))
+    return found

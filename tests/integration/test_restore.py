@@ -40,8 +40,8 @@ def test_restore_file_dir_and_whole_snapshot_with_metadata(
     tmp_path: Path, redis_url: str, backed_up: tuple[Path, Path]
 ) -> None:
     """A file, a directory and the whole snapshot come back into the staging
-    dir identical in content, owners, modes, ACLs, xattrs and hard/symlinks
-    (device nodes and FIFOs are not created by rrsync -wo)."""
+    dir identical in content, owners, modes, ACLs, xattrs, hard and symlinks,
+    FIFOs and device nodes (these only in a staging dir no one else enters)."""
     src, snap = backed_up
     one = tmp_path / "one"
     one.mkdir()
@@ -52,20 +52,24 @@ def test_restore_file_dir_and_whole_snapshot_with_metadata(
     assert json.loads(done.stdout)["snapshot"] == snap.name
 
     two = tmp_path / "two"
-    two.mkdir()
+    two.mkdir(mode=0o755)
     done = restore(redis_url, "host-r", two, "data")
-    assert done.returncode == 0, done.stderr
-    # rrsync -wo refuses to create devices and FIFOs in its dir (--drop-D):
-    # a documented limit of restores; the snapshot keeps them.
-    no_specials = ["--exclude=fifo", "--exclude=null-dev"]
-    assert support.rsync_diff(src / "data", two / "data", "--exclude=*.log", *no_specials) == []
+    # rrsync -wo does not create devices and FIFOs (--drop-D); the client makes
+    # them from the worker's list, device nodes only in a private staging dir
+    assert done.returncode == 1, done.stderr
+    assert "chmod 700" in done.stderr
+    assert json.loads(done.stdout)["specials_skipped"] == ["data/null-dev"]
+    assert support.rsync_diff(src / "data", two / "data", "--exclude=*.log",
+                              "--exclude=null-dev") == []
     assert not (two / "data" / "null-dev").exists()
 
     whole = tmp_path / "whole"
-    whole.mkdir()
+    whole.mkdir(mode=0o700)
     done = restore(redis_url, "host-r", whole, ".", snapshot=snap.name)
     assert done.returncode == 0, done.stderr
-    assert support.rsync_diff(snap, whole, *no_specials) == []
+    assert json.loads(done.stdout)["specials_created"] == 2
+    assert support.rsync_diff(snap, whole, "--exclude=/") == []
+    assert os.stat(whole / "data" / "null-dev").st_rdev == os.makedev(1, 3)
     assert os.readlink(whole / "escape") == "/etc"  # a symlink, not /etc's contents
 
 

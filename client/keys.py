@@ -10,12 +10,12 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import threading
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from tasks import keyfile
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,19 +49,9 @@ def host_key(state_dir: Path) -> tuple[Path, str]:
     path = state_dir / "ssh_host_ed25519_key"
     if not path.exists():
         pair = _pair(Ed25519PrivateKey.generate(), "")
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}.{threading.get_ident()}")
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(pair.private)
-        # link, not rename: when several jobs start at once (--to), the first
-        # key made wins and every one of them serves and announces that one.
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
+        # when several jobs start at once (--to), the first key made wins and
+        # every one of them serves and announces that one
+        keyfile.create_once(path, pair.private.encode())
     key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"{path} is not an ed25519 key")

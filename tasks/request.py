@@ -95,25 +95,30 @@ def redacted(fields: Mapping[str, Any]) -> str:
     return repr(shown)
 
 
+def check_envelope(fields: Any, names: tuple[str, ...]) -> None:
+    """A mapping with exactly the fields ``names`` and version 1."""
+    if not isinstance(fields, Mapping):
+        raise InvalidRequest("request: expected a mapping of fields")
+    unknown = [k for k in fields if k not in names]
+    if unknown:
+        # never echo the names: a hostile one could carry anything, a key too
+        raise InvalidRequest(f"request: {len(unknown)} unknown field(s); the fields are "
+                             f"{', '.join(names)}")
+    missing = [k for k in names if k not in fields]
+    if missing:
+        raise InvalidRequest(f"request: missing field(s) {', '.join(missing)}")
+    version = fields["v"]
+    if isinstance(version, bool) or not isinstance(version, int) or version != REQUEST_VERSION:
+        raise InvalidRequest(f"request: version must be {REQUEST_VERSION}; upgrade bakgrab")
+
+
 def validate(fields: Any, request_key: X25519PrivateKey | None = None) -> GrabRequest:
     """A :class:`GrabRequest` from untrusted task kwargs, or InvalidRequest.
 
     With ``request_key`` (the worker always passes it), the ``key`` field must
     be sealed to it (:mod:`tasks.sealed`) and is opened here, in the task body;
     without, ``key`` is the plain private key (tests, local tools)."""
-    if not isinstance(fields, Mapping):
-        raise InvalidRequest("request: expected a mapping of fields")
-    unknown = [k for k in fields if k not in FIELDS]
-    if unknown:
-        # never echo the names: a hostile one could carry anything, a key too
-        raise InvalidRequest(f"request: {len(unknown)} unknown field(s); the fields are "
-                             f"{', '.join(FIELDS)}")
-    missing = [k for k in FIELDS if k not in fields]
-    if missing:
-        raise InvalidRequest(f"request: missing field(s) {', '.join(missing)}")
-    if isinstance(fields["v"], bool) or not isinstance(fields["v"], int) \
-            or fields["v"] != REQUEST_VERSION:
-        raise InvalidRequest(f"request: version must be {REQUEST_VERSION}; upgrade bakgrab")
+    check_envelope(fields, FIELDS)
     return GrabRequest(
         name=check_name(fields["name"]),
         address=check_address(fields["address"]),
@@ -260,18 +265,7 @@ class RestoreRequest:
 
 def validate_restore(fields: Any, request_key: X25519PrivateKey | None = None) -> RestoreRequest:
     """A :class:`RestoreRequest` from untrusted task kwargs, or InvalidRequest."""
-    if not isinstance(fields, Mapping):
-        raise InvalidRequest("request: expected a mapping of fields")
-    unknown = [k for k in fields if k not in RESTORE_FIELDS]
-    if unknown:
-        raise InvalidRequest(f"request: {len(unknown)} unknown field(s); the fields are "
-                             f"{', '.join(RESTORE_FIELDS)}")
-    missing = [k for k in RESTORE_FIELDS if k not in fields]
-    if missing:
-        raise InvalidRequest(f"request: missing field(s) {', '.join(missing)}")
-    if isinstance(fields["v"], bool) or not isinstance(fields["v"], int) \
-            or fields["v"] != REQUEST_VERSION:
-        raise InvalidRequest(f"request: version must be {REQUEST_VERSION}; upgrade bakgrab")
+    check_envelope(fields, RESTORE_FIELDS)
     snapshot = fields["snapshot"]
     if not isinstance(snapshot, str) or not SNAPSHOT_ID_RE.fullmatch(snapshot):
         raise InvalidRequest("snapshot: 'latest' or a snapshot name NAME.YYYY-mm-dd.UNIXTIME")

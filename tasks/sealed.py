@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -23,6 +22,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from tasks import keyfile
 
 PREFIX = "bakgrab-sealed-v1:"
 INFO = b"bakgrab sealed one-time key v1"
@@ -86,19 +87,7 @@ def load_or_create_private(path: Path) -> X25519PrivateKey:
     if not path.exists():
         raw = X25519PrivateKey.generate().private_bytes(
             RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption())
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        tmp.unlink(missing_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(raw)
-        # link, not rename: of two processes making it at once, the first wins
-        # and both read the same key back.
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
+        keyfile.create_once(path, raw)
     data = path.read_bytes()
     if len(data) != 32:
         raise ValueError(f"{path} is not a bakgrab request key")

@@ -19,7 +19,8 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -34,6 +35,7 @@ from worker import grab, restore, status
 from worker.storage import Storage
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 
 class Terminated(SystemExit):
@@ -83,33 +85,42 @@ def backoff(retries: int, settings: Settings) -> float:
     return base / 2 + random.uniform(0, base / 2)  # noqa: S311 -- jitter, not crypto
 
 
+def accept(task: Task, storage: Storage, validator: Callable[..., R], args: tuple[Any, ...],
+           fields: dict[str, Any]) -> R:
+    """The validated request of a task, its key opened; InvalidRequest if not."""
+    # Celery's own SIGTERM handling in pool children ends the process without
+    # running any finally: block (rsync orphaned, key file left); set per task,
+    # as Celery installs its handlers after process init.
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        if args:
+            raise InvalidRequest("request: fields go in keyword arguments, not positional ones")
+        return validator(fields, request_key=sealed.load_or_create_private(storage.request_key))
+    except InvalidRequest as exc:
+        log.warning("refused invalid request %s: %s", task.request.id, exc)
+        raise
+
+
+def reporter(task: Task, name: str) -> Callable[[dict[str, Any]], None]:
+    """Progress as a PROGRESS state (AsyncResult.info) and a task-progress event."""
+
+    def report(info: dict[str, Any]) -> None:
+        task.update_state(state="PROGRESS", meta={"name": name, **info})
+        # Flower merges event fields into its task: "name" would replace the
+        # task's name (bakgrab.grab), so the backup name travels as "backup".
+        task.send_event("task-progress", backup=name, **info)
+
+    return report
+
+
 def register(app: Celery, settings: Settings) -> Task:
     """Define ``bakgrab.grab`` on ``app`` for a worker with ``settings``."""
 
     @app.task(name=GRAB, bind=True, acks_late=True, max_retries=settings.max_retries)
     def grab_task(self: Task, *args: Any, **fields: Any) -> dict[str, Any]:
-        # Celery's own SIGTERM handling in pool children ends the process
-        # without running any finally: block (rsync orphaned, key file left);
-        # set per task, as Celery installs its handlers after process init.
-        signal.signal(signal.SIGTERM, _raise_terminated)
         storage = Storage(settings.storage)
-        if args:
-            raise InvalidRequest("request: fields go in keyword arguments, not positional ones")
-        try:
-            request = validate(fields, request_key=sealed.load_or_create_private(
-                storage.request_key))
-        except InvalidRequest as exc:
-            log.warning("refused invalid request %s: %s", self.request.id, exc)
-            raise
-
-        def report(info: dict[str, Any]) -> None:
-            info = {"name": request.name, **info}
-            self.update_state(state="PROGRESS", meta=info)
-            # Flower merges event fields into its task: "name" would replace the
-            # task's name (bakgrab.grab), so the backup name travels as "backup".
-            event = {k: v for k, v in info.items() if k != "name"}
-            self.send_event("task-progress", backup=request.name, **event)
-
+        request = accept(self, storage, validate, args, fields)
+        report = reporter(self, request.name)
         try:
             result = grab.grab(storage, settings, request, self.request.id, report,
                                attempt=self.request.retries + 1)
@@ -143,22 +154,9 @@ def register(app: Celery, settings: Settings) -> Task:
 
     @app.task(name=RESTORE, bind=True, acks_late=True, max_retries=settings.max_retries)
     def restore_task(self: Task, *args: Any, **fields: Any) -> dict[str, Any]:
-        signal.signal(signal.SIGTERM, _raise_terminated)
         storage = Storage(settings.storage)
-        if args:
-            raise InvalidRequest("request: fields go in keyword arguments, not positional ones")
-        try:
-            request = validate_restore(fields, request_key=sealed.load_or_create_private(
-                storage.request_key))
-        except InvalidRequest as exc:
-            log.warning("refused invalid restore request %s: %s", self.request.id, exc)
-            raise
-
-        def report(info: dict[str, Any]) -> None:
-            info = {"name": request.name, **info}
-            self.update_state(state="PROGRESS", meta=info)
-            self.send_event("task-progress", **info)
-
+        request = accept(self, storage, validate_restore, args, fields)
+        report = reporter(self, request.name)
         try:
             return restore.restore(storage, settings, request, self.request.id, report)
         except BakgrabError as exc:

@@ -311,16 +311,23 @@ def wait(result: Any, timeout: float, progress: Reporter | None) -> dict[str, An
                 progress(info)
 
     try:
-        value = result.get(timeout=max(1.0, deadline - time.monotonic()), propagate=True,
+        # propagate=False: the job's own error comes back as a value, so that
+        # whatever *raises* here is about reaching the broker.
+        value = result.get(timeout=max(1.0, deadline - time.monotonic()), propagate=False,
                            on_message=on_message, interval=0.5)
-    except BakgrabError:
-        raise
     except CeleryTimeout:
         raise JobTimeout(f"the job did not finish within {timeout:.0f}s") from None
-    except TaskRevokedError:
-        raise BakgrabError("the job was revoked on the backup host (e.g. from Flower)") from None
-    except Exception as e:  # the worker's or the broker's error, rebuilt by Celery
-        raise BakgrabError(f"the job failed: {type(e).__name__}: {e}") from None
+    except Exception as e:  # Celery's result consumer gave up on the connection
+        raise ClientSetupError(
+            "lost the connection to the broker while waiting for the job (a dead tunnel or "
+            "Redis gone?); the job may still run on the backup host: see Flower or "
+            f"`bakgrab list` there ({type(e).__name__}: {str(e)[:200]})") from None
+    if result.state == "REVOKED" or isinstance(value, TaskRevokedError):
+        raise BakgrabError("the job was revoked on the backup host (e.g. from Flower)")
+    if isinstance(value, BakgrabError):
+        raise value
+    if isinstance(value, BaseException):  # the worker's error, rebuilt by Celery
+        raise BakgrabError(f"the job failed: {type(value).__name__}: {value}")
     if not isinstance(value, dict):
         raise BakgrabError(f"the worker returned an unexpected result: {type(value).__name__}")
     return value

@@ -7,6 +7,7 @@ visibility timeout, shutdown grace) so that it takes seconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -406,3 +407,71 @@ def test_files_vanishing_during_the_pull_are_a_warning(tmp_path: Path, redis_url
         assert [d for d in support.rsync_diff(src, snap) if not d.endswith(" ./")] == []
     finally:
         worker.stop()
+
+
+def test_dead_tunnel_never_leaves_the_client_hanging(tmp_path: Path, redis_url: str) -> None:
+    """The SSH tunnel to the broker goes silent while the client waits (the
+    backup host's sshd frozen): keepalives end the tunnel and the client
+    exits non-zero with a clear message instead of waiting for ever."""
+    need_root()
+    from client import keys
+
+    redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    key = keys.one_time_key()
+    key_file = tmp_path / "tunnel_key"
+    key_file.write_text(key.private)
+    key_file.chmod(0o600)
+    host_key, host_public = keys.host_key(tmp_path / "tunnel-sshd")
+    (tmp_path / "authorized_keys").write_text(key.public + "\n")
+    port = support.free_port()
+    (tmp_path / "sshd_config").write_text("\n".join([
+        "ListenAddress 127.0.0.1", f"Port {port}", f"HostKey {host_key}", "PidFile none",
+        f"AuthorizedKeysFile {tmp_path / 'authorized_keys'}", "StrictModes no", "UsePAM no",
+        "PermitRootLogin prohibit-password", "AllowTcpForwarding local",
+        f"PermitOpen 127.0.0.1:{redis_port}", "ForceCommand /bin/false", ""]))
+    sshd = support.Proc([support.which("sshd"), "-D", "-e", "-f", str(tmp_path / "sshd_config")],
+                        tmp_path / "sshd.log")
+    known = tmp_path / "known_hosts"
+    known.write_text(f"[127.0.0.1]:{port} {host_public}\n")
+    src = make_source(tmp_path / "src", files=1, size=10)
+    env = {**os.environ, "BAKGRAB_SERVER_ALIVE_INTERVAL": "1"}
+    try:
+        support.wait_for(lambda: support.port_open(port), 10, "the tunnel's sshd")
+        # No worker serves the queue: the client waits on the broker, through the
+        # tunnel. A request key is published as a worker would.
+        import redis as redis_lib
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+        from tasks import sealed
+
+        r = redis_lib.Redis.from_url(redis_url)
+        r.set("bakgrab:request-key:bakgrab",
+              sealed.public_text(X25519PrivateKey.generate().public_key()))
+        client = subprocess.Popen(
+            [support.BAKGRAB, "backup", "--broker", redis_url, "--name", "tun",
+             "--source", str(src), "--tunnel", f"root@127.0.0.1:{port}",
+             "--ssh-option", f"IdentityFile={key_file}", "--ssh-option", "IdentitiesOnly=yes",
+             "--ssh-option", f"UserKnownHostsFile={known}",
+             "--ssh-option", "StrictHostKeyChecking=yes"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        support.wait_for(lambda: r.llen("bakgrab") == 1, 30, "the job to be queued")
+        frozen = descendants(sshd.pid)
+        assert frozen
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            _, err = client.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            client.kill()
+            pytest.fail("the client hung on a dead tunnel")
+        assert client.returncode != 0
+        assert time.monotonic() - t0 < 90
+        assert "lost the connection to the broker" in err, err
+        assert client.returncode == 10
+        assert [p for p in descendants(client.pid) if alive(p)] == []
+    finally:
+        for pid in descendants(sshd.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        sshd.stop()

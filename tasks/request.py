@@ -124,8 +124,7 @@ def validate(fields: Any, request_key: X25519PrivateKey | None = None) -> GrabRe
         address=check_address(fields["address"]),
         port=check_port(fields["port"]),
         user=check_user(fields["user"]),
-        key=check_private_key(open_sealed(fields["key"], request_key)
-                              if request_key is not None else fields["key"]),
+        key=check_key(fields["key"], request_key),
         host_key=check_public_key(fields["host_key"]),
         excludes=check_excludes(fields["excludes"]),
     )
@@ -163,6 +162,12 @@ def check_address(value: Any) -> str:
     if not all(HOST_LABEL_RE.fullmatch(label) for label in labels) or labels[-1].isdigit():
         raise InvalidRequest("address: an IP address or host name")
     return value
+
+
+def check_key(value: Any, request_key: X25519PrivateKey | None) -> str:
+    """The one-time key of a request: opened when sealed (always, on a worker)."""
+    return check_private_key(open_sealed(value, request_key) if request_key is not None
+                             else value)
 
 
 def open_sealed(value: Any, request_key: X25519PrivateKey) -> str:
@@ -279,8 +284,7 @@ def validate_restore(fields: Any, request_key: X25519PrivateKey | None = None) -
         address=check_address(fields["address"]),
         port=check_port(fields["port"]),
         user=check_user(fields["user"]),
-        key=check_private_key(open_sealed(fields["key"], request_key)
-                              if request_key is not None else fields["key"]),
+        key=check_key(fields["key"], request_key),
         host_key=check_public_key(fields["host_key"]),
     )
 

@@ -64,17 +64,22 @@ class Proc:
             os.kill(self.pid, sig)
 
     def stop(self, timeout: float = 15) -> None:
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, sig)
-            try:
-                self.popen.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)
+        stop_group(self.popen, timeout)
         self._out.close()
+
+
+def stop_group(popen: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """SIGTERM the process group led by ``popen``, SIGKILL what is left."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(popen.pid, sig)
+        try:
+            popen.wait(wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(popen.pid, signal.SIGKILL)
 
 
 def descendants(pid: int) -> set[int]:

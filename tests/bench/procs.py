@@ -13,7 +13,6 @@ import os
 import re
 import resource
 import shutil
-import signal
 import socket
 import subprocess
 import threading
@@ -96,16 +95,9 @@ class Proc:
             return ""
 
     def stop(self, timeout: float = 20.0) -> None:
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.pid, sig)
-            try:
-                self.popen.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.pid, signal.SIGKILL)
+        from tests.support import stop_group
+
+        stop_group(self.popen, timeout)
         self._out.close()
 
 

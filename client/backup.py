@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import ipaddress
 import json
 import logging
@@ -274,17 +275,20 @@ def request_public_key(settings: Settings, broker: str, state_dir: Path,
     except ValueError as e:
         raise ClientSetupError(f"the broker's request key: {e}") from None
     pins_file = state_dir / "request-keys.json"
-    try:
-        pins = json.loads(pins_file.read_text())
-    except (OSError, ValueError):
-        pins = {}
     ident = f"{backup_host}/{settings.queue}"
-    if ident not in pins:
-        pins[ident] = text
-        tmp = pins_file.with_name(pins_file.name + ".tmp")
-        tmp.write_text(json.dumps(pins, indent=1))
-        tmp.rename(pins_file)
-    elif pins[ident] != text:
+    # Jobs to several backup hosts pin at once (--to): one at a time, by flock.
+    with open(state_dir / "request-keys.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            pins = json.loads(pins_file.read_text())
+        except (OSError, ValueError):
+            pins = {}
+        if ident not in pins:
+            pins[ident] = text
+            tmp = pins_file.with_name(f".{pins_file.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(pins, indent=1))
+            tmp.rename(pins_file)
+    if pins[ident] != text:
         raise ClientSetupError(
             f"the request key of {ident} differs from the one pinned in {pins_file}; "
             "refusing to send the key to it. If the backup host's key changed "

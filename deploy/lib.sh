@@ -32,6 +32,16 @@ HOST_RE='^([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?$'
 die() { echo "bakgrab: error: $*" >&2; exit 1; }
 note() { echo "bakgrab: $*" >&2; }
 
+# --prefix DIR installs into a scratch root (tests): normalise it, and never
+# start services there.
+resolve_prefix() {
+    if [ -n "$PREFIX" ]; then
+        PREFIX=$(realpath -m "$PREFIX")
+        [ "$PREFIX" = / ] && PREFIX=""
+    fi
+    if [ -n "$PREFIX" ]; then START=no; fi
+}
+
 need_root() {
     [ "$(id -u)" -eq 0 ] || die "run this as root (it creates users and root-owned files)"
 }

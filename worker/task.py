@@ -113,6 +113,20 @@ def reporter(task: Task, name: str) -> Callable[[dict[str, Any]], None]:
     return report
 
 
+def retry_if_transient(task: Task, exc: BakgrabError, settings: Settings,
+                       fields: dict[str, Any], what: str) -> None:
+    """Retry a transient failure with backoff while retries are left (raises
+    Celery's Retry); return for a permanent one. The retried message keeps the
+    redacted argsrepr/kwargsrepr, which Celery's retry() would otherwise drop."""
+    if not exc.transient or task.request.retries >= settings.max_retries:
+        return
+    delay = backoff(task.request.retries, settings)
+    log.warning("%s failed (%s); retry %d/%d in %.0fs", what, exc,
+                task.request.retries + 1, settings.max_retries, delay)
+    raise task.retry(exc=exc, countdown=delay, argsrepr="()",
+                     kwargsrepr=redacted(fields)) from None
+
+
 def register(app: Celery, settings: Settings) -> Task:
     """Define ``bakgrab.grab`` on ``app`` for a worker with ``settings``."""
 
@@ -138,12 +152,7 @@ def register(app: Celery, settings: Settings) -> Task:
                 "for the next grab"
             ) from None
         except BakgrabError as exc:
-            if exc.transient and self.request.retries < settings.max_retries:
-                delay = backoff(self.request.retries, settings)
-                log.warning("grab of %s failed (%s); retry %d/%d in %.0fs", request.name,
-                            exc, self.request.retries + 1, settings.max_retries, delay)
-                raise self.retry(exc=exc, countdown=delay, argsrepr="()",
-                                 kwargsrepr=redacted(fields)) from None
+            retry_if_transient(self, exc, settings, fields, f"grab of {request.name}")
             status.record_failure(storage, request.name, self.request.id, exc)
             raise
         except Exception as exc:
@@ -160,9 +169,7 @@ def register(app: Celery, settings: Settings) -> Task:
         try:
             return restore.restore(storage, settings, request, self.request.id, report)
         except BakgrabError as exc:
-            if exc.transient and self.request.retries < settings.max_retries:
-                raise self.retry(exc=exc, countdown=backoff(self.request.retries, settings),
-                                 argsrepr="()", kwargsrepr=redacted(fields)) from None
+            retry_if_transient(self, exc, settings, fields, f"restore of {request.name}")
             raise
 
     return grab_task

@@ -72,11 +72,7 @@ while [ $# -gt 0 ]; do
 done
 
 need_root
-if [ -n "$PREFIX" ]; then
-    PREFIX=$(realpath -m "$PREFIX")
-    [ "$PREFIX" = / ] && PREFIX=""
-fi
-[ -n "$PREFIX" ] && START=no
+resolve_prefix
 ETC=$PREFIX/etc/bakgrab
 DEPLOY_CONF=$ETC/deploy-backup-host.conf
 CONF_KEYS=(STORAGE WORKER_USER TUNNEL_USER REDIS_PORT QUEUE FLOWER_PORT STOP_TIMEOUT BAKGRAB

@@ -70,11 +70,7 @@ while [ $# -gt 0 ]; do
 done
 
 need_root
-if [ -n "$PREFIX" ]; then
-    PREFIX=$(realpath -m "$PREFIX")
-    [ "$PREFIX" = / ] && PREFIX=""
-fi
-[ -n "$PREFIX" ] && START=no
+resolve_prefix
 ETC=$PREFIX/etc/bakgrab
 DEPLOY_CONF=$ETC/deploy-client.conf
 load_conf "$DEPLOY_CONF" BACKUP_HOST BACKUP_NAME SOURCE CLIENT_USER TUNNEL_USER BAKGRAB CRON

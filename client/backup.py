@@ -28,15 +28,15 @@ from celery.exceptions import TaskRevokedError
 from celery.exceptions import TimeoutError as CeleryTimeout
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-from client import keys
-from client.sshd import OneShotServer, ServerConfig, login_user, parse_allow
-from client.tunnel import Tunnel, broker_endpoint, redact_url
-from tasks import GRAB, caps, request_key_name, sealed
-from tasks.app import make_app
-from tasks.config import Settings, default_state_dir
-from tasks.errors import BakgrabError, ClientSetupError, JobTimeout
-from tasks.request import GrabRequest, check_excludes, check_name, redacted
-from tasks.result import GrabResult, human_bytes
+from bakgrab.client import keys
+from bakgrab.client.sshd import OneShotServer, ServerConfig, login_user, parse_allow
+from bakgrab.client.tunnel import Tunnel, broker_endpoint, redact_url
+from bakgrab.tasks import GRAB, caps, request_key_name, sealed
+from bakgrab.tasks.app import make_app
+from bakgrab.tasks.config import Settings, default_state_dir
+from bakgrab.tasks.errors import BakgrabError, ClientSetupError, JobTimeout
+from bakgrab.tasks.request import GrabRequest, check_excludes, check_name, redacted
+from bakgrab.tasks.result import GrabResult, human_bytes
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The gate: the one-shot sshd's ForceCommand. Lets through a read-only pull only.
 
-sshd runs ``python -I -m client.gate ro SOURCE LOG`` for every session, with
+sshd runs ``python -I -m bakgrab.client.gate ro SOURCE LOG`` for every session, with
 the command the peer asked for in ``SSH_ORIGINAL_COMMAND``. The gate:
 
 * refuses anything that is not ``rsync --server --sender ...`` (for ``ro``),
@@ -97,7 +97,7 @@ def check_own_caps(mode: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) not in (3, 5) or argv[0] not in PREFIX:
-        sys.stderr.write("usage: python -m client.gate ro|wo DIR LOG [IONICE RRSYNC]\n")
+        sys.stderr.write("usage: python -m bakgrab.client.gate ro|wo DIR LOG [IONICE RRSYNC]\n")
         return 2
     mode, root, log_path = argv[:3]
     # The client passes absolute paths, resolved before sshd's login shell had

@@ -15,7 +15,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tasks import keyfile
+from bakgrab.tasks import keyfile
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,11 +18,11 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from client.backup import BackupOptions, Reporter, Session, submit
-from tasks import RESTORE
-from tasks.config import Settings
-from tasks.errors import BakgrabError, ClientSetupError
-from tasks.request import RestoreRequest, check_name, check_paths
+from bakgrab.client.backup import BackupOptions, Reporter, Session, submit
+from bakgrab.tasks import RESTORE
+from bakgrab.tasks.config import Settings
+from bakgrab.tasks.errors import BakgrabError, ClientSetupError
+from bakgrab.tasks.request import RestoreRequest, check_name, check_paths
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ connection gets a fresh ``sshd -i`` (inetd mode) with a generated config:
 * only the one-time public key, with ``restrict,from="...",expiry-time=...``;
 * public-key authentication only, no forwarding of any kind, no tty, no
   user rc, no environment, no sftp subsystem, short ``LoginGraceTime``;
-* ``ForceCommand`` = the gate (:mod:`client.gate`), which lets only a
+* ``ForceCommand`` = the gate (:mod:`bakgrab.client.gate`), which lets only a
   read-only rsync pull through;
 * the client's persistent host key (pinned by the worker).
 
@@ -35,8 +35,8 @@ import threading
 import time
 from pathlib import Path
 
-from tasks import process
-from tasks.errors import ClientSetupError
+from bakgrab.tasks import process
+from bakgrab.tasks.errors import ClientSetupError
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class OneShotServer:
         if os.geteuid() == 0 and not SSHD_PRIVSEP_DIR.is_dir():
             SSHD_PRIVSEP_DIR.mkdir(mode=0o755)
         gate = "exec " + " ".join(shlex.quote(a) for a in [
-            sys.executable, "-I", "-m", "client.gate", cfg.mode, str(cfg.source.absolute()),
+            sys.executable, "-I", "-m", "bakgrab.client.gate", cfg.mode, str(cfg.source.absolute()),
             str(self.gate_log), process.which("ionice"), process.which("rrsync"),
         ])
         expiry = time.strftime("%Y%m%d%H%M%SZ", time.gmtime(time.time() + cfg.lifetime))
@@ -250,7 +250,7 @@ class OneShotServer:
 
     def _kill_sessions(self) -> None:
         """Kill the process group of every command the gate let through."""
-        from client.gate import start_time
+        from bakgrab.client.gate import start_time
 
         try:
             lines = (self.workdir / "sessions").read_text().splitlines()

@@ -15,8 +15,8 @@ import time
 import urllib.parse
 from collections.abc import Sequence
 
-from tasks import process
-from tasks.errors import ClientSetupError
+from bakgrab.tasks import process
+from bakgrab.tasks.errors import ClientSetupError
 
 TARGET_RE = re.compile(
     r"(?:(?P<user>[A-Za-z_][A-Za-z0-9_.-]*)@)?"

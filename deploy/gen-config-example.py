@@ -16,11 +16,8 @@ import inspect
 import json
 import sys
 import textwrap
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tasks import config  # noqa: E402 -- after the path set-up above
+from bakgrab.tasks import config
 
 HEADER = """\
 # bakgrab configuration file (TOML), with every setting and its default.

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from celery import Celery
 
-from tasks.config import Settings
+from bakgrab.tasks.config import Settings
 
 
 def make_app(settings: Settings, broker: str | None = None) -> Celery:

@@ -124,7 +124,7 @@ MIN_RSYNC = (3, 4)
 
 
 def rsync_version(rsync: str = "rsync") -> tuple[int, ...]:
-    from tasks import process
+    from bakgrab.tasks import process
 
     out = process.run([shutil.which(rsync) or rsync, "--version"], timeout=10).stdout.decode()
     first = out.splitlines()[0] if out else ""

@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from tasks import DEFAULT_QUEUE
-from tasks.errors import ConfigError
+from bakgrab.tasks import DEFAULT_QUEUE
+from bakgrab.tasks.errors import ConfigError
 
 SYSTEM_CONFIG = Path("/etc/bakgrab/bakgrab.toml")
 """Config file read when neither ``--config`` nor ``BAKGRAB_CONFIG`` names one."""

@@ -26,7 +26,7 @@ import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from typing import IO, Any
 
-from tasks.errors import ProgramFailed
+from bakgrab.tasks.errors import ProgramFailed
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from tasks import sealed
-from tasks.errors import InvalidRequest
+from bakgrab.tasks import sealed
+from bakgrab.tasks.errors import InvalidRequest
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}")
@@ -116,7 +116,7 @@ def validate(fields: Any, request_key: X25519PrivateKey | None = None) -> GrabRe
     """A :class:`GrabRequest` from untrusted task kwargs, or InvalidRequest.
 
     With ``request_key`` (the worker always passes it), the ``key`` field must
-    be sealed to it (:mod:`tasks.sealed`) and is opened here, in the task body;
+    be sealed to it (:mod:`bakgrab.tasks.sealed`) and is opened here, in the task body;
     without, ``key`` is the plain private key (tests, local tools)."""
     check_envelope(fields, FIELDS)
     return GrabRequest(

@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from tasks import keyfile
+from bakgrab.tasks import keyfile
 
 PREFIX = "bakgrab-sealed-v1:"
 INFO = b"bakgrab sealed one-time key v1"

@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash deploy/install-deps.sh --test
 echo "== ruff"; .venv/bin/ruff check .
-echo "== mypy"; .venv/bin/mypy
+echo "== mypy"; bash tests/mypy.sh
 echo "== wheel"; bash tests/check-wheel.sh
 echo "== pytest"
 exec .venv/bin/pytest -q "$@"

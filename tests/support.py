@@ -118,7 +118,7 @@ def comm(pid: int) -> str:
 
 
 def which(program: str) -> str:
-    from tasks.process import which as find
+    from bakgrab.tasks.process import which as find
 
     return find(program)
 
@@ -205,7 +205,7 @@ def rsync_diff(src: Path, dst: Path, *extra: str) -> list[str]:
 
 
 def snapshots(storage: Path, name: str) -> list[Path]:
-    from worker.storage import parse_snapshot
+    from bakgrab.worker.storage import parse_snapshot
 
     found = [p for p in storage.iterdir()
              if (s := parse_snapshot(p.name)) is not None and s.name == name]

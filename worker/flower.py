@@ -1,7 +1,7 @@
 """Flower for a backup host: the web UI and HTTP API that show every grab.
 
 Flower runs in this process (``bakgrab flower``) on the Celery app of
-:mod:`tasks.app`, so it reads the broker with the same JSON-only settings as
+:mod:`bakgrab.tasks.app`, so it reads the broker with the same JSON-only settings as
 the worker and the client.
 
 Invariants:
@@ -18,7 +18,7 @@ Invariants:
   environment), never through a child's argv nor a log line; its argv holds
   no secret;
 * the tasks page shows :data:`TASKS_COLUMNS`; its ``kwargs`` column is the
-  redacted request (:func:`tasks.request.redacted`: backup name, address,
+  redacted request (:func:`bakgrab.tasks.request.redacted`: backup name, address,
   host key fingerprint, ``<redacted>`` for the key), the one place a row says
   which host it is about;
 * Flower's own ``flowerconfig.py`` is not read (it is Python that Flower
@@ -33,9 +33,9 @@ import ipaddress
 import logging
 import os
 
-from tasks.app import make_app
-from tasks.config import Settings
-from tasks.errors import ConfigError
+from bakgrab.tasks.app import make_app
+from bakgrab.tasks.config import Settings
+from bakgrab.tasks.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ AUTH_ENV = "FLOWER_BASIC_AUTH"
 
 NO_AUTH_MESSAGE = (
     "Flower needs authentication: set flower_basic_auth to USER:PASSWORD "
-    "(BAKGRAB_FLOWER_BASIC_AUTH, the config file, or --basic-auth); "
+    "(BAKGRAB_FLOWER_BASIC_AUTH or a 0600 config file; never on the command line); "
     "it shows every backup job, so it never runs open"
 )
 

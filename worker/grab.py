@@ -33,13 +33,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from tasks import caps, process
-from tasks.config import Settings
-from tasks.errors import HostKeyMismatch, InvalidRequest, TransferInterrupted
-from tasks.request import GrabRequest, fingerprint
-from tasks.result import GrabResult
-from worker import locks, retention, rsync
-from worker.storage import Storage, fsync_dir, write_atomic
+from bakgrab.tasks import caps, process
+from bakgrab.tasks.config import Settings
+from bakgrab.tasks.errors import HostKeyMismatch, InvalidRequest, TransferInterrupted
+from bakgrab.tasks.request import GrabRequest, fingerprint
+from bakgrab.tasks.result import GrabResult
+from bakgrab.worker import locks, retention, rsync
+from bakgrab.worker.storage import Storage, fsync_dir, write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import InvalidRequest
-from tasks.request import check_name, check_paths
-from worker.storage import Storage
+from bakgrab.tasks.errors import InvalidRequest
+from bakgrab.tasks.request import check_name, check_paths
+from bakgrab.worker.storage import Storage
 
 
 def versions(root: Path, name: str, path: str) -> list[dict[str, Any]]:

@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from worker.retention import exclusive_usage
-from worker.storage import Storage
+from bakgrab.worker.retention import exclusive_usage
+from bakgrab.worker.storage import Storage
 
 
 def inventory(root: Path, sizes: bool = True) -> list[dict[str, Any]]:

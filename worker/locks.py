@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tasks.errors import Busy
+from bakgrab.tasks.errors import Busy
 
 
 @contextlib.contextmanager

@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tasks import caps
-from tasks.config import Settings
-from tasks.errors import HostKeyMismatch, InvalidRequest
-from tasks.request import GrabRequest, RestoreRequest, fingerprint
-from worker import grab, rsync
-from worker.storage import Snapshot, Storage
+from bakgrab.tasks import caps
+from bakgrab.tasks.config import Settings
+from bakgrab.tasks.errors import HostKeyMismatch, InvalidRequest
+from bakgrab.tasks.request import GrabRequest, RestoreRequest, fingerprint
+from bakgrab.worker import grab, rsync
+from bakgrab.worker.storage import Snapshot, Storage
 
 log = logging.getLogger(__name__)
 

@@ -31,12 +31,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks import caps, process
-from tasks.config import Settings, parse_size
-from tasks.errors import NoSpace
-from tasks.result import human_bytes
-from worker import locks
-from worker.storage import Snapshot, Storage
+from bakgrab.tasks import caps, process
+from bakgrab.tasks.config import Settings, parse_size
+from bakgrab.tasks.errors import NoSpace
+from bakgrab.tasks.result import human_bytes
+from bakgrab.worker import locks
+from bakgrab.worker.storage import Snapshot, Storage
 
 log = logging.getLogger(__name__)
 

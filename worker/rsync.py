@@ -20,7 +20,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from tasks.errors import HostKeyMismatch, NoSpace, TransferFailed, TransferInterrupted
+from bakgrab.tasks.errors import HostKeyMismatch, NoSpace, TransferFailed, TransferInterrupted
 
 SKIP_COMPRESS = "/".join([
     # the original design's list

@@ -29,9 +29,9 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import EXIT_STALE, BakgrabError, InvalidRequest, exit_code_for
-from tasks.result import human_bytes
-from worker.storage import Storage, write_atomic
+from bakgrab.tasks.errors import EXIT_STALE, BakgrabError, InvalidRequest, exit_code_for
+from bakgrab.tasks.result import human_bytes
+from bakgrab.worker.storage import Storage, write_atomic
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The Celery side of the worker: task ``bakgrab.grab`` and ``bakgrab worker``.
 
 The task body validates the request before anything else, runs
-:func:`worker.grab.grab`, reports progress as a ``PROGRESS`` state (readable
+:func:`bakgrab.worker.grab.grab`, reports progress as a ``PROGRESS`` state (readable
 through ``AsyncResult(id).info``) and a ``task-progress`` event (shown by
 Flower), and retries transient failures with exponential backoff and jitter.
 A retry carries the same redacted ``argsrepr``/``kwargsrepr`` (Celery's
@@ -26,13 +26,13 @@ from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_shutting_down
 
-from tasks import GRAB, RESTORE, caps, request_key_name, sealed
-from tasks.app import make_app
-from tasks.config import Settings
-from tasks.errors import BakgrabError, ConfigError, InvalidRequest, JobTimeout
-from tasks.request import redacted, validate, validate_restore
-from worker import grab, restore, status
-from worker.storage import Storage
+from bakgrab.tasks import GRAB, RESTORE, caps, request_key_name, sealed
+from bakgrab.tasks.app import make_app
+from bakgrab.tasks.config import Settings
+from bakgrab.tasks.errors import BakgrabError, ConfigError, InvalidRequest, JobTimeout
+from bakgrab.tasks.request import redacted, validate, validate_restore
+from bakgrab.worker import grab, restore, status
+from bakgrab.worker.storage import Storage
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")

@@ -2,7 +2,7 @@
 
 * ``bakgrab``: ``bakgrab backup`` end to end against a running worker and
   Redis (the client starts its one-shot sshd; the worker pulls with rsync).
-* ``rsync``: bare rsync with bakgrab's own argv (``worker.rsync.pull_argv``)
+* ``rsync``: bare rsync with bakgrab's own argv (``bakgrab.worker.rsync.pull_argv``)
   over ssh to a plain sshd, ``--link-dest`` the newest snapshot: the floor.
 * ``rsnapshot``: the Debian package, over ssh to the same sshd, link_dest on,
   the same rsync flags.
@@ -124,7 +124,7 @@ def rsync_argv(ssh: SshServer, source: Path, dest: Path, link_dest: Path | None,
     """bakgrab's own pull argv, aimed at ``source`` on our sshd; and where the
     flags came from."""
     try:
-        from worker import rsync
+        from bakgrab.worker import rsync
 
         spec = rsync.PullSpec(
             user=ssh.user, address="127.0.0.1", port=ssh.port, key_file=ssh.key,
@@ -132,9 +132,9 @@ def rsync_argv(ssh: SshServer, source: Path, dest: Path, link_dest: Path | None,
             dest=dest, link_dest=link_dest, timeout=300, connect_timeout=20, alive_interval=15,
         )
         argv = rsync.pull_argv(spec)
-        origin = "worker.rsync.pull_argv"
+        origin = "bakgrab.worker.rsync.pull_argv"
     except Exception as e:  # the product changed under us: same flags, spelled here
-        origin = f"copy of bakgrab's flags (worker.rsync.pull_argv failed: {e})"
+        origin = f"copy of bakgrab's flags (bakgrab.worker.rsync.pull_argv failed: {e})"
         argv = ["rsync", "-HaAXz", "--sparse", "--numeric-ids", "--super",
                 "--delete", "--delete-excluded", f"--exclude-from={exclude_file}",
                 "--timeout=300", "--stats", "--info=progress2", "--no-human-readable",
@@ -147,7 +147,7 @@ def rsync_argv(ssh: SshServer, source: Path, dest: Path, link_dest: Path | None,
 
 def ssh_argv(ssh: SshServer) -> list[str]:
     try:
-        from worker import rsync
+        from bakgrab.worker import rsync
 
         spec = rsync.PullSpec(
             user=ssh.user, address="127.0.0.1", port=ssh.port, key_file=ssh.key,
@@ -398,8 +398,8 @@ class Bakgrab(Tool):
                          "--min-free-abs", "1000000G", "--min-keep", str(len(snaps) - 1),
                          "--json"], env=self.worker_env, ok_codes=(0, 6))]
         code = ("import sys\n"
-                "from worker.retention import remove_snapshot\n"
-                "from worker.storage import Storage, parse_snapshot\n"
+                "from bakgrab.worker.retention import remove_snapshot\n"
+                "from bakgrab.worker.storage import Storage, parse_snapshot\n"
                 "remove_snapshot(Storage(sys.argv[1]), parse_snapshot(sys.argv[2]))\n")
         return [Job([self.python(), "-c", code, str(self.storage), snaps[0]],
                     env=self.worker_env)]
@@ -454,7 +454,7 @@ class Bakgrab(Tool):
     def describe(self) -> dict[str, Any]:
         return {"worker_concurrency": self.concurrency,
                 "scenario7_method": "bakgrab prune (make_room)" if self.prune
-                else "worker.retention.remove_snapshot"}
+                else "bakgrab.worker.retention.remove_snapshot"}
 
 
 class BareRsync(Tool):

@@ -43,7 +43,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tasks import config
+from bakgrab.tasks import config
 from tests import support
 from tests.conftest import need_root
 
@@ -489,8 +489,8 @@ def test_client_files(deployment: Deployment) -> None:
     for pattern in ("/proc/*", "/sys/*", "/dev/*", "/run/*", "/tmp/*", "/mnt/*", "/media/*",
                     "/lost+found", "/var/cache/*", "/home/*/.cache", "/var/tmp/*", "/swapfile"):
         assert pattern in excludes
-    from client.backup import read_excludes
-    from tasks.request import check_excludes
+    from bakgrab.client.backup import read_excludes
+    from bakgrab.tasks.request import check_excludes
 
     assert check_excludes(read_excludes(deployment.client_etc / "exclude"))
 

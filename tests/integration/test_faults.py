@@ -339,8 +339,8 @@ def test_second_delivery_of_a_finished_job_returns_its_result(
     task_id = record.stem
     import redis as redis_lib
 
-    from client.keys import one_time_key
-    from tasks import sealed
+    from bakgrab.client.keys import one_time_key
+    from bakgrab.tasks import sealed
 
     pin = (storage / ".bakgrab" / "pins" / "idem.pub").read_text().strip()
     public = sealed.load_public(
@@ -414,7 +414,7 @@ def test_dead_tunnel_never_leaves_the_client_hanging(tmp_path: Path, redis_url: 
     backup host's sshd frozen): keepalives end the tunnel and the client
     exits non-zero with a clear message instead of waiting for ever."""
     need_root()
-    from client import keys
+    from bakgrab.client import keys
 
     redis_port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
     key = keys.one_time_key()
@@ -442,7 +442,7 @@ def test_dead_tunnel_never_leaves_the_client_hanging(tmp_path: Path, redis_url: 
         import redis as redis_lib
         from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-        from tasks import sealed
+        from bakgrab.tasks import sealed
 
         r = redis_lib.Redis.from_url(redis_url)
         r.set("bakgrab:request-key:bakgrab",

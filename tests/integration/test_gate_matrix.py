@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from client import keys
-from client.sshd import OneShotServer, ServerConfig, parse_allow
+from bakgrab.client import keys
+from bakgrab.client.sshd import OneShotServer, ServerConfig, parse_allow
 from tests import support
 
 pytestmark = pytest.mark.integration

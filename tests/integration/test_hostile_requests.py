@@ -35,15 +35,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kombu import Connection
 
-from client import keys
-from tasks import GRAB, sealed
-from tasks.request import FIELDS, validate
+from bakgrab.client import keys
+from bakgrab.tasks import GRAB, sealed
+from bakgrab.tasks.request import FIELDS, validate
 from tests import support
 
 pytestmark = pytest.mark.integration
 
 RUN_RE = re.compile(r"run: \S*/(rsync|ssh)\b")
-"""The debug line tasks.process logs for every rsync or ssh it starts."""
+"""The debug line bakgrab.tasks.process logs for every rsync or ssh it starts."""
 
 PREFIX = {"v": "request:", "name": "name:", "address": "address:", "port": "port:",
           "user": "user:", "key": "key:", "host_key": "host_key:", "excludes": "excludes",

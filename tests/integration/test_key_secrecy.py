@@ -31,7 +31,7 @@ import pytest
 import redis
 from celery import Celery
 
-from tasks import GRAB, sealed
+from bakgrab.tasks import GRAB, sealed
 from tests import support
 
 pytestmark = pytest.mark.integration

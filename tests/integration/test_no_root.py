@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.caps import CLIENT_CAPS, WORKER_CAPS, sets
+from bakgrab.tasks.caps import CLIENT_CAPS, WORKER_CAPS, sets
 from tests import support
 from tests.conftest import need_root
 

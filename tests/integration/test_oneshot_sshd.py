@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from client import keys
-from client.sshd import OneShotServer, ServerConfig, parse_allow
+from bakgrab.client import keys
+from bakgrab.client.sshd import OneShotServer, ServerConfig, parse_allow
 
 pytestmark = pytest.mark.integration
 

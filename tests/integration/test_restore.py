@@ -102,8 +102,8 @@ def test_restore_only_to_the_pinned_host(tmp_path: Path, redis_url: str,
 
 def test_write_only_gate_refuses_reads(tmp_path: Path) -> None:
     """The restore gate lets through a receiver only: a pull from it fails."""
-    from client import keys
-    from client.sshd import OneShotServer, ServerConfig, parse_allow
+    from bakgrab.client import keys
+    from bakgrab.client.sshd import OneShotServer, ServerConfig, parse_allow
 
     into = tmp_path / "into"
     into.mkdir()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from client import keys
+from bakgrab.client import keys
 from tests import support
 from tests.conftest import need_root
 

@@ -1,4 +1,4 @@
-"""tasks.config: one precedence (flag > BAKGRAB_* > file > default), checked values."""
+"""bakgrab.tasks.config: one precedence (flag > BAKGRAB_* > file > default), checked values."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from tasks import config
-from tasks.config import Settings, load, parse_duration, parse_size
-from tasks.errors import ConfigError
+from bakgrab.tasks import config
+from bakgrab.tasks.config import Settings, load, parse_duration, parse_size
+from bakgrab.tasks.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)
@@ -282,7 +282,7 @@ def test_min_free_avg_from_flags_must_be_finite(value: float) -> None:
 def test_nan_min_free_avg_never_reaches_need() -> None:
     """Why the checks above matter: need() cannot compute with a NaN average, so
     load() refuses it and need() only ever sees finite factors."""
-    from worker.retention import Usage, need
+    from bakgrab.worker.retention import Usage, need
 
     with pytest.raises(ConfigError, match="min_free_avg"):
         load({}, None, {"BAKGRAB_MIN_FREE_AVG": "nan"})

@@ -9,11 +9,12 @@ import subprocess
 import tomllib
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
-from tasks import config
-from tasks.cli import main
+from bakgrab.tasks import config
+from bakgrab.tasks.cli import main
 
 REPO = Path(__file__).resolve().parent.parent.parent
 DEPLOY = REPO / "deploy"
@@ -90,7 +91,7 @@ def help_texts() -> str:
         assert done.returncode == 0, done.stderr
         out.append(done.stdout)
     runner = CliRunner()
-    for name in main.commands:
+    for name in main.list_commands(click.Context(main)):
         result = runner.invoke(main, [name, "--help"])
         assert result.exit_code == 0, result.output
         out.append(result.output)

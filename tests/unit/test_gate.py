@@ -1,4 +1,4 @@
-"""client.gate: only a read-only rsync pull gets through to rrsync -ro."""
+"""bakgrab.client.gate: only a read-only rsync pull gets through to rrsync -ro."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from client.gate import check
-from worker.rsync import PullSpec, exclude_rules, pull_argv
+from bakgrab.client.gate import check
+from bakgrab.worker.rsync import PullSpec, exclude_rules, pull_argv
 
 PULL = (
     "rsync --server --sender -lHogDtpAXrSze.iLsfxCIvu --timeout=300 "
@@ -99,7 +99,7 @@ def run_gate(
 ) -> subprocess.CompletedProcess[str]:
     env = {"PATH": os.environ["PATH"], "SSH_ORIGINAL_COMMAND": command}
     return subprocess.run(
-        [sys.executable, "-I", "-m", "client.gate", mode, str(source), str(log)],
+        [sys.executable, "-I", "-m", "bakgrab.client.gate", mode, str(source), str(log)],
         env=env, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
     )
 
@@ -141,7 +141,7 @@ def test_gate_process_refuses_hostile_commands(source: Path, tmp_path: Path) -> 
 
 def test_gate_usage_error(source: Path, tmp_path: Path) -> None:
     """A gate started with the wrong arguments refuses everything (exit 2)."""
-    done = subprocess.run([sys.executable, "-I", "-m", "client.gate", "rw", str(source)],
+    done = subprocess.run([sys.executable, "-I", "-m", "bakgrab.client.gate", "rw", str(source)],
                           env={"SSH_ORIGINAL_COMMAND": PULL, "PATH": os.environ["PATH"]},
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
@@ -178,7 +178,7 @@ def test_a_real_pull_through_the_gate(source: Path, tmp_path: Path) -> None:
         "#!/bin/sh\n"
         "# drop ssh's options up to '-l USER HOST'; what follows is the remote command\n"
         "while [ $# -gt 0 ]; do case \"$1\" in -l) shift 3; break;; *) shift;; esac; done\n"
-        f'SSH_ORIGINAL_COMMAND="$*" exec {sys.executable} -I -m client.gate ro '
+        f'SSH_ORIGINAL_COMMAND="$*" exec {sys.executable} -I -m bakgrab.client.gate ro '
         f"{source} {logs / 'gate.log'}\n"
     )
     (bindir / "ssh").chmod(0o755)

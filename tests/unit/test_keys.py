@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from client import keys
+from bakgrab.client import keys
 
 
 def test_host_key_made_once_when_many_jobs_start_at_once(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""tasks.request: hostile task kwargs are refused, valid ones survive the wire."""
+"""bakgrab.tasks.request: hostile task kwargs are refused, valid ones survive the wire."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from cryptography.hazmat.primitives.serialization import (
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from tasks import request
-from tasks.errors import InvalidRequest
-from tasks.request import FIELDS, GrabRequest, redacted, validate
+from bakgrab.tasks import request
+from bakgrab.tasks.errors import InvalidRequest
+from bakgrab.tasks.request import FIELDS, GrabRequest, redacted, validate
 
 HYP = settings(
     database=None,

@@ -1,4 +1,4 @@
-"""worker.retention: which snapshots go, in what order, and only as many as needed."""
+"""bakgrab.worker.retention: which snapshots go, in what order, and only as many as needed."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.config import Settings, parse_size
-from tasks.errors import NoSpace
-from worker import locks
-from worker.retention import Need, Usage, exclusive_usage, make_room, need, removal_queue
-from worker.storage import Snapshot, Storage, snapshot_dirname
+from bakgrab.tasks.config import Settings, parse_size
+from bakgrab.tasks.errors import NoSpace
+from bakgrab.worker import locks
+from bakgrab.worker.retention import Need, Usage, exclusive_usage, make_room, need, removal_queue
+from bakgrab.worker.storage import Snapshot, Storage, snapshot_dirname
 
 HYP = settings(database=None, deadline=None, max_examples=300)
 needs_ionice = pytest.mark.skipif(shutil.which("ionice") is None, reason="ionice not installed")

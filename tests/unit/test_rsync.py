@@ -1,4 +1,4 @@
-"""worker.rsync: the pull's argv, rsync's output, and what its exit codes mean.
+"""bakgrab.worker.rsync: the pull's argv, rsync's output, and what its exit codes mean.
 
 Output parsing is checked on what a real local rsync prints, and the argv on
 what a real rsync makes of it (a stand-in ``ssh`` records the argv it gets).
@@ -19,16 +19,16 @@ from typing import Any
 import pytest
 from celery import Celery
 
-from client import gate
-from tasks.errors import (
+from bakgrab.client import gate
+from bakgrab.tasks.errors import (
     BakgrabError,
     HostKeyMismatch,
     NoSpace,
     TransferFailed,
     TransferInterrupted,
 )
-from worker import rsync
-from worker.rsync import (
+from bakgrab.worker import rsync
+from bakgrab.worker.rsync import (
     PullSpec,
     classify,
     exclude_rules,

@@ -1,4 +1,4 @@
-"""tasks.sealed: the one-time key travels sealed to the backup host's request key.
+"""bakgrab.tasks.sealed: the one-time key travels sealed to the backup host's request key.
 
 Only the holder of the request private key opens a box; anything else (another
 key, a changed or cut box, garbage) is a ValueError, and validate() turns every
@@ -28,9 +28,9 @@ from cryptography.hazmat.primitives.serialization import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.errors import InvalidRequest
-from tasks.request import MAX_KEY_LEN, redacted, validate, validate_restore
-from tasks.sealed import (
+from bakgrab.tasks.errors import InvalidRequest
+from bakgrab.tasks.request import MAX_KEY_LEN, redacted, validate, validate_restore
+from bakgrab.tasks.sealed import (
     MAX_SEALED,
     PREFIX,
     load_or_create_private,

@@ -1,4 +1,4 @@
-"""client.sshd: who may connect, and the hardened sshd configuration."""
+"""bakgrab.client.sshd: who may connect, and the hardened sshd configuration."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from client.sshd import ServerConfig, parse_allow, peer_allowed, sshd_config
-from tasks.errors import ClientSetupError
+from bakgrab.client.sshd import ServerConfig, parse_allow, peer_allowed, sshd_config
+from bakgrab.tasks.errors import ClientSetupError
 
 SSHD = shutil.which("sshd") or shutil.which("sshd", path="/usr/sbin:/sbin")
-GATE = "/usr/bin/python3 -I -m client.gate ro /srv/data /tmp/bakgrab-sshd-x/gate.log"
+GATE = "/usr/bin/python3 -I -m bakgrab.client.gate ro /srv/data /tmp/bakgrab-sshd-x/gate.log"
 
 
 def test_parse_allow() -> None:

@@ -1,4 +1,4 @@
-"""worker.storage: snapshot names, the inventory of a real storage dir, atomic writes."""
+"""bakgrab.worker.storage: snapshot names, the inventory of a real storage dir, atomic writes."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks.request import NAME_RE
-from worker.storage import Snapshot, Storage, parse_snapshot, snapshot_dirname, write_atomic
+from bakgrab.tasks.request import NAME_RE
+from bakgrab.worker.storage import Snapshot, Storage, parse_snapshot, snapshot_dirname, write_atomic
 
 HYP = settings(database=None, deadline=None, max_examples=200)
 

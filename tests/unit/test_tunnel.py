@@ -1,12 +1,12 @@
-"""client.tunnel: the --tunnel target, the broker endpoint and URLs without secrets."""
+"""bakgrab.client.tunnel: the --tunnel target, the broker endpoint and URLs without secrets."""
 
 from __future__ import annotations
 
 import pytest
 import redis
 
-from client.tunnel import broker_endpoint, parse_target, redact_url, with_endpoint
-from tasks.errors import ClientSetupError
+from bakgrab.client.tunnel import broker_endpoint, parse_target, redact_url, with_endpoint
+from bakgrab.tasks.errors import ClientSetupError
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,266 @@
+"""The backup host's commands: ``worker``, ``list``, ``prune``, ``versions``,
+``trust``, ``flower`` and ``status``.
+
+The ``bakgrab`` group (:mod:`bakgrab.tasks.cli`) finds them through the
+``bakgrab.commands`` entry points and imports this module only when one of
+them runs. Storage code is imported inside each command, so ``--help`` stays
+cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from bakgrab.tasks import config
+from bakgrab.tasks.cli import CONTEXT, guarded, settings_from
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--storage", help="Storage directory for snapshots (must exist).")
+@click.option("--broker", help="Broker URL, e.g. redis://127.0.0.1:6379/0.")
+@click.option("--queue", help="Queue to serve (default: bakgrab).")
+@click.option("--concurrency", type=int, help="Grabs run at once (default: 2).")
+@click.option("--loglevel", help="Celery log level (default: INFO).")
+@click.option("--min-free-abs", help="Free space to keep, e.g. 5G (default: 1G).")
+@click.option("--min-free-avg", type=float,
+              help="Also keep this many average snapshots' size free (default: 0, off).")
+@click.option("--min-free-inodes", type=int, help="Free inodes to keep (default: 10000).")
+@click.option("--min-keep", type=int,
+              help="Snapshots per name cleanup never goes below (default: 1).")
+@click.option("--max-retries", type=int, help="Retries of a transient failure (default: 3).")
+@click.option("--rsync-timeout", type=int, help="rsync --timeout in seconds (default: 300).")
+@click.option("--bwlimit", help="rsync --bwlimit, e.g. 10M (default: none).")
+@click.pass_context
+@guarded
+def worker(ctx: click.Context, **flags: Any) -> None:
+    """Run a Celery worker that serves `bakgrab.grab` (backup host).
+
+    Starts a prefork pool with task events on. Before each grab it frees space
+    by removing the oldest snapshots of the name that has the most (never below
+    --min-keep per name), then pulls the client with rsync into STORAGE.
+    """
+    settings = settings_from(ctx, **flags)
+    from bakgrab.worker.task import serve
+
+    serve(settings)
+
+
+@click.command("list", context_settings=CONTEXT)
+@click.option("--storage", help="Storage directory.")
+@click.option("--fast", is_flag=True,
+              help="Skip the per-snapshot size (a walk of every snapshot).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@guarded
+def list_(ctx: click.Context, storage: str | None, fast: bool, as_json: bool) -> None:
+    """List every name with its snapshots, newest first (backup host).
+
+    Per name: snapshot count and the newest one's age; per snapshot: time,
+    state, and the space it holds alone (bytes no other snapshot shares by
+    hard links: what removing it would free).
+    """
+    settings = settings_from(ctx, storage=storage)
+    from bakgrab.tasks.result import human_bytes
+    from bakgrab.worker.inventory import inventory
+
+    if not settings.storage:
+        raise config.ConfigError("give --storage DIR")
+    data = inventory(Path(settings.storage), sizes=not fast)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    if not data:
+        click.echo("no snapshots")
+    for name in data:
+        snaps = name["snapshots"]
+        age = f", newest {human_age(name['newest_age'])} old" if snaps else ""
+        click.echo(f"{name['name']}: {name['count']} snapshot(s){age}"
+                   + (", a grab in progress or interrupted" if name["in_progress"] else ""))
+        for s in snaps:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["timestamp"]))
+            flag = "partial" if s["partial"] else "complete"
+            alone = f"  {human_bytes(s['alone_bytes'])} alone" if "alone_bytes" in s else ""
+            click.echo(f"  {s['snapshot']}  {when}  {flag}{alone}")
+
+
+def human_age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--storage", help="Storage directory.")
+@click.option("--dry-run", is_flag=True, help="Show what would be removed; remove nothing.")
+@click.option("--min-free-abs", help="Free space to keep, e.g. 5G.")
+@click.option("--min-free-avg", type=float, help="Average snapshots' worth of space to keep free.")
+@click.option("--min-free-inodes", type=int, help="Free inodes to keep.")
+@click.option("--min-keep", type=int, help="Snapshots per name never removed.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@guarded
+def prune(ctx: click.Context, dry_run: bool, as_json: bool, **flags: Any) -> None:
+    """Run the free-space cleanup now (backup host).
+
+    The same rule as before every grab: while free space (or inodes) is below
+    the need, remove the oldest snapshot of the name that has the most, never
+    below --min-keep per name. Prints, in order, what it removes (or would)
+    and why; exits 6 if it cannot free enough.
+    """
+    settings = settings_from(ctx, **flags)
+    from bakgrab.worker.retention import make_room
+    from bakgrab.worker.storage import Storage
+
+    if not settings.storage:
+        raise config.ConfigError("give --storage DIR")
+    storage = Storage(settings.storage)
+    if not dry_run:
+        storage.prepare()
+    elif not storage.state.is_dir():
+        storage = storage.prepare()
+    removed = make_room(storage, settings, dry_run=dry_run)
+    if as_json:
+        click.echo(json.dumps({"dry_run": dry_run, "removed": removed}, indent=2))
+        return
+    verb = "would remove" if dry_run else "removed"
+    for entry in removed:
+        if entry["snapshot"] is None:
+            click.echo(f"cannot free enough: {entry['reason']} (min_keep={settings.min_keep})")
+        else:
+            click.echo(f"{verb} {entry['snapshot']}: {entry['reason']} ({entry['rule']})")
+    if not removed:
+        click.echo("enough free space; nothing to remove")
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--storage", help="Storage directory.")
+@click.option("--name", required=True, help="Backup name.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.argument("path")
+@click.pass_context
+@guarded
+def versions(ctx: click.Context, storage: str | None, name: str, path: str,
+             as_json: bool) -> None:
+    """List the snapshots of NAME holding PATH, and when it changed (backup host).
+
+    PATH is relative to the snapshot root (e.g. etc/fstab). A file is unchanged
+    from the previous snapshot when both are the same inode (a hard link).
+    """
+    settings = settings_from(ctx, storage=storage)
+    from bakgrab.worker.history import versions as find_versions
+
+    if not settings.storage:
+        raise config.ConfigError("give --storage DIR")
+    rows = find_versions(Path(settings.storage), name, path)
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"{path}: in no snapshot of {name}")
+    for row in rows:
+        if row["present"]:
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["mtime"]))
+            click.echo(f"{row['snapshot']}  {row['size']:>12}  {when}  "
+                       f"{'changed' if row['changed'] else 'same'}")
+        else:
+            click.echo(f"{row['snapshot']}  {'absent':>12}")
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--storage", help="Storage directory.")
+@click.option("--key", "public_key", metavar="'ssh-ed25519 AAAA...'",
+              help="Pin this key now; without it the next request of NAME pins its key.")
+@click.argument("name")
+@click.pass_context
+@guarded
+def trust(ctx: click.Context, storage: str | None, public_key: str | None, name: str) -> None:
+    """Re-pin NAME's sshd host key after a legitimate change (backup host).
+
+    Snapshots are untouched. Without --key, the pin is removed and the next
+    request for NAME is trusted on first use, as the very first one was.
+    """
+    settings = settings_from(ctx, storage=storage)
+    from bakgrab.tasks.request import check_name, check_public_key, fingerprint
+    from bakgrab.worker.storage import Storage, write_atomic
+
+    if not settings.storage:
+        raise config.ConfigError("give --storage DIR")
+    store = Storage(settings.storage).prepare()
+    pin = store.pin(check_name(name))
+    old = pin.read_text().strip() if pin.exists() else None
+    if public_key:
+        line = check_public_key(public_key)
+        write_atomic(pin, line + "\n", mode=0o644)
+        click.echo(f"{name}: pinned {fingerprint(line)}"
+                   + (f" (was {fingerprint(old)})" if old else ""))
+    else:
+        pin.unlink(missing_ok=True)
+        click.echo(f"{name}: pin removed" + (f" (was {fingerprint(old)})" if old else "")
+                   + "; the next request pins its key")
+
+
+# -- monitoring (backup host) ------------------------------------------------------
+
+@click.command(context_settings=CONTEXT)
+@click.option("--broker", help="Broker URL, e.g. redis://127.0.0.1:6379/0.")
+@click.option("--address", "flower_address", help="Address to listen on (default: 127.0.0.1).")
+@click.option("--port", "flower_port", type=int, help="Port to listen on (default: 5555).")
+@click.pass_context
+@guarded
+def flower(ctx: click.Context, **flags: Any) -> None:
+    """Run Flower to watch every grab: read-only, behind basic auth (backup host).
+
+    Listens on loopback by default (view it with `ssh -L 5555:127.0.0.1:5555`);
+    refuses to start without credentials: USER:PASS pairs (joined by commas) in
+    BAKGRAB_FLOWER_BASIC_AUTH or flower_basic_auth in a 0600 config file, never
+    on the command line, where other local users could read them. The tasks page shows each job's
+    name, state, retries and runtime; see docs/monitoring.md.
+    """
+    settings = settings_from(ctx, **flags)
+    from bakgrab.worker.flower import serve
+
+    sys.exit(serve(settings))
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--storage", help="Storage directory.")
+@click.option("--stale-after", metavar="DURATION",
+              help="A name whose last success is older is STALE: seconds or e.g. 90m, 36h, 2d "
+                   "(default: 36h).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--metrics-file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write Prometheus metrics there, atomically (for node_exporter's "
+                   "textfile collector: a *.prom file in its directory).")
+@click.pass_context
+@guarded
+def status(ctx: click.Context, storage: str | None, stale_after: str | None, as_json: bool,
+           metrics_file: Path | None) -> None:
+    """Show whether every name was backed up recently (backup host; for cron).
+
+    Per name: the last successful snapshot's age, duration and size, the
+    count of failed grabs, and STALE when that success is older than
+    --stale-after or missing. Exits 13 when any name is STALE, else 0.
+    """
+    settings = settings_from(ctx, storage=storage, stale_after=stale_after)
+    from bakgrab.worker import status as name_status
+    from bakgrab.worker.storage import Storage
+
+    if not settings.storage:
+        raise config.ConfigError("give --storage DIR")
+    limit = config.parse_duration(settings.stale_after)
+    statuses = name_status.collect(Storage(settings.storage), limit)
+    if metrics_file:
+        name_status.write_metrics(statuses, metrics_file)
+    if as_json:
+        click.echo(json.dumps({"stale_after": limit,
+                               "names": [s.to_dict() for s in statuses]}, indent=2))
+    else:
+        click.echo(name_status.to_text(statuses, limit))
+    sys.exit(name_status.exit_code(statuses))

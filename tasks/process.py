@@ -11,7 +11,10 @@ Every ssh, sshd, rsync and ssh-keygen child starts here, and so each one:
   secrets are never put in a child's argv or environment by bakgrab, this is
   belt and braces;
 * turns a non-zero exit into :class:`ProgramFailed` carrying the code and the
-  tail of stderr, where the caller asks for it.
+  tail of stderr, where the caller asks for it;
+* may be confined before it runs (``confine``: the worker's Landlock sandbox
+  of rsync, issue 11), by a hook that runs in the child between fork and exec
+  and must make only async-signal-safe calls.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import IO, Any
 
 from bakgrab.tasks.errors import ProgramFailed
@@ -124,10 +127,17 @@ def spawn(
     cwd: str | None = None,
     pass_fds: Sequence[int] = (),
     secrets: Iterable[str] = (),
+    confine: Callable[[], None] | None = None,
 ) -> Child:
     """Start ``argv`` in its own process group; see the module docstring."""
     argv = [which(argv[0]), *argv[1:]]
-    log.debug("run: %s", masked(argv, secrets))
+    log.debug("run: %s%s", masked(argv, secrets), " (confined)" if confine else "")
+
+    def child_setup() -> None:
+        _child_setup()
+        if confine is not None:
+            confine()
+
     popen = subprocess.Popen(
         argv,
         stdin=stdin,
@@ -137,7 +147,7 @@ def spawn(
         cwd=cwd,
         pass_fds=tuple(pass_fds),
         start_new_session=True,
-        preexec_fn=_child_setup,  # noqa: PLW1509 -- only prctl(), async-signal-safe
+        preexec_fn=child_setup,  # noqa: PLW1509 -- only prctl() and the confine syscalls
         close_fds=True,
     )
     return Child(popen, argv)

@@ -11,12 +11,31 @@ from pathlib import Path
 
 from bakgrab.tasks import caps
 from bakgrab.tasks.doctor import Check, capabilities
+from bakgrab.tasks.errors import ConfigError
+from bakgrab.worker import sandbox
 
 
 def checks(user: str | None, storage_dir: str | None) -> Iterator[Check]:
     yield from capabilities("worker", caps.WORKER_CAPS, "FAIL")
+    yield from rsync_sandbox(Path(storage_dir) if storage_dir else None)
     if storage_dir:
         yield from storage(Path(storage_dir))
+
+
+def rsync_sandbox(storage_dir: Path | None) -> Iterator[Check]:
+    """Whether the kernel can confine each rsync to its name's paths (issue 11)."""
+    if sandbox.abi() < sandbox.MIN_ABI:
+        yield "FAIL", "rsync sandbox", (
+            f"{sandbox.describe()}: the worker refuses to start; enable Landlock in the "
+            "kernel (lsm= boot parameter), or set sandbox = \"off\" knowingly "
+            "(docs/security.md)")
+        return
+    yield "ok", "rsync sandbox", sandbox.describe()
+    if storage_dir is not None:
+        try:
+            sandbox.check_storage(storage_dir)
+        except ConfigError as e:
+            yield "FAIL", "storage place", str(e)
 
 
 def storage(path: Path) -> Iterator[Check]:

@@ -71,6 +71,28 @@ class Settings:
     """Worker: snapshots per name that cleanup never goes below (at least 1)."""
     stale_inprogress_age: int = 7 * 86400
     """Worker: age in seconds after which an abandoned in-progress dir is removed."""
+    name_max_bytes: str = "auto"
+    """Worker: a name's share of the storage's bytes (issue 11). When space is
+    short, names over their share pay first (and a name over its share pays
+    alone for its own grab). ``auto``: the storage's size divided by the number
+    of names; a size (e.g. ``200G``) for each name; ``off``: no share, the
+    classic rule only (any name may lose snapshots down to ``min_keep``)."""
+    name_max_inodes: str = "auto"
+    """Worker: a name's share of the storage's inodes: ``auto`` (the storage's
+    inodes divided by the number of names), a number, or ``off``."""
+    max_names: int = 100
+    """Worker: names the storage may hold (names with snapshots or an
+    in-progress dir); a grab of a new name beyond it is refused (exit 6) before
+    anything is written. 0: no limit."""
+    enrol: str = "registered"
+    """Worker: who may back up a name (issue 11). ``registered``: only the
+    client whose key the operator registered (``bakgrab trust NAME --key
+    ...``); a request for any other name is refused. ``first-use``: a name
+    with no registration is registered to the key of its first *successful*
+    grab (a failed grab registers nothing); only for a trusted network."""
+    request_window: int = 600
+    """Worker: seconds a request's signing time may differ from the worker's
+    clock at its first delivery (redeliveries of an accepted task id pass)."""
     request_public_key: str = ""
     """Client: the backup host's request public key (base64, printed by
     ``bakgrab worker`` at start). Empty: take it from the broker and pin it."""
@@ -211,6 +233,17 @@ def check(settings: Settings) -> None:
         raise ConfigError("flower_port must be from 1 to 65535")
     if settings.bwlimit and not re.fullmatch(r"\d+(\.\d+)?[KMGkmg]?", settings.bwlimit):
         raise ConfigError(f"bwlimit {settings.bwlimit!r}: use a number with an optional K, M or G")
+    if settings.max_names < 0:
+        raise ConfigError("max_names must be 0 (no limit) or more")
+    for name, parse_limit in (("name_max_bytes", parse_size), ("name_max_inodes", int)):
+        value = getattr(settings, name)
+        if value not in ("auto", "off"):
+            try:
+                if parse_limit(value) < 1:
+                    raise ValueError(value)
+            except (ConfigError, ValueError):
+                raise ConfigError(f"setting {name}: {value!r}: use auto, off or a "
+                                  + ("size" if name == "name_max_bytes" else "number")) from None
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", settings.queue):
         raise ConfigError(f"queue {settings.queue!r}: letters, digits and _.:- only")
 

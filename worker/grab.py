@@ -157,6 +157,7 @@ def grab(
         return GrabResult.from_dict(done)
 
     started = time.time()
+    retention.admit(storage, settings, request.name)  # max_names, before any write (issue 11)
     with locks.held(storage.lock(request.name), what=f"name {request.name}"):
         done = finished(storage, task_id)
         if done is not None:

@@ -1,20 +1,45 @@
-"""Free-space cleanup: keep as many snapshots as possible, for as long as possible.
+"""Free-space cleanup: keep as many snapshots as possible, for as long as
+possible, and let no name pay for space another name used (issue 11).
 
-Before each grab, under the storage lock, :func:`make_room` applies the
-original design's rule and removes snapshots only while the storage lacks
-space (or inodes), and only as many as needed:
+Before each grab, under the storage lock, :func:`make_room` removes snapshots
+only while the storage lacks space (or inodes), and only as many as needed:
 
 * ``min_free = max(min_free_avg * used / snapshots, min_free_abs)`` (the
   average term only when ``min_free_avg`` is set and snapshots exist); the
   same for inodes with ``min_free_inodes``;
-* while free space or inodes are short: take the name with the most
-  snapshots (ties: the name that sorts last), remove its oldest, measure
-  again;
-* a name never goes below ``min_keep`` snapshots, so the newest snapshot of a
-  name, the one every running grab of that name uses as ``--link-dest``, is
-  never removed; only complete snapshots of the layout are ever candidates;
+* in-progress dirs of failed grabs of other names go first (not backups);
+* **fair shares**: each name has a share of the storage's bytes and inodes
+  (``name_max_bytes`` / ``name_max_inodes``; ``auto`` is the storage's size
+  divided by the number of names). A name's usage is what its complete
+  snapshots hold alone: every inode whose links all lie in that name's
+  snapshots, counted once (hard links between its snapshots are not counted
+  twice; an inode another name or an in-progress dir also links to is shared
+  and charged to no one, since removing this name would not free it).
+  While space is short, :class:`FairQueue` picks, in order:
+
+  1. when the grabbing name is over its share: only that name pays, oldest
+     first, down to its newest snapshot (its own ``--link-dest``); then the
+     grab fails with :class:`NoSpace` rather than take anything from others;
+  2. names over their share (the most over first, its oldest first), down to
+     their newest, ignoring ``min_keep``: it protects names within their
+     share, not a client that filled the disk;
+  3. for a grab of a name within its share only: a name over its share by its
+     newest snapshot alone loses that too, unless a grab of it is running;
+  4. the classic rule: the name with the most snapshots (ties: the name that
+     sorts last) loses its oldest, never below ``min_keep``;
+
+  measuring free space again after each removal;
+* a name within its share never goes below ``min_keep``; the newest snapshot
+  of a name that a running grab uses as ``--link-dest`` is never removed;
+  only complete snapshots of the layout are ever candidates;
 * if that cannot free enough, :class:`NoSpace` says how much is free, what is
-  needed and ``min_keep``, and nothing more is removed.
+  needed, the shares and ``min_keep``, and nothing more is removed.
+
+Usage is measured only when space is short (a walk of each name's snapshots,
+like ``du``), and cached in ``.bakgrab/usage/NAME.json`` keyed by the name's
+snapshot list, so a name is walked again only after it gained a snapshot;
+a removal by cleanup updates the cache without a walk (removing the oldest
+frees exactly what the walk attributed to it).
 
 A removal is a rename into ``.bakgrab/trash`` (atomic: the snapshot leaves the
 layout at once), then a delete of the tree at idle I/O priority. A crash
@@ -23,11 +48,14 @@ mid-delete leaves only trash, which the next cleanup finishes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
+import math
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +64,7 @@ from bakgrab.tasks.config import Settings, parse_size
 from bakgrab.tasks.errors import NoSpace
 from bakgrab.tasks.result import human_bytes
 from bakgrab.worker import locks
-from bakgrab.worker.storage import Snapshot, Storage
+from bakgrab.worker.storage import Snapshot, Storage, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +130,253 @@ def removal_queue(
         yield left[name].pop(0)
 
 
+# -- fair shares (issue 11) ----------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Share:
+    """The bytes and inodes each name may hold before it pays first (None: no
+    limit on that count)."""
+
+    bytes: int | None
+    inodes: int | None
+
+    @property
+    def limited(self) -> bool:
+        return self.bytes is not None or self.inodes is not None
+
+
+def shares(settings: Settings, usage: Usage, names: int) -> Share:
+    """Each name's share: the configured limit, or with ``auto`` the
+    storage's capacity (used + free) divided by the number of names."""
+    names = max(names, 1)
+
+    def one(value: str, capacity: int | None, parse: Callable[[str], int]) -> int | None:
+        if value == "off" or capacity is None:
+            return None
+        if value == "auto":
+            return capacity // names
+        return parse(value)
+
+    return Share(
+        one(settings.name_max_bytes, usage.used_bytes + usage.free_bytes, parse_size),
+        one(settings.name_max_inodes,
+            usage.used_inodes + usage.free_inodes if usage.has_inodes else None, int),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class NameUsage:
+    """What one name's complete snapshots hold alone: ``freed[k]`` is the
+    (bytes, inodes) removing snapshot ``k`` frees once the older ones are gone
+    (the inodes whose newest link is in it); ``shared_bytes`` are bytes also
+    linked from outside the name's snapshots, which removing them never frees."""
+
+    snapshots: tuple[str, ...]
+    freed: tuple[tuple[int, int], ...]
+    shared_bytes: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return sum(b for b, _ in self.freed)
+
+    @property
+    def inodes(self) -> int:
+        return sum(i for _, i in self.freed)
+
+    def without_oldest(self) -> NameUsage:
+        """The usage once the oldest snapshot is gone: exactly the rest."""
+        return NameUsage(self.snapshots[1:], self.freed[1:], self.shared_bytes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"snapshots": list(self.snapshots), "freed": [list(f) for f in self.freed],
+                "shared_bytes": self.shared_bytes}
+
+
+def walk_name(roots: Sequence[Path]) -> tuple[list[tuple[int, int]], int]:
+    """One ``du``-like walk over a name's snapshot trees (oldest first): the
+    (bytes, inodes) each frees when removed in that order, and the bytes of
+    inodes linked from outside them. Directories count too (they are never
+    hard-linked); symlinks are not followed."""
+    freed = [[0, 0] for _ in roots]
+    # (dev, inode) -> [index of its newest snapshot, links seen, bytes, st_nlink]
+    linked: dict[tuple[int, int], list[int]] = {}
+    for k, root in enumerate(roots):
+        for dirpath, dirnames, filenames in os.walk(root):
+            st = os.lstat(dirpath)
+            freed[k][0] += st.st_blocks * 512
+            freed[k][1] += 1
+            for fn in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+                st = os.lstat(os.path.join(dirpath, fn))
+                if st.st_nlink == 1:
+                    freed[k][0] += st.st_blocks * 512
+                    freed[k][1] += 1
+                    continue
+                entry = linked.get((st.st_dev, st.st_ino))
+                if entry is None:
+                    linked[(st.st_dev, st.st_ino)] = [k, 1, st.st_blocks * 512, st.st_nlink]
+                else:
+                    entry[0] = k
+                    entry[1] += 1
+    shared = 0
+    for newest, seen, nbytes, nlink in linked.values():
+        if seen >= nlink:
+            freed[newest][0] += nbytes
+            freed[newest][1] += 1
+        else:
+            shared += nbytes
+    return [(b, i) for b, i in freed], shared
+
+
+def cached_usage(storage: Storage, name: str, snaps: Sequence[Snapshot]) -> NameUsage:
+    """The usage of ``name``, from its cache when that was made for exactly
+    these snapshots, else by a walk (then cached)."""
+    dirnames = tuple(s.dirname for s in sorted(snaps))
+    try:
+        data = json.loads(storage.usage(name).read_text())
+        if tuple(data["snapshots"]) == dirnames and len(data["freed"]) == len(dirnames):
+            return NameUsage(dirnames, tuple((int(b), int(i)) for b, i in data["freed"]),
+                             int(data["shared_bytes"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    started = time.monotonic()
+    with caps.raised("dac_override"):
+        freed, shared = walk_name([storage.root / d for d in dirnames])
+    found = NameUsage(dirnames, tuple(freed), shared)
+    log.info("measured %s: %s and %d inodes alone in %d snapshot(s) (%.2f s)", name,
+             human_bytes(found.bytes), found.inodes, len(dirnames), time.monotonic() - started)
+    store_usage(storage, name, found)
+    return found
+
+
+def store_usage(storage: Storage, name: str, found: NameUsage) -> None:
+    with contextlib.suppress(OSError):
+        write_atomic(storage.usage(name), json.dumps(found.to_json()))
+
+
+class FairQueue:
+    """Snapshots in the order cleanup removes them under fair shares (see the
+    module docstring, rules 1 to 4), each with its rule and what removing it
+    frees (None when no usage was measured). Iterating updates the model, so
+    :meth:`over` tells where the queue stopped."""
+
+    def __init__(
+        self,
+        inventory: Mapping[str, Sequence[Snapshot]],
+        usages: Mapping[str, NameUsage],
+        share: Share,
+        *,
+        current: str | None,
+        min_keep: int,
+        busy: Collection[str] = (),
+    ) -> None:
+        if min_keep < 1:
+            raise ValueError("min_keep must be at least 1")
+        self.left = {name: sorted(snaps) for name, snaps in inventory.items() if snaps}
+        self.usages = {n: usages[n] for n in self.left if n in usages}
+        self.share = share
+        self.current = current
+        self.min_keep = min_keep
+        self.busy = set(busy) | ({current} if current else set())
+
+    def ratio(self, name: str) -> float:
+        """How far ``name`` is over its share (> 1: over), by bytes or inodes."""
+        used = self.usages.get(name)
+        if used is None:
+            return 0.0
+        parts = [0.0]
+        if self.share.bytes is not None:
+            parts.append(used.bytes / self.share.bytes if self.share.bytes else math.inf)
+        if self.share.inodes is not None:
+            parts.append(used.inodes / self.share.inodes if self.share.inodes else math.inf)
+        return max(parts) if used.bytes or used.inodes else 0.0
+
+    def over(self, name: str) -> bool:
+        return self.ratio(name) > 1
+
+    def describe(self, name: str) -> str:
+        used = self.usages.get(name) or NameUsage((), ())
+        limits = []
+        if self.share.bytes is not None:
+            limits.append(f"{human_bytes(used.bytes)} of a {human_bytes(self.share.bytes)} share")
+        if self.share.inodes is not None:
+            limits.append(f"{used.inodes} inodes of a {self.share.inodes} share")
+        return ", ".join(limits) or "no share set"
+
+    def _pop(self, name: str) -> tuple[Snapshot, tuple[int, int] | None]:
+        snap = self.left[name].pop(0)
+        freed = None
+        if name in self.usages:
+            freed = self.usages[name].freed[0]
+            self.usages[name] = self.usages[name].without_oldest()
+        if not self.left[name]:
+            del self.left[name]
+        return snap, freed
+
+    def __iter__(self) -> Iterator[tuple[Snapshot, str, tuple[int, int] | None]]:
+        while self.left:
+            cur = self.current
+            if cur is not None and self.over(cur):
+                # rule 1: a name over its share makes room from its own snapshots only
+                if len(self.left.get(cur, ())) <= 1:
+                    return
+                rule = f"{cur} is over its share ({self.describe(cur)}): it alone pays"
+                snap, freed = self._pop(cur)
+                yield snap, rule, freed
+                continue
+            over = [n for n in self.left if self.over(n) and len(self.left[n]) > 1]
+            if not over and cur is not None:
+                # rule 3: a grab within its share takes even the only snapshot
+                # of a name whose newest alone is over its share, if no grab
+                # of that name runs (its --link-dest)
+                over = [n for n in self.left if self.over(n) and n not in self.busy]
+            if over:
+                # rule 2: names over their share pay first, the most over first
+                name = max(over, key=lambda n: (self.ratio(n), n))
+                rule = f"{name} is over its share ({self.describe(name)}); its oldest goes first"
+                snap, freed = self._pop(name)
+                yield snap, rule, freed
+                continue
+            # rule 4: the classic rule, never below min_keep
+            keep = {n: s for n, s in self.left.items() if len(s) > self.min_keep}
+            if not keep:
+                return
+            name = max(keep, key=lambda n: (len(keep[n]), n))
+            snap, freed = self._pop(name)
+            yield snap, f"{name} has the most snapshots; its oldest goes first", freed
+
+
+def known_names(storage: Storage) -> set[str]:
+    """Names the storage holds: with a complete snapshot or an in-progress dir."""
+    return {s.name for s in storage.snapshots()} | set(storage.inprogress_names())
+
+
+def admit(storage: Storage, settings: Settings, name: str) -> None:
+    """Refuse a grab of a new name beyond ``max_names`` (issue 11: a client
+    must not invent thousands of names, each diluting every share); called
+    before the grab writes anything."""
+    if not settings.max_names:
+        return
+    known = known_names(storage)
+    if name not in known and len(known) >= settings.max_names:
+        raise NoSpace(
+            f"refusing a first grab of {name}: the storage already holds "
+            f"{len(known)} names, max_names={settings.max_names}. Nothing was written. If "
+            f"{name} is a real client, raise max_names (or remove names no longer backed up)."
+        )
+
+
+STORAGE_LOCK_WAIT = 3600.0
+"""Seconds a cleanup waits for another cleanup to end (a delete may be slow)."""
+
+
+def busy(storage: Storage, name: str) -> bool:
+    """Whether a grab of ``name`` runs: its lock is held (also the lock of the
+    old layout, which a worker not yet upgraded takes)."""
+    legacy = storage.legacy_lock(name)
+    return locks.is_held(storage.lock(name)) or (legacy is not None and locks.is_held(legacy))
+
+
 def make_room(
     storage: Storage,
     settings: Settings,
@@ -110,14 +385,15 @@ def make_room(
     measure: Callable[[Path], Usage] = measure,
     current: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Remove snapshots until the storage has what a grab needs; the removals,
-    in order, each with its reason. NoSpace if that cannot be done."""
+    """Remove snapshots until the storage has what a grab of ``current`` (or
+    a prune, when None) needs; the removals, in order, each with its reason
+    and rule. NoSpace if that cannot be done."""
     removed: list[dict[str, Any]] = []
     if not dry_run:
         # Leftovers of a crash are deleted outside the storage lock: other
         # grabs' cleanups need not wait for a tree that is no backup anymore.
         purge_trash(storage)
-    with locks.held(storage.state / "locks" / "storage.lock", wait=3600, what="storage"):
+    with locks.held(storage.storage_lock, wait=STORAGE_LOCK_WAIT, what="storage"):
         if not dry_run:
             removed += remove_stale_inprogress(storage, settings)
         inventory = storage.by_name()
@@ -131,7 +407,7 @@ def make_room(
             # Before any backup goes: in-progress dirs of failed grabs (no
             # grab holds their name) are not backups.
             for name in storage.inprogress_names():
-                if name == current or locks.is_held(storage.lock(name)):
+                if name == current or busy(storage, name):
                     continue
                 target = storage.trash / f".inprogress-{name}.{time.time_ns()}"
                 with caps.raised("dac_override"):
@@ -144,13 +420,20 @@ def make_room(
                 why = wanted.short(usage)
                 if why is None:
                     return removed
-        for snap in removal_queue(inventory, settings.min_keep):
-            entry = {"snapshot": snap.dirname, "reason": why,
-                     "rule": f"{snap.name} has the most snapshots; its oldest goes first"}
+        names = set(inventory) | ({current} if current else set())
+        share = shares(settings, usage, len(names))
+        usages = ({name: cached_usage(storage, name, snaps) for name, snaps in inventory.items()}
+                  if share.limited else {})
+        queue = FairQueue(inventory, usages, share, current=current,
+                          min_keep=settings.min_keep,
+                          busy={n for n in inventory if n == current or busy(storage, n)})
+        for snap, rule, freed in queue:
+            entry = {"snapshot": snap.dirname, "reason": why, "rule": rule}
             if dry_run:
                 # Without removing we cannot re-measure: estimate from what the
-                # snapshot holds alone (bytes no other snapshot shares).
-                alone_bytes, alone_inodes = exclusive_usage(storage.root / snap.dirname)
+                # snapshot frees (the usage walk's count, else the bytes it
+                # holds alone: no other snapshot shares them).
+                alone_bytes, alone_inodes = freed or exclusive_usage(storage.root / snap.dirname)
                 usage = dataclasses.replace(
                     usage,
                     free_bytes=usage.free_bytes + alone_bytes,
@@ -158,9 +441,12 @@ def make_room(
                 )
             else:
                 remove_snapshot(storage, snap)
+                if snap.name in usages:
+                    store_usage(storage, snap.name, usages[snap.name].without_oldest())
+                    usages[snap.name] = usages[snap.name].without_oldest()
                 usage = measure(storage.root)
-            log.info("%s snapshot %s: %s (need %s and %d inodes free)",
-                     "would remove" if dry_run else "removed", snap.dirname, why,
+            log.info("%s snapshot %s: %s (%s; need %s and %d inodes free)",
+                     "would remove" if dry_run else "removed", snap.dirname, why, rule,
                      human_bytes(wanted.bytes), wanted.inodes)
             removed.append(entry)
             why = wanted.short(usage)
@@ -169,10 +455,19 @@ def make_room(
         if dry_run:
             removed.append({"snapshot": None, "reason": why, "rule": "cannot free enough"})
             return removed
+        if current is not None and queue.over(current):
+            raise NoSpace(
+                f"not enough space on the storage for {current}: {why} (need "
+                f"{human_bytes(wanted.bytes)} and {wanted.inodes} inodes free). {current} holds "
+                f"{queue.describe(current)}: a name over its share frees room only from its "
+                "own snapshots, and only its newest is left. Raise name_max_bytes/"
+                "name_max_inodes, add space, or lower min_free_abs/min_free_avg."
+            )
         raise NoSpace(
             f"not enough space on the storage: {why} (need {human_bytes(wanted.bytes)} and "
             f"{wanted.inodes} inodes free); every name is down to min_keep={settings.min_keep} "
-            "snapshots. Add space, lower min_free_abs/min_free_avg, or lower min_keep."
+            "snapshots (names over their share to their newest). Add space, lower "
+            "min_free_abs/min_free_avg, or lower min_keep."
         )
 
 
@@ -197,7 +492,7 @@ def delete_tree(path: Path) -> None:
 def purge_trash(storage: Storage) -> None:
     """Finish deletes a crash interrupted (skipped if another worker is at it)."""
     try:
-        with locks.held(storage.state / "locks" / "trash.lock", what="trash"):
+        with locks.held(storage.trash_lock, what="trash"):
             for entry in sorted(storage.trash.iterdir()):
                 delete_tree(entry)
     except locks.Busy:
@@ -215,7 +510,7 @@ def remove_stale_inprogress(storage: Storage, settings: Settings) -> list[dict[s
             age = now - path.stat().st_mtime
         except FileNotFoundError:
             continue
-        if age < settings.stale_inprogress_age or locks.is_held(storage.lock(name)):
+        if age < settings.stale_inprogress_age or busy(storage, name):
             continue
         target = storage.trash / f".inprogress-{name}.{time.time_ns()}"
         with caps.raised("dac_override"):

@@ -9,8 +9,13 @@
         meta/SNAPSHOT.json              stats, excludes, exit code, host key
         meta/SNAPSHOT.exclude           the exclude rules the pull used
         pins/NAME.pub                   the client's pinned sshd host key
-        locks/NAME.lock, storage.lock   flock(2) files
+        locks/storage.lock, trash.lock  flock(2) files of the whole storage
+        locks/names/NAME.lock           flock(2) file of one name (issue 11)
+        usage/NAME.json                 cached per-name usage (what cleanup weighs)
         jobs/TASK_ID.json               finished jobs, for idempotent redelivery
+                                        (kept as long as the results, then swept)
+        pulls/NAME.json                 which task filled inprogress/NAME, and
+                                        whether its pull finished (issue 13)
         failures/NAME                   one JSON line per grab that failed for good
         run/                            per-job private files (key, known_hosts)
         trash/                          snapshots being deleted
@@ -19,6 +24,14 @@ Invariants: a name matching :data:`SNAPSHOT_RE` exists only for a complete
 snapshot (it appears by one atomic rename); everything else lives under
 dot-names so it never matches; the date in a snapshot name is the UTC date of
 its UNIXTIME.
+
+Internal names never collide with backup names (issue 11, attack 8): a
+directory under ``.bakgrab`` holds either only per-name entries (``NAME`` or
+``NAME.<suffix>``) or only bakgrab's own files, never both (``locks/``
+holds the storage-wide locks and the ``names/`` subdir). Storages made before
+this layout kept name locks as ``locks/NAME.lock`` beside
+``locks/storage.lock``; those files are ignored now (flock files are empty),
+and cleanup still honours a legacy name lock an older worker holds.
 """
 
 from __future__ import annotations
@@ -70,7 +83,8 @@ class Storage:
         """Create the state directories (0700); the storage itself must exist."""
         if not self.root.is_dir():
             raise FileNotFoundError(f"storage {self.root} is not a directory")
-        for sub in ("", "inprogress", "meta", "pins", "locks", "jobs", "run", "trash"):
+        for sub in ("", "inprogress", "meta", "pins", "locks", "locks/names", "usage", "jobs",
+                    "pulls", "run", "trash"):
             path = self.state / sub
             path.mkdir(mode=0o700, exist_ok=True)
             os.chmod(path, 0o700)
@@ -87,10 +101,37 @@ class Storage:
         return self.state / "pins" / f"{name}.pub"
 
     def lock(self, name: str) -> Path:
-        return self.state / "locks" / f"{name}.lock"
+        """The flock file of one name: one grab per name at a time."""
+        return self.state / "locks" / "names" / f"{name}.lock"
+
+    def legacy_lock(self, name: str) -> Path | None:
+        """Where a worker of the old layout locks ``name``, or None when that
+        path is one of the storage-wide locks (the collision of issue 11)."""
+        path = self.state / "locks" / f"{name}.lock"
+        return None if path in (self.storage_lock, self.trash_lock) else path
+
+    @property
+    def storage_lock(self) -> Path:
+        """Held by the free-space cleanup: one at a time over the storage."""
+        return self.state / "locks" / "storage.lock"
+
+    @property
+    def trash_lock(self) -> Path:
+        return self.state / "locks" / "trash.lock"
+
+    def usage(self, name: str) -> Path:
+        return self.state / "usage" / f"{name}.json"
 
     def job(self, task_id: str) -> Path:
         return self.state / "jobs" / f"{task_id}.json"
+
+    @property
+    def jobs(self) -> Path:
+        return self.state / "jobs"
+
+    def pull_mark(self, name: str) -> Path:
+        """The record tying ``inprogress(name)`` to the task that fills it."""
+        return self.state / "pulls" / f"{name}.json"
 
     @property
     def request_key(self) -> Path:

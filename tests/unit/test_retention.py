@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import shutil
 import time
@@ -14,8 +16,22 @@ from hypothesis import strategies as st
 
 from bakgrab.tasks.config import Settings, parse_size
 from bakgrab.tasks.errors import NoSpace
-from bakgrab.worker import locks
-from bakgrab.worker.retention import Need, Usage, exclusive_usage, make_room, need, removal_queue
+from bakgrab.worker import locks, retention
+from bakgrab.worker.retention import (
+    FairQueue,
+    NameUsage,
+    Need,
+    Share,
+    Usage,
+    admit,
+    cached_usage,
+    exclusive_usage,
+    make_room,
+    need,
+    removal_queue,
+    shares,
+    walk_name,
+)
 from bakgrab.worker.storage import Snapshot, Storage, snapshot_dirname
 
 HYP = settings(database=None, deadline=None, max_examples=300)
@@ -210,6 +226,8 @@ INVENTORY = {"alpha": [T0, T0 + 86400, T0 + 2 * 86400], "beta": [T0 + 10, T0 + 8
 
 
 def settings_for(free_abs: int, min_keep: int = 1, **more: object) -> Settings:
+    """Settings for the classic rule (no fair shares) unless ``more`` sets them."""
+    more = {"name_max_bytes": "off", "name_max_inodes": "off", **more}
     return Settings(min_free_abs=str(free_abs), min_free_inodes=1000, min_keep=min_keep,
                     **more)  # type: ignore[arg-type]
 
@@ -389,3 +407,280 @@ def test_parse_size_used_by_need() -> None:
     """min_free_abs is read with parse_size (binary units)."""
     assert need(Settings(min_free_abs="5G"), usage(), 0).bytes == parse_size("5G") == 5 * GiB
 
+
+
+# -- fair shares (issue 11) -----------------------------------------------------------
+
+
+def usages_of(inventory: Mapping[str, Sequence[int]], each: Mapping[str, int]
+              ) -> dict[str, NameUsage]:
+    """A usage where every snapshot of ``name`` frees ``each[name]`` bytes and one inode."""
+    return {name: NameUsage(tuple(snapshot_dirname(name, t) for t in sorted(tss)),
+                            tuple((each[name], 1) for _ in tss))
+            for name, tss in inventory.items()}
+
+
+def order(queue: FairQueue) -> list[tuple[str, int]]:
+    return [(s.name, s.timestamp) for s, _, _ in queue]
+
+
+@HYP
+@given(inventories, st.integers(1, 4))
+def test_fair_queue_without_shares_is_the_classic_rule(
+    inventory: dict[str, list[int]], min_keep: int
+) -> None:
+    """With shares off (or nobody over its share) the order is the design's
+    classic rule, whatever name grabs."""
+    for current in (None, *inventory):
+        queue = FairQueue(snapshots_of(inventory), {}, Share(None, None), current=current,
+                          min_keep=min_keep)
+        assert order(queue) == reference_queue(inventory, min_keep)
+
+
+def test_attacker_over_its_share_pays_before_a_victim_within_it() -> None:
+    """A victim within its share grabs: the attacker (over its share) loses its
+    oldest first, below min_keep, and at last even its only snapshot (no grab
+    of it runs); the victim and a third name within their shares lose nothing."""
+    inventory = {"attacker": [1, 2, 3, 4], "victim": [10, 20], "other": [5, 6, 7, 8, 9]}
+    usages = usages_of(inventory, {"attacker": 30 * KiB, "victim": KiB, "other": KiB})
+    queue = FairQueue(snapshots_of(inventory), usages, Share(20 * KiB, None), current="victim",
+                      min_keep=2)
+    got = order(queue)
+    assert got[:4] == [("attacker", 1), ("attacker", 2), ("attacker", 3), ("attacker", 4)]
+    # then the classic rule among names within their share, never below min_keep
+    assert got[4:] == [("other", 5), ("other", 6), ("other", 7)]
+    assert not queue.over("attacker") and "attacker" not in queue.left
+
+
+def test_only_snapshot_of_a_busy_name_is_never_taken() -> None:
+    """An over-share name whose grab runs keeps its newest (its --link-dest)."""
+    inventory = {"attacker": [1, 2], "victim": [10]}
+    usages = usages_of(inventory, {"attacker": 30 * KiB, "victim": KiB})
+    queue = FairQueue(snapshots_of(inventory), usages, Share(20 * KiB, None), current="victim",
+                      min_keep=1, busy={"attacker"})
+    assert order(queue) == [("attacker", 1)]
+
+
+def test_prune_does_not_take_the_only_snapshot_of_a_name_over_its_share() -> None:
+    """Rule 3 is for a grab within its share: a prune leaves an over-share
+    name its newest."""
+    inventory = {"big": [1, 2, 3], "small": [10, 11]}
+    usages = usages_of(inventory, {"big": 30 * KiB, "small": KiB})
+    queue = FairQueue(snapshots_of(inventory), usages, Share(20 * KiB, None), current=None,
+                      min_keep=1)
+    assert order(queue) == [("big", 1), ("big", 2), ("small", 10)]
+
+
+def test_a_name_over_its_share_pays_alone_for_its_grab() -> None:
+    """The attacker grabs while over its share: only its own oldest go, down to
+    its newest, then the queue ends (NoSpace) and nobody else loses anything."""
+    inventory = {"attacker": [1, 2, 3], "victim": [10, 20, 30]}
+    usages = usages_of(inventory, {"attacker": 30 * KiB, "victim": KiB})
+    queue = FairQueue(snapshots_of(inventory), usages, Share(20 * KiB, None),
+                      current="attacker", min_keep=1)
+    assert order(queue) == [("attacker", 1), ("attacker", 2)]
+    assert queue.over("attacker")
+
+
+def test_inodes_count_for_the_share_too() -> None:
+    """A name over its inode share pays first even when its bytes are small."""
+    inventory = {"many": [1, 2], "few": [10, 11]}
+    usages = {"many": NameUsage(("a", "b"), ((10, 600), (10, 600))),
+              "few": NameUsage(("c", "d"), ((10, 10), (10, 10)))}
+    queue = FairQueue(snapshots_of(inventory), usages, Share(GiB, 1000), current="few",
+                      min_keep=1)
+    assert order(queue) == [("many", 1), ("few", 10)]
+
+
+fair_cases = st.tuples(
+    st.dictionaries(st.sampled_from("abcde"), st.sets(st.integers(0, 50), min_size=1,
+                                                      max_size=6).map(sorted), min_size=1),
+    st.dictionaries(st.sampled_from("abcde"), st.integers(0, 100)),
+    st.integers(1, 200), st.integers(1, 3), st.sampled_from([None, *"abcde"]),
+    st.sets(st.sampled_from("abcde")),
+)
+
+
+@HYP
+@given(fair_cases)
+def test_fair_queue_invariants(case: tuple[dict[str, list[int]], dict[str, int], int, int,
+                                           str | None, set[str]]) -> None:
+    """For any storage: a name within its share never goes below min_keep; a
+    busy name keeps its newest; a grab over its share takes only from itself
+    and keeps its newest; every name loses its oldest first."""
+    inventory, each, share_bytes, min_keep, current, busy = case
+    per = {n: each.get(n, 5) for n in inventory}
+    usages = usages_of(inventory, per)
+    within = {n for n in inventory if per[n] * len(inventory[n]) <= share_bytes}
+    queue = FairQueue(snapshots_of(inventory), usages, Share(share_bytes, None),
+                      current=current, min_keep=min_keep, busy=busy)
+    got = order(queue)
+    for name, tss in inventory.items():
+        gone = [t for n, t in got if n == name]
+        assert gone == tss[: len(gone)]
+        if name in within:
+            assert len(tss) - len(gone) >= min(min_keep, len(tss))
+        if name in busy or name == current:
+            assert len(gone) < len(tss)
+    if current in inventory:
+        # while the grabbing name is over its share, only it pays
+        held = per[current] * len(inventory[current])
+        for name, _ in got:
+            if held <= share_bytes:
+                break
+            assert name == current
+            held -= per[current]
+        if held > share_bytes:
+            assert {n for n, _ in got} <= {current}
+
+
+# -- usage of a name ------------------------------------------------------------------
+
+
+def test_walk_name_charges_each_inode_once_to_its_newest_snapshot(tmp_path: Path) -> None:
+    """A file hard-linked through three snapshots is freed by removing the last
+    of them; a file also linked from outside the name is shared, charged to
+    nobody; directories count as inodes with their blocks."""
+    snaps = [tmp_path / f"s{i}" for i in range(3)]
+    for s in snaps:
+        s.mkdir()
+    (snaps[0] / "kept").write_bytes(os.urandom(40 * KiB))
+    os.link(snaps[0] / "kept", snaps[1] / "kept")
+    os.link(snaps[0] / "kept", snaps[2] / "kept")
+    (snaps[0] / "gone").write_bytes(os.urandom(20 * KiB))
+    (snaps[1] / "new").write_bytes(os.urandom(12 * KiB))
+    (tmp_path / "outside").write_bytes(os.urandom(8 * KiB))
+    os.link(tmp_path / "outside", snaps[2] / "outside")
+    freed, shared = walk_name(snaps)
+    dirs = [blocks(s) for s in snaps]
+    assert freed[0] == (dirs[0] + blocks(snaps[0] / "gone"), 2)
+    assert freed[1] == (dirs[1] + blocks(snaps[1] / "new"), 2)
+    assert freed[2] == (dirs[2] + blocks(snaps[2] / "kept"), 2)
+    assert shared == blocks(tmp_path / "outside")
+
+
+@needs_ionice
+def test_usage_is_cached_until_the_snapshot_list_changes(store: Storage) -> None:
+    """The walk runs once per snapshot list: a second call reads the cache (a
+    file added since is not seen); a new snapshot makes it walk again."""
+    populate(store, {"n": [T0, T0 + 1]})
+    first = cached_usage(store, "n", store.snapshots("n"))
+    assert json.loads(store.usage("n").read_text())["snapshots"] == list(first.snapshots)
+    (store.root / snapshot_dirname("n", T0) / "late").write_bytes(os.urandom(64 * KiB))
+    assert cached_usage(store, "n", store.snapshots("n")) == first
+    populate(store, {"n": [T0 + 2]})
+    again = cached_usage(store, "n", store.snapshots("n"))
+    assert len(again.freed) == 3 and again.bytes >= first.bytes + 64 * KiB
+
+
+@needs_ionice
+def test_make_room_with_shares_takes_from_the_name_over_its_share(store: Storage) -> None:
+    """On a real storage dir: a grab of the victim (within its share) removes
+    the attacker's snapshots, oldest first, and keeps all of the victim's,
+    updating the attacker's cached usage without another walk."""
+    populate(store, {"victim": [T0, T0 + 1]})
+    for i in range(4):
+        d = store.root / snapshot_dirname("attacker", T0 + 10 + i)
+        d.mkdir()
+        (d / "fill").write_bytes(os.urandom(200 * KiB))
+    sizes = {s.dirname: (300 * KiB if s.name == "attacker" else 10 * KiB)
+             for s in store.snapshots()}
+    disk = FakeDisk(store, sizes, base_free=0)
+    wanted = settings_for(500 * KiB, min_keep=2, name_max_bytes="auto",
+                          name_max_inodes="off")
+    removed = make_room(store, wanted, measure=disk, current="victim")
+    assert [r["snapshot"] for r in removed] == [
+        snapshot_dirname("attacker", T0 + 10), snapshot_dirname("attacker", T0 + 11)]
+    assert "attacker is over its share" in removed[0]["rule"]
+    assert [s.dirname for s in store.snapshots("victim")] == [
+        snapshot_dirname("victim", T0), snapshot_dirname("victim", T0 + 1)]
+    cached = json.loads(store.usage("attacker").read_text())
+    assert cached["snapshots"] == [s.dirname for s in store.snapshots("attacker")]
+
+
+@needs_ionice
+def test_grab_over_its_share_fails_without_touching_others(store: Storage) -> None:
+    """The attacker's own grab, over its share even with one snapshot, removes
+    only its own oldest and then fails with NoSpace naming its share; the
+    victim keeps all of its snapshots."""
+    populate(store, {"victim": [T0, T0 + 1, T0 + 2]})
+    for i in range(3):
+        d = store.root / snapshot_dirname("attacker", T0 + 10 + i)
+        d.mkdir()
+        (d / "fill").write_bytes(os.urandom(200 * KiB))
+    disk = FakeDisk(store, {s.dirname: 10 * KiB for s in store.snapshots()}, base_free=0)
+    with pytest.raises(NoSpace, match="attacker holds .* share") as info:
+        make_room(store, settings_for(GiB, name_max_bytes="100K"), measure=disk,
+                  current="attacker")
+    assert info.value.exit_code == 6
+    assert [s.timestamp for s in store.snapshots("attacker")] == [T0 + 12]
+    assert len(store.snapshots("victim")) == 3
+
+
+def test_auto_shares_divide_the_storage() -> None:
+    """auto: capacity (used + free) divided by the names; a size or number as
+    given; off: no limit."""
+    use = Usage(free_bytes=60 * GiB, used_bytes=40 * GiB, free_inodes=700, used_inodes=300,
+                has_inodes=True)
+    assert shares(Settings(), use, 4) == Share(25 * GiB, 250)
+    assert shares(Settings(name_max_bytes="10G", name_max_inodes="off"), use, 4) == Share(
+        10 * GiB, None)
+    assert shares(Settings(), dataclasses.replace(use, has_inodes=False), 0) == Share(
+        100 * GiB, None)
+
+
+# -- names (issue 11: max_names, internal names) ----------------------------------------
+
+
+def test_max_names_refuses_a_new_name_and_writes_nothing(store: Storage) -> None:
+    """Beyond max_names a new name is refused (exit 6, saying what to do)
+    before any file of it exists; known names and the storage stay as they were."""
+    populate(store, {"a": [T0], "b": [T0]})
+    store.inprogress("c").mkdir()
+    before = sorted(str(p.relative_to(store.root)) for p in store.root.rglob("*"))
+    with pytest.raises(NoSpace, match="max_names=3") as info:
+        admit(store, Settings(max_names=3), "intruder")
+    assert info.value.exit_code == 6 and not info.value.transient
+    assert sorted(str(p.relative_to(store.root)) for p in store.root.rglob("*")) == before
+    for known in ("a", "b", "c"):
+        admit(store, Settings(max_names=3), known)
+    admit(store, Settings(max_names=0), "intruder")
+    admit(store, Settings(max_names=4), "intruder")
+
+
+INTERNAL_LOOKING = ["storage", "trash", "run", "jobs", "locks", "names", "usage", "meta"]
+
+
+@needs_ionice
+@pytest.mark.parametrize("name", INTERNAL_LOOKING)
+def test_a_grab_of_an_internal_looking_name_does_not_block_cleanup(
+    store: Storage, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Holding the real name lock of `storage`, `trash`, ... (a grab of that
+    name runs) leaves the storage and trash locks free: cleanup and the trash
+    purge of other names go on at once (issue 11, attack 8)."""
+    monkeypatch.setattr(retention, "STORAGE_LOCK_WAIT", 0.5)
+    populate(store, {"other": [T0, T0 + 1]})
+    (store.trash / "left.over" / "d").mkdir(parents=True)
+    with locks.held(store.lock(name)):
+        assert store.lock(name) not in (store.storage_lock, store.trash_lock)
+        removed = make_room(store, settings_for(GiB), current="other",
+                            measure=FakeDisk(store, {}, base_free=GiB + 1))
+        assert removed == []
+        assert list(store.trash.iterdir()) == []
+        assert not locks.is_held(store.storage_lock)
+        assert retention.busy(store, name)
+
+
+def test_legacy_name_locks_are_honoured_except_where_they_collide(store: Storage) -> None:
+    """A worker of the old layout locks locks/NAME.lock: cleanup counts that
+    name as busy; for `storage` and `trash` the old path is the storage-wide
+    lock and means nothing about a name."""
+    old = store.state / "locks" / "host.lock"
+    assert store.legacy_lock("host") == old
+    assert store.legacy_lock("storage") is None and store.legacy_lock("trash") is None
+    with locks.held(old):
+        assert retention.busy(store, "host")
+    assert not retention.busy(store, "host")
+    with locks.held(store.storage_lock):
+        assert not retention.busy(store, "storage")

@@ -168,12 +168,24 @@ def test_next_dirname_skips_dangling_symlink(populated: Storage) -> None:
 def test_prepare_makes_private_state_dirs(tmp_path: Path) -> None:
     """prepare() creates .bakgrab and its subdirs 0700, and refuses a missing storage."""
     storage = Storage(tmp_path).prepare()
-    for sub in ("", "inprogress", "meta", "pins", "locks", "jobs", "run", "trash"):
+    for sub in ("", "inprogress", "meta", "pins", "locks", "locks/names", "usage", "jobs",
+                "run", "trash"):
         mode = stat.S_IMODE((storage.state / sub).stat().st_mode)
         assert mode == 0o700, sub
     assert storage.snapshots() == []
     with pytest.raises(FileNotFoundError):
         Storage(tmp_path / "missing").prepare()
+
+
+@pytest.mark.parametrize("name", ["storage", "trash", "names", "run", "jobs", "usage"])
+def test_name_locks_never_are_internal_files(tmp_path: Path, name: str) -> None:
+    """A backup name's lock lives in its own namespace: no name maps to the
+    storage-wide locks or to any other internal path (issue 11, attack 8)."""
+    storage = Storage(tmp_path).prepare()
+    internal = {storage.storage_lock, storage.trash_lock, storage.request_key}
+    internal |= {storage.state / sub for sub in os.listdir(storage.state)}
+    assert storage.lock(name) not in internal
+    assert storage.lock(name).parent == storage.state / "locks" / "names"
 
 
 # -- write_atomic ----------------------------------------------------------------

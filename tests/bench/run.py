@@ -442,6 +442,36 @@ def machine(work: Path) -> dict[str, Any]:
             or str(os.geteuid())}
 
 
+def sandbox_cost(work: Path, rounds: int = 30) -> dict[str, Any]:
+    """What the rsync sandbox adds to a job (issue 11): building the Landlock
+    ruleset of a pull plus entering it in the child, as the median wall time
+    of starting ``true`` confined minus unconfined."""
+    import functools
+
+    from bakgrab.tasks import process
+    from bakgrab.worker import sandbox
+
+    dirs = [work / "sandbox-cost" / d for d in ("dest", "link", "run")]
+    for d in dirs:
+        d.mkdir(parents=True, exist_ok=True)
+    box = sandbox.Sandbox(write=[dirs[0]], link_from=[dirs[1]], read=[dirs[2]], port=22)
+
+    def once(confined: bool) -> float:
+        t = time.perf_counter()
+        with contextlib.ExitStack() as stack:
+            confine = None
+            if confined:
+                confine = functools.partial(sandbox.enter, stack.enter_context(box.ruleset()))
+            with process.spawn(["true"], confine=confine) as child:
+                child.wait(30)
+        return time.perf_counter() - t
+
+    plain = statistics.median(once(False) for _ in range(rounds))
+    boxed = statistics.median(once(True) for _ in range(rounds))
+    return {"abi": sandbox.abi(), "unconfined_s": plain, "confined_s": boxed,
+            "cost_ms": max(0.0, boxed - plain) * 1000, "rounds": rounds}
+
+
 def ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
@@ -480,6 +510,8 @@ def goals(results: dict[str, Any], extra: dict[str, Any]) -> list[dict[str, Any]
     s6 = results.get("6", {}).get("tools", {}).get("bakgrab", {})
     goal("6: bakgrab 8 at once / one after another, wall (first backups)", s6.get("ratio"), 0.75)
     goal("6: the same, second backups (nothing changed)", s6.get("ratio_incremental"), None)
+    cost = extra.get("sandbox")
+    goal("11: rsync sandbox cost per job, ms", cost["cost_ms"] if cost else None, 20.0, "ms")
     mem = extra.get("worker_memory")
     goal("6: worker memory per concurrent grab (PSS), MiB",
          mem["per_grab_pss_kib"] / 1024 if mem else None, None, "MiB")
@@ -577,6 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            tools.Rsnapshot(work, ssh), tools.Borg(work)]
             bench = Bench(plan, work, tool_list, fs)
             bench.run_all()
+            bench.extra["sandbox"] = sandbox_cost(work)
             doc: dict[str, Any] = {
                 "mode": plan.mode,
                 "command": "python -m tests.bench.run" + (" --quick" if plan.mode == "quick"
@@ -595,6 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "scenarios": {sid: bench.results[sid] for sid in SCENARIOS},
                 "fixed_cost": bench.extra.get("fixed_cost"),
                 "worker_memory": bench.extra.get("worker_memory"),
+                "sandbox": bench.extra.get("sandbox"),
                 "cpu_note": report.CPU_NOTE,
             }
             doc["goals"] = goals(doc["scenarios"], bench.extra)

@@ -1,9 +1,19 @@
 """The backup-host half of ``bakgrab doctor``: the capabilities rsync needs to
-keep all metadata, and a storage directory the worker can use safely."""
+keep all metadata, and a storage directory the worker can use safely.
+
+STORAGE holds what clients sent, as sent: device nodes, setuid and setgid
+files, world-writable dirs, owned by any uid (issue 11, attack 11). Only two
+things keep them from other local users, and doctor warns when either is
+missing: no other user can reach into STORAGE (it or a parent dir is closed
+to them: 0700), and its filesystem is mounted ``nodev,nosuid`` (a device node
+opened there fails, a setuid file runs without its privilege).
+"""
 
 from __future__ import annotations
 
+import grp
 import os
+import re
 import shutil
 import stat
 from collections.abc import Iterator
@@ -51,8 +61,75 @@ def storage(path: Path) -> Iterator[Check]:
         yield "ok", "storage mode", oct(stat.S_IMODE(st.st_mode))
     if not os.access(path, os.W_OK):
         yield "FAIL", "storage access", f"{path} is not writable by this user"
+    yield from reach(path)
+    yield from mount_options(path)
     state = path / ".bakgrab"
     if state.exists() and stat.S_IMODE(state.stat().st_mode) != 0o700:
         yield "FAIL", "state dir", f"{state} must be 0700: chmod 700 {state}"
     free = shutil.disk_usage(path).free
     yield "ok", "storage free", f"{free / (1 << 30):.1f} GiB"
+
+
+def reach(path: Path) -> Iterator[Check]:
+    """Whether users other than the owner can list or enter STORAGE: they can
+    when STORAGE grants them r or x and every parent lets them pass (x)."""
+    real = Path(os.path.realpath(path))
+    st = real.stat()
+    mode = stat.S_IMODE(st.st_mode)
+    modes = [(p, p.stat().st_mode) for p in real.parents]
+    shut = [p for p, m in modes if not m & (stat.S_IXGRP | stat.S_IXOTH)]
+    fix = f"chmod 700 {real}"
+    hazard = "snapshots hold clients' device nodes and setuid files as sent"
+    if not mode & 0o077:
+        yield "ok", "storage access", f"{real} is {oct(mode)}: no other user reaches it"
+    elif shut:
+        yield "ok", "storage access", f"{real} is {oct(mode)} but {shut[0]} closes it to others"
+    elif mode & (stat.S_IROTH | stat.S_IXOTH) and all(m & stat.S_IXOTH for _, m in modes):
+        kind = "readable" if mode & stat.S_IROTH else "traversable"
+        yield "warn", "storage access", (
+            f"{real} is {kind} by every local user ({oct(mode)}); {hazard}: {fix}")
+    elif mode & (stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH):
+        try:
+            group = grp.getgrgid(st.st_gid).gr_name
+        except KeyError:
+            group = str(st.st_gid)
+        yield "warn", "storage access", (
+            f"{real} is open to group {group} ({oct(mode)}); {hazard}: {fix}")
+    else:
+        yield "ok", "storage access", f"{real} is {oct(mode)}: others may only write (see mode)"
+
+
+def mount_of(path: Path, mountinfo: str = "/proc/self/mountinfo") -> tuple[str, set[str]] | None:
+    """The mount point holding ``path`` and its per-mount options (the last
+    mount listed on the longest matching point wins: it is the one on top)."""
+    real = os.path.realpath(path)
+    best: tuple[str, set[str]] | None = None
+    with open(mountinfo) as f:
+        for line in f:
+            fields = line.split()
+            # id parent major:minor root MOUNTPOINT OPTIONS ... - fstype source superopts
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            inside = real == point or real.startswith(point.rstrip("/") + "/")
+            if inside and (best is None or len(point) >= len(best[0])):
+                best = (point, set(fields[5].split(",")))
+    return best
+
+
+def mount_options(path: Path) -> Iterator[Check]:
+    try:
+        found = mount_of(path)
+    except OSError as e:
+        yield "warn", "storage mount", f"cannot read /proc/self/mountinfo: {e}"
+        return
+    if found is None:
+        yield "warn", "storage mount", f"no mount found for {path} in /proc/self/mountinfo"
+        return
+    point, options = found
+    missing = [o for o in ("nodev", "nosuid") if o not in options]
+    if missing:
+        yield "warn", "storage mount", (
+            f"{point} (holding {path}) is mounted without {','.join(missing)}: a client's "
+            f"device node or setuid file in a snapshot works as such; mount it with "
+            f"nodev,nosuid (fstab options, or `mount -o remount,nodev,nosuid {point}`)")
+    else:
+        yield "ok", "storage mount", f"{point} is mounted nodev,nosuid"

@@ -82,7 +82,7 @@ class Settings:
     inodes divided by the number of names), a number, or ``off``."""
     max_names: int = 100
     """Worker: names the storage may hold (names with snapshots or an
-    in-progress dir); a grab of a new name beyond it is refused (exit 6) before
+    in-progress dir); a grab of a new name beyond it is refused (exit 4) before
     anything is written. 0: no limit."""
     enrol: str = "registered"
     """Worker: who may back up a name (issue 11). ``registered``: only the

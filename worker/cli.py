@@ -33,6 +33,12 @@ from bakgrab.tasks.cli import CONTEXT, guarded, settings_from
 @click.option("--min-free-inodes", type=int, help="Free inodes to keep (default: 10000).")
 @click.option("--min-keep", type=int,
               help="Snapshots per name cleanup never goes below (default: 1).")
+@click.option("--name-max-bytes",
+              help="Each name's share of the bytes: auto (storage size / names), a size, or off.")
+@click.option("--name-max-inodes",
+              help="Each name's share of the inodes: auto, a number, or off.")
+@click.option("--max-names", type=int,
+              help="Names the storage may hold; a new one beyond is refused (default: 100).")
 @click.option("--max-retries", type=int, help="Retries of a transient failure (default: 3).")
 @click.option("--rsync-timeout", type=int, help="rsync --timeout in seconds (default: 300).")
 @click.option("--bwlimit", help="rsync --bwlimit, e.g. 10M (default: none).")
@@ -42,8 +48,9 @@ def worker(ctx: click.Context, **flags: Any) -> None:
     """Run a Celery worker that serves `bakgrab.grab` (backup host).
 
     Starts a prefork pool with task events on. Before each grab it frees space
-    by removing the oldest snapshots of the name that has the most (never below
-    --min-keep per name), then pulls the client with rsync into STORAGE.
+    if short: names over their share (--name-max-bytes/--name-max-inodes) lose
+    their oldest snapshots first, then the name that has the most (never below
+    --min-keep per name); then it pulls the client with rsync into STORAGE.
     """
     settings = settings_from(ctx, **flags)
     from bakgrab.worker.task import serve
@@ -103,6 +110,8 @@ def human_age(seconds: float) -> str:
 @click.option("--min-free-avg", type=float, help="Average snapshots' worth of space to keep free.")
 @click.option("--min-free-inodes", type=int, help="Free inodes to keep.")
 @click.option("--min-keep", type=int, help="Snapshots per name never removed.")
+@click.option("--name-max-bytes", help="Each name's share of the bytes: auto, a size, or off.")
+@click.option("--name-max-inodes", help="Each name's share of the inodes: auto, a number, or off.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @guarded
@@ -110,9 +119,10 @@ def prune(ctx: click.Context, dry_run: bool, as_json: bool, **flags: Any) -> Non
     """Run the free-space cleanup now (backup host).
 
     The same rule as before every grab: while free space (or inodes) is below
-    the need, remove the oldest snapshot of the name that has the most, never
-    below --min-keep per name. Prints, in order, what it removes (or would)
-    and why; exits 6 if it cannot free enough.
+    the need, remove the oldest snapshot of the name most over its share, down
+    to its newest, then of the name that has the most, never below --min-keep
+    per name. Prints, in order, what it removes (or would) and why; exits 6 if
+    it cannot free enough.
     """
     settings = settings_from(ctx, **flags)
     from bakgrab.worker.retention import make_room

@@ -61,7 +61,7 @@ from typing import Any
 
 from bakgrab.tasks import caps, process
 from bakgrab.tasks.config import Settings, parse_size
-from bakgrab.tasks.errors import NoSpace
+from bakgrab.tasks.errors import InvalidRequest, NoSpace
 from bakgrab.tasks.result import human_bytes
 from bakgrab.worker import locks
 from bakgrab.worker.storage import Snapshot, Storage, write_atomic
@@ -354,12 +354,13 @@ def known_names(storage: Storage) -> set[str]:
 def admit(storage: Storage, settings: Settings, name: str) -> None:
     """Refuse a grab of a new name beyond ``max_names`` (issue 11: a client
     must not invent thousands of names, each diluting every share); called
-    before the grab writes anything."""
+    before the grab writes anything. A refused request (exit 4), so nothing
+    is recorded for the name either."""
     if not settings.max_names:
         return
     known = known_names(storage)
     if name not in known and len(known) >= settings.max_names:
-        raise NoSpace(
+        raise InvalidRequest(
             f"refusing a first grab of {name}: the storage already holds "
             f"{len(known)} names, max_names={settings.max_names}. Nothing was written. If "
             f"{name} is a real client, raise max_names (or remove names no longer backed up)."

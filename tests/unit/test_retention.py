@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bakgrab.tasks.config import Settings, parse_size
-from bakgrab.tasks.errors import NoSpace
+from bakgrab.tasks.errors import InvalidRequest, NoSpace
 from bakgrab.worker import locks, retention
 from bakgrab.worker.retention import (
     FairQueue,
@@ -633,14 +633,14 @@ def test_auto_shares_divide_the_storage() -> None:
 
 
 def test_max_names_refuses_a_new_name_and_writes_nothing(store: Storage) -> None:
-    """Beyond max_names a new name is refused (exit 6, saying what to do)
+    """Beyond max_names a new name is refused (exit 4, saying what to do)
     before any file of it exists; known names and the storage stay as they were."""
     populate(store, {"a": [T0], "b": [T0]})
     store.inprogress("c").mkdir()
     before = sorted(str(p.relative_to(store.root)) for p in store.root.rglob("*"))
-    with pytest.raises(NoSpace, match="max_names=3") as info:
+    with pytest.raises(InvalidRequest, match="max_names=3") as info:
         admit(store, Settings(max_names=3), "intruder")
-    assert info.value.exit_code == 6 and not info.value.transient
+    assert info.value.exit_code == 4 and not info.value.transient
     assert sorted(str(p.relative_to(store.root)) for p in store.root.rglob("*")) == before
     for known in ("a", "b", "c"):
         admit(store, Settings(max_names=3), known)

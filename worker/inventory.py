@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bakgrab.worker.retention import exclusive_usage
+from bakgrab.worker.retention import exclusive_usage, walk_name
 from bakgrab.worker.storage import Storage
 
 
@@ -18,7 +18,11 @@ def inventory(root: Path, sizes: bool = True) -> list[dict[str, Any]]:
 
     With ``sizes``, each snapshot has ``alone_bytes``: the space it holds alone
     (files no other snapshot links to), what removing it would free. That is
-    one walk per snapshot, counting inodes whose every link lies inside it."""
+    one walk per snapshot, counting inodes whose every link lies inside it.
+    Each name then has ``alone_bytes``/``alone_inodes``: what the whole name
+    holds alone, each inode counted once however many of its snapshots link
+    to it (the usage cleanup weighs against the name's share, issue 11), and
+    ``shared_bytes``, linked from outside its snapshots too."""
     storage = Storage(root)
     if not storage.root.is_dir():
         raise FileNotFoundError(f"storage {storage.root} is not a directory")
@@ -40,11 +44,17 @@ def inventory(root: Path, sizes: bool = True) -> list[dict[str, Any]]:
                 entry["alone_bytes"], entry["alone_inodes"] = exclusive_usage(
                     storage.root / snap.dirname)
             snaps.append(entry)
-        out.append({
+        entry = {
             "name": name,
             "count": len(snaps),
             "newest_age": round(time.time() - by_name[name][-1].timestamp) if snaps else None,
             "snapshots": snaps,
             "in_progress": name in in_progress,
-        })
+        }
+        if sizes:
+            freed, shared = walk_name([storage.root / s.dirname for s in by_name.get(name, [])])
+            entry["alone_bytes"] = sum(b for b, _ in freed)
+            entry["alone_inodes"] = sum(i for _, i in freed)
+            entry["shared_bytes"] = shared
+        out.append(entry)
     return out

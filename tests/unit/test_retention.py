@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from bakgrab.tasks.config import Settings, parse_size
 from bakgrab.tasks.errors import InvalidRequest, NoSpace
 from bakgrab.worker import locks, retention
+from bakgrab.worker.inventory import inventory
 from bakgrab.worker.retention import (
     FairQueue,
     NameUsage,
@@ -684,3 +685,18 @@ def test_legacy_name_locks_are_honoured_except_where_they_collide(store: Storage
     assert not retention.busy(store, "host")
     with locks.held(store.storage_lock):
         assert not retention.busy(store, "storage")
+
+
+def test_list_shows_what_each_name_holds_alone(store: Storage) -> None:
+    """`bakgrab list` data: a file hard-linked through both snapshots of a name
+    counts once in the name's alone_bytes, and in neither snapshot's own."""
+    first, second = (store.root / snapshot_dirname("n", T0 + i) for i in range(2))
+    first.mkdir()
+    second.mkdir()
+    (first / "big").write_bytes(os.urandom(64 * KiB))
+    os.link(first / "big", second / "big")
+    entry = next(e for e in inventory(store.root) if e["name"] == "n")
+    dirs = blocks(first) + blocks(second)
+    assert entry["alone_bytes"] == dirs + blocks(first / "big")
+    assert entry["alone_inodes"] == 3 and entry["shared_bytes"] == 0
+    assert [s["alone_bytes"] for s in entry["snapshots"]] == [0, 0]

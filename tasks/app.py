@@ -22,6 +22,9 @@ from celery import Celery
 
 from bakgrab.tasks.config import Settings
 
+RESULT_EXPIRES = 7 * 86400
+"""Seconds a job's result is kept; the worker keeps its job records as long (issue 13)."""
+
 
 def make_app(settings: Settings, broker: str | None = None) -> Celery:
     """A Celery app for ``settings``; ``broker`` overrides the URL (tunnels)."""
@@ -41,7 +44,7 @@ def make_app(settings: Settings, broker: str | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         result_extended=False,
-        result_expires=7 * 86400,
+        result_expires=RESULT_EXPIRES,
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": settings.visibility_timeout,

@@ -4,17 +4,28 @@ Order of a grab, each step only after the one before succeeded:
 
 1. the request is validated (by the caller) and the task id checked: a bad
    request writes nothing;
-2. a finished record of this task id returns the finished result (a second
-   delivery never makes a second snapshot);
-3. the name's lock is taken: one grab per name, across workers;
+2. job records older than the results' lifetime are swept; a finished
+   record of this task id returns the finished result (a second delivery
+   never makes a second snapshot);
+3. the name's lock is taken: one grab per name, across workers; under it, a
+   record whose rename a dead worker never made is finished (see
+   :func:`finished`);
 4. the client's sshd host key is compared with the pin (pinned on first use);
 5. free-space cleanup runs under the storage lock;
 6. the key, known_hosts and exclude rules are written to a private 0700 run
    dir, removed when the grab ends, whatever happens;
-7. rsync pulls into ``.bakgrab/inprogress/NAME`` (kept on failure, so the
-   next attempt resumes into it) with ``--link-dest`` = newest snapshot;
-8. the job record and stats are written, then the in-progress dir is renamed
-   to ``NAME.YYYY-mm-dd.UNIXTIME``.
+7. the pull mark ``.bakgrab/pulls/NAME.json`` names this task as the one
+   filling the in-progress dir, its pull not finished; rsync pulls into
+   ``.bakgrab/inprogress/NAME`` (kept on failure, so the next attempt resumes
+   into it) with ``--link-dest`` = newest snapshot; an exit 23 whose files
+   the full storage lost fails as NoSpace (:func:`check_room`);
+8. the pull mark says the pull finished; the stats and the job record are
+   written, then the in-progress dir is renamed to ``NAME.YYYY-mm-dd.UNIXTIME``
+   and the record marked published.
+
+Invariant (issue 13): an in-progress tree becomes a snapshot only by the
+task whose pull mark it carries, and only once that mark says its rsync
+exited with a code that publishes (0, 23, 24).
 """
 
 from __future__ import annotations
@@ -34,12 +45,13 @@ from pathlib import Path
 from typing import Any
 
 from bakgrab.tasks import caps, process
-from bakgrab.tasks.config import Settings
+from bakgrab.tasks.app import RESULT_EXPIRES
+from bakgrab.tasks.config import Settings, parse_size
 from bakgrab.tasks.errors import HostKeyMismatch, InvalidRequest, TransferInterrupted
 from bakgrab.tasks.request import GrabRequest, fingerprint
 from bakgrab.tasks.result import GrabResult
 from bakgrab.worker import locks, retention, rsync
-from bakgrab.worker.storage import Storage, fsync_dir, write_atomic
+from bakgrab.worker.storage import Storage, fsync_dir, parse_snapshot, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +69,90 @@ def check_task_id(task_id: Any) -> str:
     return task_id
 
 
-def finished(storage: Storage, task_id: str) -> dict[str, Any] | None:
+def finished(storage: Storage, task_id: str, *, recover: bool = False) -> dict[str, Any] | None:
     """The result of an earlier delivery of ``task_id`` that completed, if any.
 
-    A record is written before the final rename; if the worker died between
-    the two, the completed pull is published now."""
+    Its record is written before the final rename, marked published after it.
+    A record whose snapshot is there, or that was published (cleanup may have
+    removed the snapshot since), gives its result. With ``recover`` (only
+    under the name's lock) a record not yet published is finished now if the
+    worker died before its rename: the in-progress tree is published only
+    when its pull mark names this very task and says its pull finished
+    (issue 13); else the record is stale (another grab took the tree over, or
+    cleanup removed it) and is dropped, so the job is grabbed again."""
     try:
         record = json.loads(storage.job(task_id).read_text())
+        snapshot = str(record["snapshot"])
+        name = str(record["name"])
+        result: dict[str, Any] = record["result"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    parsed = parse_snapshot(snapshot)
+    if parsed is None or parsed.name != name:
+        return None
+    if not (storage.root / snapshot).is_dir():
+        if record.get("published", True):
+            # (records of older workers have no flag: never publish for them)
+            log.info("task %s finished before; its snapshot %s is gone since", task_id,
+                     snapshot)
+            return result
+        if not recover:
+            return None
+        if pull_mark(storage, name) == {"task_id": task_id, "finished": True} \
+                and storage.inprogress(name).is_dir():
+            log.warning("task %s: publishing its finished pull %s (the worker died before "
+                        "the rename)", task_id, snapshot)
+            promote(storage, name, task_id, snapshot, record)
+            return result
+        log.warning("task %s: its record names %s, never published, and the in-progress "
+                    "tree is not its finished pull; dropping the record", task_id, snapshot)
+        for suffix in (".json", ".exclude"):
+            storage.meta(snapshot, suffix).unlink(missing_ok=True)
+        storage.job(task_id).unlink(missing_ok=True)
+        return None
+    return result
+
+
+def pull_mark(storage: Storage, name: str) -> dict[str, Any] | None:
+    """Which task fills ``inprogress(name)`` and whether its pull finished."""
+    try:
+        mark = json.loads(storage.pull_mark(name).read_text())
     except (OSError, ValueError):
         return None
-    snapshot = record.get("snapshot", "")
-    if not (storage.root / snapshot).is_dir():
-        name = record.get("name", "")
-        if not storage.inprogress(name).is_dir():
-            return None
-        with caps.raised("dac_override"):
-            os.rename(storage.inprogress(name), storage.root / snapshot)
-    result: dict[str, Any] = record["result"]
-    return result
+    return mark if isinstance(mark, dict) else None
+
+
+def mark_pull(storage: Storage, name: str, task_id: str, *, done: bool) -> None:
+    """Tie ``inprogress(name)`` to ``task_id``: before its rsync starts
+    (``done`` false), and once rsync exited with a code that publishes (true)."""
+    write_atomic(storage.pull_mark(name), json.dumps({"task_id": task_id, "finished": done}))
+
+
+def promote(storage: Storage, name: str, task_id: str, snapshot: str,
+            record: dict[str, Any]) -> None:
+    """Rename the in-progress tree of ``task_id``'s finished pull to ``snapshot``,
+    then mark its record published and drop the pull mark."""
+    # Moving a directory to another parent rewrites its "..": that needs write
+    # access to the (client-owned) directory itself.
+    with caps.raised("dac_override"):
+        os.rename(storage.inprogress(name), storage.root / snapshot)
+    fsync_dir(storage.root)
+    write_atomic(storage.job(task_id), json.dumps({**record, "published": True}))
+    storage.pull_mark(name).unlink(missing_ok=True)
+
+
+def sweep_job_records(storage: Storage, now: float | None = None) -> None:
+    """Remove job records older than the results they stand for (issue 13):
+    past that, no client waits for the job. One directory scan."""
+    horizon = (time.time() if now is None else now) - RESULT_EXPIRES
+    with os.scandir(storage.jobs) as it:
+        for entry in it:
+            stem, dot, ext = entry.name.rpartition(".")
+            if not (dot and ext == "json" and TASK_ID_RE.fullmatch(stem)):
+                continue
+            with contextlib.suppress(OSError):
+                if entry.stat(follow_symlinks=False).st_mtime < horizon:
+                    os.unlink(entry.path)
 
 
 def check_pin(storage: Storage, request: GrabRequest) -> None:
@@ -151,7 +229,8 @@ def grab(
     """Pull one snapshot of ``request.name``; see the module docstring."""
     task_id = check_task_id(task_id)
     storage.prepare()
-    done = finished(storage, task_id)
+    sweep_job_records(storage)
+    done = finished(storage, task_id)  # (a recovery waits for the name's lock)
     if done is not None:
         log.info("task %s already finished: %s", task_id, done.get("snapshot"))
         return GrabResult.from_dict(done)
@@ -159,7 +238,7 @@ def grab(
     started = time.time()
     retention.admit(storage, settings, request.name)  # max_names, before any write (issue 11)
     with locks.held(storage.lock(request.name), what=f"name {request.name}"):
-        done = finished(storage, task_id)
+        done = finished(storage, task_id, recover=True)
         if done is not None:
             return GrabResult.from_dict(done)
         check_pin(storage, request)
@@ -167,6 +246,9 @@ def grab(
         removed = retention.make_room(storage, settings, current=request.name)
         link = storage.newest(request.name)
         dest = storage.inprogress(request.name)
+        # From here the tree is this task's unfinished pull, whoever filled it
+        # before: no earlier task's record may publish it any more (issue 13).
+        mark_pull(storage, request.name, task_id, done=False)
         with caps.raised("dac_override", "fowner"):
             resumed = dest.is_dir()
             dest.mkdir(mode=0o700, exist_ok=True)
@@ -192,6 +274,7 @@ def grab(
             outcome = run_pull(spec, on_progress)
             exclude_text = files["exclude"].read_text()
 
+        check_room(storage, settings, outcome)
         on_progress({"phase": "finalizing"})
         return publish(storage, request, task_id, outcome, exclude_text, removed, started,
                        link.dirname if link else None, attempt)
@@ -261,6 +344,31 @@ def run_rsync(argv: list[str], on_progress: ProgressFn) -> PullOutcome:
     return PullOutcome(code, "\n".join(tail), stderr_tail, failed)
 
 
+def check_room(storage: Storage, settings: Settings, outcome: PullOutcome) -> None:
+    """NoSpace if a pull that would publish (exit 23) lost files to a full
+    storage: the receiver says so, and the storage's own state agrees.
+
+    rsync's text alone cannot decide (issue 13): sender lines quote client
+    file names (any text), and even a receiver-side line can be forged by a
+    hostile sender. So ENOSPC counts only when statvfs shows the storage
+    below the free bytes or inodes a grab needs (``min_free_abs``,
+    ``min_free_inodes``). A quota (EDQUOT) is not visible there: its
+    receiver-side message alone decides, which a forger can use only to fail
+    its own name's grab."""
+    said = rsync.out_of_space(outcome.stderr_tail)
+    if said is None:
+        return
+    if said == rsync.ENOSPC:
+        st = os.statvfs(storage.root)
+        free, inodes = st.f_bavail * st.f_frsize, st.f_favail
+        if free >= max(parse_size(settings.min_free_abs), 1) and (
+                st.f_files == 0 or inodes >= max(settings.min_free_inodes, 1)):
+            log.warning("rsync's receiver reported %r, but the storage has %d bytes and %d "
+                        "inodes free: not taken as a full storage", said, free, inodes)
+            return
+    raise rsync.no_space(outcome.code, outcome.stderr_tail)
+
+
 def publish(
     storage: Storage,
     request: GrabRequest,
@@ -314,15 +422,14 @@ def publish(
         "excludes": list(request.excludes),
         "result": result.to_dict(),
     }
+    # rsync exited with a code that publishes: the tree is this task's finished
+    # pull, which only this task's record may publish (see finished()).
+    mark_pull(storage, request.name, task_id, done=True)
     write_atomic(storage.meta(snapshot, ".exclude"), exclude_text, mode=0o644)
     write_atomic(storage.meta(snapshot), json.dumps(meta, indent=1), mode=0o644)
-    write_atomic(storage.job(task_id),
-                 json.dumps({"name": request.name, "snapshot": snapshot,
-                             "result": result.to_dict()}))
-    # Moving a directory to another parent rewrites its "..": that needs write
-    # access to the (client-owned) directory itself.
-    with caps.raised("dac_override"):
-        os.rename(storage.inprogress(request.name), storage.root / snapshot)
-    fsync_dir(storage.root)
+    record = {"name": request.name, "snapshot": snapshot, "result": result.to_dict(),
+              "published": False}
+    write_atomic(storage.job(task_id), json.dumps(record))
+    promote(storage, request.name, task_id, snapshot, record)
     log.info("grab of %s complete: %s", request.name, snapshot)
     return result

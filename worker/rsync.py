@@ -7,7 +7,11 @@ builds that argv from validated values only, parses ``--info=progress2`` and
 
 * 0: success; 24 (files vanished): success with a warning;
 * 23 (some files could not be read): a complete snapshot marked partial,
-  with the failing paths recorded;
+  with the failing paths recorded (unless the storage filled up: the grab
+  checks that with statvfs, see :func:`out_of_space`);
+* a failure whose receiver-side errno is ENOSPC or EDQUOT: :class:`NoSpace`,
+  not retried. Only rsync's own receiver lines are read for it, never the
+  sender's, which quote client file names (issue 13);
 * network, timeout and protocol-stream codes, and ssh's 255: transient
   (:class:`TransferInterrupted`), retried;
 * everything else: permanent (:class:`TransferFailed`).
@@ -262,26 +266,53 @@ def failed_path(line: str) -> str | None:
 
 
 HOST_KEY_FAILED = "Host key verification failed."
-NO_SPACE = ("No space left on device (28)", "Disk quota exceeded (122)")
+ENOSPC = "No space left on device (28)"
+EDQUOT = "Disk quota exceeded (122)"
+LOCAL_ROLES = ("receiver", "Receiver", "generator", "client")
+"""The roles rsync tags its own (backup-host side) messages with in a pull;
+the client's sender says ``[sender]`` or ``[server]``."""
+LOCAL_ERROR_RE = re.compile(
+    r"^rsync: \[(?:" + "|".join(LOCAL_ROLES) + r")\] .*: (?P<errno>"
+    + "|".join(re.escape(t) for t in (ENOSPC, EDQUOT)) + r")$")
+
+
+def out_of_space(stderr_tail: str) -> str | None:
+    """The ENOSPC or EDQUOT text of a receiver-side rsync error, if any.
+
+    Only rsync's own lines count, and only their errno, which rsync puts at
+    the end of the line: a sender line may quote a client file named like an
+    errno text (issue 13), and a file name cannot end a line (rsync escapes
+    control characters in what it prints)."""
+    for line in stderr_tail.splitlines():
+        m = LOCAL_ERROR_RE.match(line.rstrip("\r"))
+        if m:
+            return m.group("errno")
+    return None
+
+
+def no_space(code: int, stderr_tail: str) -> NoSpace:
+    tail = stderr_tail.strip()[-200:]
+    return NoSpace(
+        f"the storage filled up during the pull (rsync exit {code}); the partial data "
+        f"was kept as an in-progress dir, not a snapshot. Free space or lower min_keep: {tail}"
+    )
 
 
 def classify(code: int, stderr_tail: str) -> None:
     """Raise the exception for a failed exit ``code``; return for 0, 23, 24.
 
-    The storage filling up mid-pull is told apart by rsync's errno text: rsync
-    reports it as a file I/O error (11) or a partial transfer (23), and
-    neither a retry nor a "partial" snapshot is the right answer to it."""
+    A failed exit whose receiver-side errno says the storage is full (rsync
+    reports that as a file I/O error, 11, or a lost connection) is NoSpace,
+    not retried. Exit 23 returns: whether its files were lost to a full
+    storage is for the caller to decide with the storage's own state
+    (:func:`out_of_space`, then statvfs)."""
     if code in (OK, VANISHED):
         return
     tail = stderr_tail.strip()[-500:]
-    if any(text in stderr_tail for text in NO_SPACE):
-        raise NoSpace(
-            f"the storage filled up during the pull (rsync exit {code}); the partial data "
-            "was kept as an in-progress dir, not a snapshot. Free space or lower "
-            f"min_keep: {tail[-200:]}"
-        )
     if code == PARTIAL:
         return
+    if out_of_space(stderr_tail) is not None:
+        raise no_space(code, stderr_tail)
     if code == SSH_ERROR and HOST_KEY_FAILED in stderr_tail:
         # ssh says so only when the key it was shown is not the pinned one:
         # someone else answers at the client's address.

@@ -146,11 +146,15 @@ def register(app: Celery, settings: Settings) -> Task:
             raise self.retry(countdown=0, max_retries=None, argsrepr="()",
                              kwargsrepr=redacted(fields)) from None
         except SoftTimeLimitExceeded:
-            raise JobTimeout(
+            timeout = JobTimeout(
                 f"the grab of {request.name} ran past job_time_limit="
                 f"{settings.job_time_limit}s and was stopped; its in-progress dir is kept "
                 "for the next grab"
-            ) from None
+            )
+            # raised from this clause, it would pass the ones below: count it here
+            # (issue 13: `bakgrab status` missed every time-limited grab)
+            status.record_failure(storage, request.name, self.request.id, timeout)
+            raise timeout from None
         except BakgrabError as exc:
             retry_if_transient(self, exc, settings, fields, f"grab of {request.name}")
             status.record_failure(storage, request.name, self.request.id, exc)

@@ -546,13 +546,13 @@ def test_classify_success_codes_return(code: int) -> None:
     classify(code, "Host key verification failed.\n")  # no exception
 
 
-@pytest.mark.parametrize("code", [11, 12, 23, 255])
+@pytest.mark.parametrize("code", [11, 12, 255])
 @pytest.mark.parametrize(
     "errno_text", ["No space left on device (28)", "Disk quota exceeded (122)"]
 )
 def test_classify_storage_full(code: int, errno_text: str) -> None:
     """A pull that failed because the storage filled up (ENOSPC or EDQUOT in
-    rsync's errors) is NoSpace: not retried, and not a partial snapshot."""
+    the receiver's errors) is NoSpace: not retried."""
     tail = (
         f'rsync: [receiver] write failed on "/storage/.bakgrab/inprogress/h/big": {errno_text}\n'
         f"rsync error: error in file IO (code 11) at receiver.c(381) [receiver=3.2.7]\n"
@@ -567,6 +567,63 @@ def test_classify_storage_full(code: int, errno_text: str) -> None:
 def test_classify_success_ignores_errno_text(code: int) -> None:
     """A successful exit stays a success whatever stderr says."""
     classify(code, "No space left on device (28)")  # no exception
+
+
+def test_classify_partial_leaves_disk_full_to_the_storage_state() -> None:
+    """Exit 23 returns even with a receiver-side ENOSPC: whether the storage
+    really is full is for the grab to tell from statvfs (issue 13)."""
+    classify(23, 'rsync: [receiver] mkstemp "/s/.bakgrab/inprogress/h/.x.Ab" failed: '
+                 "No space left on device (28)\n")  # no exception
+
+
+SENDER_QUOTES = [
+    # a client file named like an errno text, quoted by the sender (issue 13)
+    'rsync: [sender] send_files failed to open "/proc/self/fd/3/No space left on device (28)": '
+    "Permission denied (13)",
+    'rsync: [sender] opendir "/proc/self/fd/3/x/Disk quota exceeded (122)" failed: '
+    "Permission denied (13)",
+    'file has vanished: "/proc/self/fd/3/No space left on device (28)"',
+    # a sender line whose errno is ENOSPC: the client's disk, not the storage
+    'rsync: [sender] write failed on "/x": No space left on device (28)',
+    'rsync: [server] write failed on "/x": Disk quota exceeded (122)',
+    # a receiver line about a file so named, failing for another reason
+    'rsync: [receiver] rename "/s/.bakgrab/inprogress/h/.a.Xy" -> '
+    '"No space left on device (28)": Permission denied (13)',
+    "rsync warning: some files vanished before they could be transferred (code 24)",
+]
+
+
+@pytest.mark.parametrize("line", SENDER_QUOTES)
+def test_out_of_space_reads_only_the_receivers_errno(line: str) -> None:
+    """Only a receiver-side line whose errno (at the line's end) is ENOSPC or
+    EDQUOT says the storage is full; errno text elsewhere says nothing."""
+    assert rsync.out_of_space(line + "\n") is None
+
+
+@pytest.mark.parametrize(("line", "errno"), [
+    ('rsync: [receiver] write failed on "/s/.bakgrab/inprogress/h/big": '
+     "No space left on device (28)", rsync.ENOSPC),
+    ('rsync: [Receiver] mkdir "/s/.bakgrab/inprogress/h" failed: '
+     "No space left on device (28)\r", rsync.ENOSPC),
+    ('rsync: [generator] recv_generator: mkdir "/s/.bakgrab/inprogress/h/d" failed: '
+     "Disk quota exceeded (122)", rsync.EDQUOT),
+])
+def test_out_of_space_of_receiver_lines(line: str, errno: str) -> None:
+    """The receiver's, generator's and pre-fork receiver's own errors count."""
+    assert rsync.out_of_space("rsync: [sender] something else (5)\n" + line + "\n") == errno
+
+
+@pytest.mark.parametrize("code", [11, 12, 23])
+def test_classify_client_file_named_like_errno_is_no_disk_full(code: int) -> None:
+    """Sender lines quoting such names change nothing: 23 stays a partial
+    snapshot, a failure keeps its own class (issue 13)."""
+    stderr = "\n".join(SENDER_QUOTES) + "\n"
+    if code == 23:
+        classify(code, stderr)  # no exception
+        return
+    with pytest.raises(BakgrabError) as info:
+        classify(code, stderr)
+    assert not isinstance(info.value, NoSpace)
 
 
 @pytest.mark.parametrize("code", [5, 10, 12, 14, 20, 21, 22, 30, 35, 255])

@@ -169,7 +169,7 @@ def test_prepare_makes_private_state_dirs(tmp_path: Path) -> None:
     """prepare() creates .bakgrab and its subdirs 0700, and refuses a missing storage."""
     storage = Storage(tmp_path).prepare()
     for sub in ("", "inprogress", "meta", "pins", "locks", "locks/names", "usage", "jobs",
-                "run", "trash"):
+                "pulls", "run", "trash"):
         mode = stat.S_IMODE((storage.state / sub).stat().st_mode)
         assert mode == 0o700, sub
     assert storage.snapshots() == []
@@ -276,3 +276,29 @@ def test_write_atomic_mode_despite_stale_temp_file(tmp_path: Path) -> None:
     stale.chmod(0o644)
     write_atomic(tmp_path / "x.json", "{}", mode=0o600)
     assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == 0o600
+
+
+# -- job records (issue 13) ---------------------------------------------------------
+
+
+def test_job_records_live_as_long_as_results(tmp_path: Path) -> None:
+    """sweep_job_records() removes job records older than the results' lifetime
+    (the Celery app's result_expires) and keeps younger ones and other files."""
+    from bakgrab.tasks.app import RESULT_EXPIRES, make_app
+    from bakgrab.tasks.config import Settings
+    from bakgrab.worker.grab import sweep_job_records
+
+    assert make_app(Settings(), broker="memory://").conf.result_expires == RESULT_EXPIRES
+    storage = Storage(tmp_path).prepare()
+    now = T0 + 30 * 86400
+    ages = {"old-one": RESULT_EXPIRES + 1, "young-one": RESULT_EXPIRES - 60, "new": 0}
+    for task_id, age in ages.items():
+        storage.job(task_id).write_text("{}")
+        os.utime(storage.job(task_id), (now - age, now - age))
+    others = [storage.jobs / "notes.txt", storage.jobs / ".x.json.tmp1"]
+    for path in others:
+        path.write_text("x")
+        os.utime(path, (now - 2 * RESULT_EXPIRES, now - 2 * RESULT_EXPIRES))
+    sweep_job_records(storage, now=now)
+    assert sorted(p.name for p in storage.jobs.iterdir()) == sorted(
+        [".x.json.tmp1", "new.json", "notes.txt", "young-one.json"])

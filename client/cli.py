@@ -132,31 +132,52 @@ def backup_to_many(ctx: click.Context, opts: Any, settings: config.Settings,
 @click.option("--snapshot", default="latest", show_default=True,
               help="Snapshot to restore from: 'latest' or NAME.YYYY-mm-dd.UNIXTIME.")
 @click.option("--into", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Staging directory the files are restored into (must exist); nothing "
-                   "outside it is ever written.")
+              help="Staging directory the files are restored into; created 0700 when it "
+                   "does not exist (its parent must exist). Nothing outside it is ever "
+                   "written, and its own mode and owner never change.")
+@click.option("--privileged", is_flag=True,
+              help="Insist on setuid/setgid bits, file capabilities, device nodes and other "
+                   "users' ownership: refused (exit 10) unless --into is private (0700, "
+                   "yours, on a path no other user can change). Into a private dir they "
+                   "come back anyway; into any other they come back without their "
+                   "privilege, each reported, and the exit status is 1.")
 @click.argument("paths", nargs=-1, required=True)
 @connection_options
 @click.pass_context
 @guarded
-def restore(ctx: click.Context, name: str, snapshot: str, into: Path, paths: tuple[str, ...],
-            as_json: bool, **conn: Any) -> None:
+def restore(ctx: click.Context, name: str, snapshot: str, into: Path, privileged: bool,
+            paths: tuple[str, ...], as_json: bool, **conn: Any) -> None:
     """Get PATHS back from a snapshot into a staging dir (backed-up host).
 
     Like a backup in reverse: a one-shot sshd whose gate allows only a
-    write-only rsync receiver into --into, and the backup host pushes the paths
-    (relative to the snapshot root, e.g. etc/fstab) with all their metadata.
-    Run as root or with the capabilities to restore owners and modes.
+    write-only rsync receiver, and the backup host pushes the paths (relative
+    to the snapshot root, e.g. etc/fstab) with all their metadata into a
+    private dir inside --into; they are moved into --into when the transfer
+    is done. Run as root or with the capabilities to restore owners and modes.
+    Exits 0 when everything came back exactly, 1 when anything was left out,
+    stripped of its privilege, vanished or could not be read (see --json).
     """
     from bakgrab.client.backup import terminal_progress
     from bakgrab.client.restore import restore as run_restore
 
     opts, settings = client_setup(ctx, name, into, [], conn)
     result = run_restore(opts, settings, snapshot, list(paths),
-                         progress=None if as_json else terminal_progress())
+                         progress=None if as_json else terminal_progress(),
+                         privileged=privileged)
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
         click.echo(f"{name}: restored {len(result['paths'])} path(s) of {result['snapshot']} "
                    f"into {into}: {result['files']} files in {result['duration']:.1f}s")
+        for warning in result.get("warnings", []):
+            click.echo(f"bakgrab: warning: {warning}", err=True)
+        if result.get("stripped_count"):
+            click.echo(f"bakgrab: warning: {result['stripped_count']} entries came back "
+                       f"without their privilege ({into} is not private); --json lists them",
+                       err=True)
+        left_out = len(result.get("specials_skipped", [])) + len(result.get("refused", []))
+        if left_out:
+            click.echo(f"bakgrab: warning: {left_out} entries were not restored; --json "
+                       "lists them", err=True)
     if result.get("partial"):
         sys.exit(1)

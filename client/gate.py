@@ -1,6 +1,7 @@
-"""The gate: the one-shot sshd's ForceCommand. Lets through a read-only pull only.
+"""The gate: the one-shot sshd's ForceCommand. Lets through a read-only pull only
+(``ro``, backups), or a write-only push into a restore's staging dir (``wo``, ``wp``).
 
-sshd runs ``python -I -m bakgrab.client.gate ro SOURCE LOG`` for every session, with
+sshd runs ``python -I -m bakgrab.client.gate MODE DIR LOG`` for every session, with
 the command the peer asked for in ``SSH_ORIGINAL_COMMAND``. The gate:
 
 * refuses anything that is not ``rsync --server --sender ...`` (for ``ro``),
@@ -10,7 +11,20 @@ the command the peer asked for in ``SSH_ORIGINAL_COMMAND``. The gate:
 * dies with its sshd session (parent-death signal) and records its process
   group for the client to kill at teardown;
 * execs ``rrsync -ro SOURCE`` (rsync's restricted-rsync script), which parses
-  the rsync options again and refuses every one that writes or deletes.
+  the rsync options again and refuses every one that writes or deletes; for a
+  restore ``rrsync -wo -no-del DIR``, which refuses reads and deletes and makes
+  no device nodes or FIFOs (``--drop-D``);
+* for a restore, refuses to run unless DIR's parent (the client's wrapper) is
+  0700 and the gate's own, so nothing the receiver writes is reachable by
+  another user during the transfer; and in ``wo`` mode (a staging dir that
+  is not private, issue 12) takes every ``--super``/``--no-super``/
+  ``--fake-super`` out of the peer's command and puts ``--fake-super`` last
+  among its options: the receiving rsync then sets no owner, no
+  setuid/setgid/sticky bit, no ACL and no non-``user.*`` xattr (file
+  capabilities among them) for real, whatever the backup host sends; it
+  records them in ``user.rsync.*`` xattrs, which the client reads for its
+  report and removes. Only ``wp`` (privileged, asked for by the client for a
+  private staging dir) lets the receiver apply them.
 
 It must stay small and fast: it starts once per connection.
 """
@@ -25,8 +39,12 @@ import time
 # rsync escapes its own arguments with backslashes and may send brackets
 # (--skip-compress); nothing else of a shell's syntax ever appears in a pull.
 SHELL_META = re.compile(r"[;&|`$<>(){}\n\r\x00'\"!#~]")
-PREFIX = {"ro": "rsync --server --sender ", "wo": "rsync --server "}
+PREFIX = {"ro": "rsync --server --sender ", "wo": "rsync --server ", "wp": "rsync --server "}
 REFUSED_OPTIONS = ("--open-noatime",)
+AM_ROOT_OPTIONS = ("--super", "--no-super", "--fake-super")
+"""The receiver options that decide whether it acts as the super-user."""
+# rrsync's own tokenizer: words, with backslash-escaped characters kept inside
+WORD_RE = re.compile(r"(?:[^\s\\]+|\\.[^\s\\]*)+")
 
 
 def refuse(log_path: str, why: str, command: str) -> int:
@@ -48,12 +66,38 @@ def check(mode: str, command: str) -> str | None:
         return "shell metacharacters in the command"
     if not command.startswith(PREFIX[mode]):
         return "only a read-only rsync pull is allowed" if mode == "ro" else "only rsync"
-    if mode == "wo" and " --sender" in command:
+    if mode != "ro" and " --sender" in command:
         return "reading is not allowed"
     words = command.split()
     for word in words:
         if word.split("=", 1)[0] in REFUSED_OPTIONS:
             return f"option {word.split('=', 1)[0]} is not allowed"
+    return None
+
+
+def unprivileged(command: str) -> str | None:
+    """``command`` with the receiver made unprivileged (``--fake-super`` as its
+    last option, every other super-user option removed), or None if it has
+    no ``.`` word ending the options (rrsync would refuse it anyway)."""
+    words = WORD_RE.findall(command[len(PREFIX["wo"]):])
+    if "." not in words:
+        return None
+    dot = words.index(".")
+    options = [w for w in words[:dot] if w.split("=", 1)[0] not in AM_ROOT_OPTIONS]
+    return PREFIX["wo"] + " ".join([*options, "--fake-super", *words[dot:]])
+
+
+def check_staging(root: str) -> str | None:
+    """Why rsync may not write into ``root``, or None: its parent must be a
+    dir of the gate's user that no one else can enter (the client's wrapper)."""
+    try:
+        if os.path.islink(root) or not os.path.isdir(root):
+            return "the staging dir is not a directory"
+        st = os.stat(os.path.dirname(os.path.abspath(root)))
+    except OSError as e:
+        return f"the staging dir cannot be checked: {e.strerror}"
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        return "the staging dir's parent is not private (0700, the gate's user's)"
     return None
 
 
@@ -97,7 +141,7 @@ def check_own_caps(mode: str) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) not in (3, 5) or argv[0] not in PREFIX:
-        sys.stderr.write("usage: python -m bakgrab.client.gate ro|wo DIR LOG [IONICE RRSYNC]\n")
+        sys.stderr.write("usage: python -m bakgrab.client.gate ro|wo|wp DIR LOG [IONICE RRSYNC]\n")
         return 2
     mode, root, log_path = argv[:3]
     # The client passes absolute paths, resolved before sshd's login shell had
@@ -105,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     ionice, rrsync = argv[3:5] if len(argv) == 5 else ("ionice", "rrsync")
     command = os.environ.get("SSH_ORIGINAL_COMMAND", "")
     why = check(mode, command) or check_own_caps(mode)
+    if why is None and mode != "ro":
+        why = check_staging(root)
+    if why is None and mode == "wo":
+        forced = unprivileged(command)
+        if forced is None:
+            why = "no '.' word ends the options"
+        else:
+            os.environ["SSH_ORIGINAL_COMMAND"] = forced  # what rrsync reads
     if why is not None:
         return refuse(log_path, why, command)
     die_with_session(log_path)

@@ -4,7 +4,11 @@ Invariants: a restore goes only to the host whose sshd key is pinned for the
 name (it would otherwise hand a backup to whoever asks); it never pins; every
 path must lie inside the snapshot without passing through a symlink (a
 snapshot is the client's data and may hold symlinks pointing anywhere on the
-backup host); symlinks themselves are sent as symlinks, never followed.
+backup host); symlinks themselves are sent as symlinks, never followed. A restore where
+files vanished (rsync exit 24) or could not be read or written (23) says so
+in its result (``partial``, ``warnings``): never a plain success (issue 12).
+What the client's staging dir receives is the client's gate's decision, not
+the worker's: it forces an unprivileged receiver unless the dir is private.
 """
 
 from __future__ import annotations
@@ -95,6 +99,17 @@ def restore(storage: Storage, settings: Settings, request: RestoreRequest, task_
         outcome = grab.run_rsync(rsync.push_argv(spec, Path(root), request.paths), on_progress)
     log.info("restored %d path(s) of %s to %s", len(request.paths), snap.dirname,
              request.address)
+    warnings = []
+    if outcome.code == rsync.VANISHED:
+        warnings.append("some files vanished from the snapshot during the restore "
+                        "(rsync exit 24)")
+    if outcome.code == rsync.PARTIAL:
+        warnings.append("some files could not be read or written (rsync exit 23)"
+                        + (f"; {len(outcome.failed_paths)} listed in failed_paths"
+                           if outcome.failed_paths else ""))
+    if len(found) >= MAX_SPECIALS:
+        warnings.append(f"the limit of {MAX_SPECIALS} device nodes and FIFOs was reached: "
+                        "any beyond it are not recreated")
     return {
         "name": request.name,
         "snapshot": snap.dirname,
@@ -103,7 +118,8 @@ def restore(storage: Storage, settings: Settings, request: RestoreRequest, task_
         "bytes_transferred": outcome.stats.get("bytes_sent", 0),
         "duration": round(time.time() - started, 3),
         "rsync_exit": outcome.code,
-        "partial": outcome.code == rsync.PARTIAL,
+        "partial": bool(warnings),
+        "warnings": warnings,
         "failed_paths": outcome.failed_paths,
         "specials": found,
     }
@@ -119,7 +135,10 @@ def specials(root: str, paths: tuple[str, ...]) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
 
     def add(path: str) -> None:
-        st = os.lstat(path)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return  # vanished since rsync listed it: rsync says so (exit 24)
         if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISFIFO(st.st_mode):
             if len(found) >= MAX_SPECIALS:
                 return
@@ -131,9 +150,7 @@ def specials(root: str, paths: tuple[str, ...]) -> list[dict[str, Any]]:
                 "major": os.major(st.st_rdev),
                 "minor": os.minor(st.st_rdev),
                 "mtime_ns": st.st_mtime_ns,
-                "xattrs": {name: base64.b64encode(os.getxattr(path, name,
-                                                              follow_symlinks=False)).decode()
-                           for name in os.listxattr(path, follow_symlinks=False)},
+                "xattrs": xattrs_of(path),
             })
 
     for rel in paths:
@@ -145,3 +162,18 @@ def specials(root: str, paths: tuple[str, ...]) -> list[dict[str, Any]]:
             for name in names:
                 add(os.path.join(dirpath, name))
     return found
+
+
+def xattrs_of(path: str) -> dict[str, str]:
+    """The xattrs of ``path`` (not followed), base64; those gone meanwhile left out."""
+    out = {}
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return {}
+    for name in names:
+        try:
+            out[name] = base64.b64encode(os.getxattr(path, name, follow_symlinks=False)).decode()
+        except OSError:
+            continue
+    return out

@@ -24,6 +24,17 @@ def restore(broker: str, name: str, into: Path, *paths: str,
          "--into", str(into), "--json", *paths], capture_output=True, text=True, timeout=120)
 
 
+def register(tmp_path: Path, storage: Path, name: str) -> str:
+    """Register this test's client (its sshd host key, made now if need be) for
+    ``name`` on the backup host, as an operator does with `bakgrab trust --key`."""
+    from bakgrab.client import keys
+
+    _, line = keys.host_key(tmp_path / "state" / "bakgrab")
+    subprocess.run([support.BAKGRAB, "trust", "--storage", str(storage), name, "--key", line],
+                   check=True, capture_output=True, timeout=60)
+    return line
+
+
 @pytest.fixture
 def backed_up(tmp_path: Path, redis_url: str, storage: Path,
               worker: support.Proc) -> tuple[Path, Path]:
@@ -31,6 +42,7 @@ def backed_up(tmp_path: Path, redis_url: str, storage: Path,
     src = tmp_path / "src"
     support.build_fidelity_tree(src)
     os.symlink("/etc", src / "escape")
+    register(tmp_path, storage, "host-r")
     done = support.run_backup(redis_url, "host-r", src)
     assert done.returncode == 0, done.stderr
     return src, support.snapshots(storage, "host-r")[0]
@@ -40,37 +52,67 @@ def test_restore_file_dir_and_whole_snapshot_with_metadata(
     tmp_path: Path, redis_url: str, backed_up: tuple[Path, Path]
 ) -> None:
     """A file, a directory and the whole snapshot come back into the staging
-    dir identical in content, owners, modes, ACLs, xattrs, hard and symlinks,
-    FIFOs and device nodes (these only in a staging dir no one else enters)."""
+    dir. Into a private one (0700, ours; --into creates it so) everything is
+    identical: content, owners, modes, setuid bits, ACLs, xattrs, hard and
+    symlinks, FIFOs and device nodes, and the staging dir keeps its own mode.
+    Into an open one, privilege stays behind (issue 12): no device node, no
+    setuid bit, no other owner, no ACL, each reported, exit 1."""
     src, snap = backed_up
     one = tmp_path / "one"
-    one.mkdir()
+    one.mkdir(mode=0o755)
     done = restore(redis_url, "host-r", one, "secret/shadow")
     assert done.returncode == 0, done.stderr
     assert (one / "secret" / "shadow").read_bytes() == b"root-only\n"
     assert (one / "secret" / "shadow").stat().st_mode & 0o777 == 0o600
     assert json.loads(done.stdout)["snapshot"] == snap.name
+    assert sorted(p.name for p in one.iterdir()) == ["secret"]  # no wrapper left behind
 
     two = tmp_path / "two"
     two.mkdir(mode=0o755)
     done = restore(redis_url, "host-r", two, "data")
-    # rrsync -wo does not create devices and FIFOs (--drop-D); the client makes
-    # them from the worker's list, device nodes only in a private staging dir
     assert done.returncode == 1, done.stderr
-    assert "chmod 700" in done.stderr
-    assert json.loads(done.stdout)["specials_skipped"] == ["data/null-dev"]
-    assert support.rsync_diff(src / "data", two / "data", "--exclude=*.log",
-                              "--exclude=null-dev") == []
+    out = json.loads(done.stdout)
+    assert out["private"] is False
+    assert out["specials_skipped"] == ["data/null-dev"]
     assert not (two / "data" / "null-dev").exists()
+    stripped = {e["path"]: e["dropped"] for e in out["stripped"]}
+    assert "setuid bit" in stripped["data/setuid"]
+    assert any(d.startswith("owner uid") for d in stripped["data/owned-by-nobody"])
+    assert "ACL" in stripped["data/acl.txt"]
+    assert "default ACL" in stripped["data"]
+    assert "data/file.txt" not in stripped
+    assert os.stat(two / "data" / "setuid").st_mode & 0o7777 == 0o755
+    assert os.stat(two / "data" / "owned-by-nobody").st_uid == 0
+    assert not [n for n in os.listxattr(two / "data" / "acl.txt") if n.startswith("system.")]
+    assert not [n for f in (two / "data").iterdir() if not f.is_symlink()
+                for n in os.listxattr(f) if n.startswith("user.rsync.")]
+    assert os.getxattr(two / "data" / "xattr.txt", "user.bakgrab.test") == b"value\x00\xff"
+    assert stat_of(two / "data" / "fifo") == stat_of(src / "data" / "fifo")
+    # every file here inherited data/'s default ACL, and ACLs stay behind
+    assert support.rsync_diff(src / "data", two / "data", "--no-A", "--exclude=*.log",
+                              "--exclude=null-dev", "--exclude=setuid",
+                              "--exclude=owned-by-nobody", "--exclude=acl.txt") == []
+    assert os.stat(two).st_mode & 0o7777 == 0o755
 
-    whole = tmp_path / "whole"
-    whole.mkdir(mode=0o700)
+    whole = tmp_path / "whole"  # made by bakgrab: 0700
     done = restore(redis_url, "host-r", whole, ".", snapshot=snap.name)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["specials_created"] == 2
-    assert support.rsync_diff(snap, whole, "--exclude=/") == []
+    out = json.loads(done.stdout)
+    assert out["private"] is True and out["specials_created"] == 2
+    assert out["stripped"] == [] and out["refused"] == []
+    # everything but the staging dir itself, which keeps its own attributes
+    assert [d for d in support.rsync_diff(snap, whole) if not d.endswith(" ./")] == []
     assert os.stat(whole / "data" / "null-dev").st_rdev == os.makedev(1, 3)
+    assert os.stat(whole / "data" / "setuid").st_mode & 0o7777 == 0o4755
     assert os.readlink(whole / "escape") == "/etc"  # a symlink, not /etc's contents
+    # restoring "." never gives the staging dir the snapshot root's mode or owner
+    assert os.stat(snap).st_mode & 0o777 != 0o700
+    assert (os.stat(whole).st_mode & 0o7777, os.stat(whole).st_uid) == (0o700, 0)
+
+
+def stat_of(path: Path) -> tuple[int, int, int, int]:
+    st = os.lstat(path)
+    return st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns
 
 
 def test_restore_cannot_leave_the_snapshot_or_the_staging_dir(
@@ -95,8 +137,8 @@ def test_restore_only_to_the_pinned_host(tmp_path: Path, redis_url: str,
     into = tmp_path / "into"
     into.mkdir()
     done = restore(redis_url, "host-r", into, "secret/shadow")
-    assert done.returncode == 5, done.stderr
-    assert "restores go only to the host that made the backups" in done.stderr
+    assert done.returncode == 4, done.stderr
+    assert "not signed by the client registered for this name" in done.stderr
     assert list(into.iterdir()) == []
 
 
@@ -137,6 +179,7 @@ def test_versions_follow_a_file_through_its_history(
     src = tmp_path / "src"
     src.mkdir()
     (src / "keep").write_text("k")
+    register(tmp_path, storage, "hist")
     for content in ("v1", "same", None, "v2"):
         if content is None:
             (src / "f").unlink()

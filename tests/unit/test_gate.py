@@ -203,3 +203,82 @@ def test_a_real_pull_through_the_gate(source: Path, tmp_path: Path) -> None:
     assert os.stat(dest / "file").st_ino == os.stat(dest / "file.link").st_ino
     assert tree_state(source) == before
     assert not (logs / "gate.log").exists() or "refused" not in (logs / "gate.log").read_text()
+
+
+# -- restores: the receiver made unprivileged for a staging dir that is not private ------
+
+PUSH = "rsync --server -lHogDtpAXrRSze.iLsfxCIvu --super --numeric-ids --timeout=300 . /"
+"""A restore push as the worker's rsync sends it (rsync -HaAXz --relative)."""
+
+
+def test_write_modes_refuse_reads() -> None:
+    """Both restore modes let a push through and refuse a pull."""
+    for mode in ("wo", "wp"):
+        assert check(mode, PUSH) is None
+        assert check(mode, PULL) == "reading is not allowed"
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (PUSH, "rsync --server -lHogDtpAXrRSze.iLsfxCIvu --numeric-ids --timeout=300 "
+               "--fake-super . /"),
+        ("rsync --server -logDtpre.iLsfxCIvu --super=1 --no-super --fake-super --super . /a\\ b",
+         "rsync --server -logDtpre.iLsfxCIvu --fake-super . /a\\ b"),
+        # after the "." nothing is an option to rsync: left as it is
+        ("rsync --server -logDtpre.iLsfxCIvu . --super", "rsync --server "
+         "-logDtpre.iLsfxCIvu --fake-super . --super"),
+    ],
+)
+def test_open_staging_forces_fake_super(command: str, expected: str) -> None:
+    """In "wo" mode every super-user option of the peer goes and --fake-super
+    is the last option: the one rsync's receiver obeys."""
+    from bakgrab.client.gate import unprivileged
+
+    assert unprivileged(command) == expected
+
+
+def test_open_staging_without_a_dot_is_refused() -> None:
+    from bakgrab.client.gate import unprivileged
+
+    assert unprivileged("rsync --server -logDtpre.iLsfxCIvu --super") is None
+
+
+def test_staging_parent_must_be_private(tmp_path: Path) -> None:
+    """rsync may write only into a dir whose parent is the gate user's, 0700."""
+    from bakgrab.client.gate import check_staging
+
+    wrap = tmp_path / "wrap"
+    (wrap / "r").mkdir(parents=True)
+    wrap.chmod(0o700)
+    assert check_staging(str(wrap / "r")) is None
+    wrap.chmod(0o750)
+    assert check_staging(str(wrap / "r")) == (
+        "the staging dir's parent is not private (0700, the gate's user's)")
+    wrap.chmod(0o700)
+    os.symlink(wrap / "r", wrap / "link")
+    assert check_staging(str(wrap / "link")) == "the staging dir is not a directory"
+    assert check_staging(str(wrap / "missing")) == "the staging dir is not a directory"
+
+
+@needs_rrsync
+def test_gate_process_rewrites_what_rrsync_gets(tmp_path: Path) -> None:
+    """Run as sshd runs it in "wo" mode, with a stand-in for rrsync that
+    prints what it was given: SSH_ORIGINAL_COMMAND carries --fake-super and no
+    --super; in "wp" mode it is passed on as the peer sent it."""
+    wrap = tmp_path / "wrap"
+    (wrap / "r").mkdir(parents=True)
+    wrap.chmod(0o700)
+    fake = tmp_path / "rrsync"
+    fake.write_text("#!/bin/sh\necho \"$* | $SSH_ORIGINAL_COMMAND\"\n")
+    fake.chmod(0o755)
+    log = tmp_path / "gate.log"
+    for mode, seen in (("wo", PUSH.replace("--super ", "").replace(" . /", " --fake-super . /")),
+                       ("wp", PUSH)):
+        done = subprocess.run(
+            [sys.executable, "-I", "-m", "bakgrab.client.gate", mode, str(wrap / "r"), str(log),
+             shutil.which("ionice") or "ionice", str(fake)],
+            env={"PATH": os.environ["PATH"], "SSH_ORIGINAL_COMMAND": PUSH},
+            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout == f"-wo -no-del -no-lock {wrap / 'r'} | {seen}\n"

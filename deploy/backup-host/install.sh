@@ -14,7 +14,8 @@ usage() {
 Usage: deploy/backup-host/install.sh [OPTIONS]
 
 Set up this machine as a bakgrab backup host:
-  * the worker user (default bakgrab) and the storage (0750, that user's);
+  * the worker user (default bakgrab) and the storage (0700, that user's;
+    remounted nodev,nosuid when it is a mount of its own, else a warning);
   * /etc/bakgrab/bakgrab.toml (every setting, documented) and the 0600 root
     files with secrets: worker.env, flower.env, private/;
   * Redis: loopback only, users from an ACL file (default user off; one user
@@ -125,8 +126,27 @@ chown root:root "$AUTHORIZED_KEYS"
 ensure_dir "$ETC" 0755 root:root
 ensure_dir "$ETC/private" 0700 root:root
 ensure_dir "$ETC/clients" 0700 root:root
-# The storage: only the worker's user (and root) may enter it.
-ensure_dir "$STORAGE" 0750 "$WORKER_USER:$WORKER_USER"
+# The storage: only the worker's user (and root) may enter it. Snapshots hold
+# what clients sent, as sent: device nodes, setuid files (issue 11). 0700 keeps
+# other local users out; nodev,nosuid makes them inert even for root's tools.
+ensure_dir "$STORAGE" 0700 "$WORKER_USER:$WORKER_USER"
+storage_mount_options() {  # the per-mount options of the mount holding $STORAGE
+    findmnt -n -o OPTIONS -T "$STORAGE" 2>/dev/null || true
+}
+if [ -z "$PREFIX" ] && command -v findmnt >/dev/null; then
+    opts=",$(storage_mount_options),"
+    if [[ $opts != *,nodev,* || $opts != *,nosuid,* ]]; then
+        if mountpoint -q "$STORAGE"; then
+            mount -o remount,nodev,nosuid "$STORAGE"
+            note "remounted $STORAGE nodev,nosuid; add nodev,nosuid to its /etc/fstab options"
+        else
+            note "warning: $STORAGE is on a mount without nodev,nosuid: a device node or setuid"
+            note "  file a client sends works as such there. Give STORAGE its own filesystem"
+            note "  mounted nodev,nosuid, or bind-mount it onto itself, in /etc/fstab:"
+            note "  $STORAGE $STORAGE none bind,nodev,nosuid 0 0   (see deploy/README.md)"
+        fi
+    fi
+fi
 
 # -- secrets and settings -------------------------------------------------------
 for s in redis-admin redis-worker redis-flower flower-web; do

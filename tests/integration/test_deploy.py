@@ -383,10 +383,11 @@ def mode_owner(path: Path) -> tuple[int, str]:
 
 def test_backup_host_files_have_safe_modes_and_no_password_in_clear(
         deployment: Deployment) -> None:
-    """Storage 0750 of the worker's user; secrets 0600 root; the ACL file holds
-    hashes only; the config file parses with every default but storage."""
+    """Storage 0700 of the worker's user (issue 11: it holds clients' device
+    nodes and setuid files); secrets 0600 root; the ACL file holds hashes
+    only; the config file parses with every default but storage."""
     host = deployment.host
-    assert mode_owner(host.storage) == (0o750, host.worker_user)
+    assert mode_owner(host.storage) == (0o700, host.worker_user)
     assert mode_owner(host.prefix / "var" / "lib" / host.worker_user) == (0o750, host.worker_user)
     for name in ["worker.env", "flower.env", "clients/deployed.env", "clients/deployed.hash",
                  "private/redis-admin.password", "private/redis-worker.password",

@@ -51,7 +51,9 @@ class Settings:
     max_retries: int = 3
     """Worker: retries of a transient failure (network, timeout, busy name)."""
     retry_backoff: float = 30.0
-    """Worker: first retry delay in seconds; doubles each retry, with jitter."""
+    """Worker: the retry delay's step, seconds: retry N waits a random time
+    between half and all of retry_backoff * 2^(N-1), capped at retry_backoff_max
+    (the first retry: 15 to 30 s by default)."""
     retry_backoff_max: float = 900.0
     """Worker: upper bound of a retry delay, seconds."""
     bwlimit: str = ""

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +33,22 @@ def small_fs(path: Path, size: str, inodes: int = 100000) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", str(path)], check=False)
+
+
+def identities(pids: Iterable[int]) -> dict[int, str]:
+    """Each live pid with its start time, so a check made after the process
+    died (or its parent was reaped) never mistakes a reused pid for it."""
+    out = {}
+    for pid in pids:
+        with contextlib.suppress(OSError, IndexError):
+            out[pid] = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    return out
+
+
+def still_alive(procs: dict[int, str]) -> list[int]:
+    """The processes of :func:`identities` that still run."""
+    return [pid for pid, start in procs.items()
+            if support.alive(pid) and identities([pid]).get(pid) == start]
 
 
 def free_bytes(path: Path) -> int:
@@ -229,22 +245,21 @@ def test_crash_mid_delete_leaves_trash_the_next_run_finishes(tmp_path: Path) -> 
              str(free_bytes(storage) + 100 * MB)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
-        def rm_running() -> bool:
-            for entry in os.listdir("/proc"):
-                if entry.isdigit():
-                    with contextlib.suppress(OSError):
-                        stat = Path(f"/proc/{entry}/stat").read_text()
-                        if int(stat.rsplit(")", 1)[1].split()[1]) == proc.pid:
-                            return True
-            return False
+        def deleting() -> dict[int, str]:
+            """prune's delete child (ionice, which execs rm), while prune lives."""
+            return identities(support.descendants(proc.pid))
 
-        support.wait_for(rm_running, 30, "the delete to start", interval=0.005)
+        # taken while prune lives: once it is reaped, its orphans have another
+        # parent and a look at its children finds none (issue 13)
+        rm = support.wait_for(deleting, 30, "the delete to start", interval=0.005)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
+        support.wait_for(lambda: not still_alive(rm), 5, "the orphaned rm to die")
         assert not snap.exists()
         leftovers = list(trash.iterdir())
         assert len(leftovers) == 1 and leftovers[0].name.startswith(snap.name)
-        support.wait_for(lambda: not rm_running(), 10, "the orphaned rm to die")
+        # it died with prune, half-way: an rm that lived on would empty the tree
+        assert any(leftovers[0].iterdir())
         again = prune(storage, "--min-free-abs", "1M")
         assert again.returncode == 0, again.stderr
         assert list(trash.iterdir()) == []

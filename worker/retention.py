@@ -356,8 +356,8 @@ def admit(storage: Storage, settings: Settings, name: str) -> None:
     must not invent thousands of names, each diluting every share); called
     before the grab writes anything. A refused request (exit 4), so nothing
     is recorded for the name either. First grabs of new names running at the
-    same moment each see the names before them: the storage may end up to
-    ``concurrency - 1`` names over the limit, never more."""
+    same moment each see the names before them, so the storage may end up
+    over the limit by the number of grabs running at once, never more."""
     if not settings.max_names:
         return
     known = known_names(storage)

@@ -24,6 +24,7 @@ import os
 import shutil
 import stat
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -178,6 +179,52 @@ def test_private_staging_dir_gets_everything_exactly(
     fifo = os.lstat(into / "fifo")
     assert (stat.S_IMODE(fifo.st_mode), fifo.st_uid) == (0o4666, OTHER_UID)
     assert sorted(os.listdir(into)) == sorted(os.listdir(crafted))  # no wrapper left
+
+
+def test_files_vanishing_during_the_restore_are_reported(
+    tmp_path: Path, redis_url: str, storage: Path, worker: support.Proc
+) -> None:
+    """Files removed from the snapshot while it is pushed (rsync exit 24) make
+    the restore exit 1 with a warning saying so: never a plain success."""
+    need_root()
+    snap = storage / "gone.2026-01-01.1767225600"
+    (snap / "many").mkdir(parents=True)
+    for i in range(3000):
+        (snap / "many" / f"f{i:04d}").write_bytes(os.urandom(16384))
+    register(tmp_path, storage, "gone")
+    into = tmp_path / "into"
+    errors: list[BaseException] = []
+    removed: list[str] = []
+
+    def remove_the_rest() -> None:
+        try:
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                arrived = list(into.glob(".bakgrab-restore.*/r/many/*"))
+                if arrived:
+                    for i in range(2999, 2899, -1):
+                        (snap / "many" / f"f{i:04d}").unlink()
+                        removed.append(f"f{i:04d}")
+                    return
+                time.sleep(0.001)
+            raise TimeoutError("no file arrived in the staging dir")
+        except BaseException as e:  # handed to the test below, never swallowed
+            errors.append(e)
+
+    remover = threading.Thread(target=remove_the_rest)
+    remover.start()
+    try:
+        done = restore(redis_url, "gone", into, "many")
+    finally:
+        remover.join(70)
+    assert not remover.is_alive() and errors == [], errors
+    assert len(removed) == 100
+    assert done.returncode == 1, done.stderr
+    out = json.loads(done.stdout)
+    assert out["partial"] is True and out["rsync_exit"] == 24
+    assert any("vanished" in w for w in out["warnings"])
+    assert not (into / "many" / "f2999").exists()
+    assert (into / "many" / "f0000").read_bytes() == (snap / "many" / "f0000").read_bytes()
 
 
 # -- the gate against a real hostile push -----------------------------------------------

@@ -203,11 +203,17 @@ def walk_name(roots: Sequence[Path]) -> tuple[list[tuple[int, int]], int]:
     linked: dict[tuple[int, int], list[int]] = {}
     for k, root in enumerate(roots):
         for dirpath, dirnames, filenames in os.walk(root):
-            st = os.lstat(dirpath)
+            try:
+                st = os.lstat(dirpath)
+            except FileNotFoundError:  # removed by hand meanwhile: nothing to charge
+                continue
             freed[k][0] += st.st_blocks * 512
             freed[k][1] += 1
             for fn in filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-                st = os.lstat(os.path.join(dirpath, fn))
+                try:
+                    st = os.lstat(os.path.join(dirpath, fn))
+                except FileNotFoundError:
+                    continue
                 if st.st_nlink == 1:
                     freed[k][0] += st.st_blocks * 512
                     freed[k][1] += 1

@@ -700,3 +700,23 @@ def test_list_shows_what_each_name_holds_alone(store: Storage) -> None:
     assert entry["alone_bytes"] == dirs + blocks(first / "big")
     assert entry["alone_inodes"] == 3 and entry["shared_bytes"] == 0
     assert [s["alone_bytes"] for s in entry["snapshots"]] == [0, 0]
+
+
+@needs_ionice
+def test_a_storage_of_the_old_layout_keeps_working(tmp_path: Path) -> None:
+    """A storage made before locks/names/ and usage/ existed (name locks as
+    locks/NAME.lock): prepare() adds the new dirs, keeps the old files, and
+    cleanup with shares runs on it (upgrade without migration)."""
+    root = tmp_path / "old"
+    for sub in ("inprogress", "meta", "pins", "locks", "jobs", "run", "trash"):
+        (root / ".bakgrab" / sub).mkdir(parents=True, mode=0o700)
+    for old in ("host.lock", "storage.lock", "trash.lock"):
+        (root / ".bakgrab" / "locks" / old).touch()
+    store = Storage(root).prepare()
+    assert (store.state / "locks" / "names").is_dir() and (store.state / "usage").is_dir()
+    assert (store.state / "locks" / "host.lock").exists()
+    populate(store, {"host": [T0, T0 + 1], "other": [T0 + 2]})
+    sizes = {s.dirname: 100 * KiB for s in store.snapshots()}
+    removed = make_room(store, settings_for(150 * KiB, name_max_bytes="auto"), current="other",
+                        measure=FakeDisk(store, sizes, base_free=100 * KiB))
+    assert [r["snapshot"] for r in removed] == [snapshot_dirname("host", T0)]

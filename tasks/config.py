@@ -120,6 +120,55 @@ class Settings:
     stale_after: str = "36h"
     """Status: a name whose last successful snapshot is older than this is
     STALE (seconds, or a duration like ``90m``, ``36h``, ``2d``)."""
+    # -- monitoring: notifications, schedule, metrics (issue 17) --
+    notify: str = ""
+    """Backup host: where notices go, comma-separated (a TOML list in the
+    file; ``bakgrab worker --notify URL``, repeatable): ``https://...`` or
+    ``http://...`` webhooks (a JSON POST, docs/monitoring.md), ``mailto:ADDR``
+    (through ``smtp_host``). Sent once per change of state: a grab failed for
+    good, a partial snapshot, no space, a name gone stale, the worker back
+    after a crash, and each recovery."""
+    notify_ping: str = ""
+    """Backup host: per-name ping URLs (healthchecks.io style: ``URL/start``
+    when a grab starts, ``URL`` on success, ``URL/fail`` on a final failure),
+    as ``NAME=URL`` pairs, comma-separated; in the file a table
+    ``[bakgrab.notify_ping]`` of ``NAME = "URL"``."""
+    notify_retries: int = 5
+    """Backup host: delivery attempts after the first to a target that fails."""
+    notify_backoff: float = 30.0
+    """Backup host: first delay in seconds before a delivery is retried;
+    doubles each retry (up to ``retry_backoff_max``), with jitter."""
+    notify_timeout: int = 10
+    """Backup host: seconds one delivery (HTTP or SMTP) may take."""
+    smtp_host: str = ""
+    """Backup host: the SMTP relay for ``mailto:`` targets."""
+    smtp_port: int = 587
+    """Backup host: the relay's port."""
+    smtp_security: str = "starttls"
+    """Backup host: ``starttls`` (required, the certificate checked), ``tls``
+    (implicit TLS, e.g. port 465) or ``none`` (a relay on loopback only)."""
+    smtp_ca_file: str = ""
+    """Backup host: CA certificates that sign the relay's certificate; empty:
+    the system's."""
+    smtp_user: str = ""
+    """Backup host: the relay login; empty: no login."""
+    smtp_password_file: str = ""
+    """Backup host: a file (mode 0600 or stricter, owned by the worker's user)
+    holding the relay password. Or set ``BAKGRAB_SMTP_PASSWORD`` in the
+    environment file; never on a command line."""
+    smtp_password: str = dataclasses.field(default="", repr=False)
+    """Backup host: the relay password (prefer ``smtp_password_file``)."""
+    smtp_from: str = ""
+    """Backup host: the mails' sender; empty: ``bakgrab@<host name>``."""
+    stale_check_every: str = "5m"
+    """Scheduler: how often Celery beat asks the worker to look for stale
+    names (a duration)."""
+    beat: str = "off"
+    """Worker: ``on`` runs the scheduler inside the worker (``bakgrab worker
+    --beat``) instead of ``bakgrab scheduler``; only one per storage runs."""
+    metrics_listen: str = ""
+    """Scheduler: ``127.0.0.1:PORT`` serves Prometheus ``/metrics`` over HTTP
+    (loopback addresses only); empty: off."""
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -151,9 +200,30 @@ def _coerce(name: str, value: Any) -> Any:
             raise bad
         if isinstance(value, str | int) and not isinstance(value, bool):
             return str(value)
+        if name in TEXT_LISTS:  # issue 17: a TOML list or table of text, as text
+            return TEXT_LISTS[name](value, bad)
         raise bad
     except ValueError:
         raise bad from None
+
+
+def _join_list(value: Any, bad: ConfigError) -> str:
+    if not isinstance(value, list) or not all(isinstance(v, str) and "," not in v
+                                              for v in value):
+        raise bad
+    return ",".join(value)
+
+
+def _join_table(value: Any, bad: ConfigError) -> str:
+    if not isinstance(value, dict) or not all(
+            isinstance(v, str) and "," not in v and "=" not in k for k, v in value.items()):
+        raise bad
+    return ",".join(f"{k}={v}" for k, v in value.items())
+
+
+TEXT_LISTS = {"notify": _join_list, "notify_ping": _join_table}
+"""Settings kept as comma-separated text that a config file may give as a
+list (``notify``) or a table (``notify_ping``)."""
 
 
 def load(
@@ -246,8 +316,30 @@ def check(settings: Settings) -> None:
             except (ConfigError, ValueError):
                 raise ConfigError(f"setting {name}: {value!r}: use auto, off or a "
                                   + ("size" if name == "name_max_bytes" else "number")) from None
+    check_monitoring(settings)
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", settings.queue):
         raise ConfigError(f"queue {settings.queue!r}: letters, digits and _.:- only")
+
+
+def check_monitoring(settings: Settings) -> None:
+    """The monitoring settings (issue 17); the targets' syntax is checked by
+    :mod:`bakgrab.worker.notify` when the worker starts."""
+    if settings.notify_retries < 0:
+        raise ConfigError("notify_retries must be 0 or more")
+    if settings.notify_timeout < 1:
+        raise ConfigError("notify_timeout must be a positive number of seconds")
+    if settings.notify_backoff <= 0:
+        raise ConfigError("notify_backoff must be a positive number of seconds")
+    if not 1 <= settings.smtp_port <= 65535:
+        raise ConfigError("smtp_port must be from 1 to 65535")
+    if settings.smtp_security not in ("starttls", "tls", "none"):
+        raise ConfigError(f"smtp_security {settings.smtp_security!r}: starttls, tls or none")
+    if settings.beat not in ("on", "off"):
+        raise ConfigError(f"beat {settings.beat!r}: 'on' or 'off'")
+    try:
+        parse_duration(settings.stale_check_every)
+    except ConfigError as e:
+        raise ConfigError(f"setting stale_check_every: {e}") from None
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

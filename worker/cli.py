@@ -1,5 +1,5 @@
 """The backup host's commands: ``worker``, ``list``, ``prune``, ``versions``,
-``trust``, ``flower`` and ``status``.
+``trust``, ``flower``, ``status`` and ``scheduler``.
 
 The ``bakgrab`` group (:mod:`bakgrab.tasks.cli`) finds them through the
 ``bakgrab.commands`` entry points and imports this module only when one of
@@ -42,9 +42,16 @@ from bakgrab.tasks.cli import CONTEXT, guarded, settings_from
 @click.option("--max-retries", type=int, help="Retries of a transient failure (default: 3).")
 @click.option("--rsync-timeout", type=int, help="rsync --timeout in seconds (default: 300).")
 @click.option("--bwlimit", help="rsync --bwlimit, e.g. 10M (default: none).")
+@click.option("--notify", "notify_to", multiple=True, metavar="URL",
+              help="Send notices there: https://..., http://... or mailto:ADDR; repeatable "
+                   "(replaces the notify setting; docs/monitoring.md).")
+@click.option("--beat", is_flag=True, default=None,
+              help="Also run the scheduler (Celery beat: stale checks) in this worker; "
+                   "one per storage.")
 @click.pass_context
 @guarded
-def worker(ctx: click.Context, **flags: Any) -> None:
+def worker(ctx: click.Context, notify_to: tuple[str, ...], beat: bool | None,
+           **flags: Any) -> None:
     """Run a Celery worker that serves `bakgrab.grab` (backup host).
 
     Starts a prefork pool with task events on. Before each grab it frees space
@@ -52,7 +59,9 @@ def worker(ctx: click.Context, **flags: Any) -> None:
     their oldest snapshots first, then the name that has the most (never below
     --min-keep per name); then it pulls the client with rsync into STORAGE.
     """
-    settings = settings_from(ctx, **flags)
+    if notify_to:  # issue 17
+        flags["notify"] = ",".join(notify_to)
+    settings = settings_from(ctx, **flags, beat="on" if beat else None)
     from bakgrab.worker.task import serve
 
     serve(settings)
@@ -274,3 +283,31 @@ def status(ctx: click.Context, storage: str | None, stale_after: str | None, as_
     else:
         click.echo(name_status.to_text(statuses, limit))
     sys.exit(name_status.exit_code(statuses))
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--storage", help="Storage directory (the worker's).")
+@click.option("--broker", help="Broker URL, e.g. redis://127.0.0.1:6379/0.")
+@click.option("--queue", help="Queue whose worker runs the checks (default: bakgrab).")
+@click.option("--stale-check-every", metavar="DURATION",
+              help="How often to look for stale names (default: 5m).")
+@click.option("--stale-after", metavar="DURATION",
+              help="A name whose last success is older is stale (default: 36h).")
+@click.option("--metrics-listen", metavar="127.0.0.1:PORT",
+              help="Also serve Prometheus /metrics there (loopback only; default: off).")
+@click.option("--loglevel", help="Log level (default: INFO).")
+@click.pass_context
+@guarded
+def scheduler(ctx: click.Context, **flags: Any) -> None:
+    """Run Celery beat for the backup host: stale checks, and /metrics (backup host).
+
+    Every --stale-check-every it asks the worker (on its internal queue) to
+    look for names without a success within --stale-after; the worker sends
+    a notice to each `notify` target when a name turns stale and when it
+    recovers. Run one per storage (a second is refused, exit 7), as the
+    worker's user; see docs/monitoring.md.
+    """
+    settings = settings_from(ctx, **flags)
+    from bakgrab.worker.schedule import serve
+
+    serve(settings)

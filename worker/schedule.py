@@ -1,0 +1,142 @@
+"""The schedule the backup host keeps: Celery beat and the stale check (issue 17).
+
+``bakgrab scheduler`` (or ``bakgrab worker --beat``) runs Celery beat, which
+sends ``bakgrab.stale_check`` every ``stale_check_every`` to the worker's
+internal queue; the worker then looks at every name's last success (the same
+reading as ``bakgrab status``) and the notifier sends a notice when a name
+turns stale, and a recovery when it is fresh again. No client has to call
+for a silent name to be found. Invariants:
+
+* **One scheduler per storage.** It holds an flock on
+  ``STORAGE/.bakgrab/locks/scheduler.lock`` for its whole life; a second one
+  (standalone or embedded) is refused with exit 7. The kernel drops the lock
+  when the holder dies.
+* **Its messages are the worker's own.** Beat signs what it sends with the
+  MAC key derived from the storage's request key (only the backup host's
+  user can read it), and the transport admits nothing unsigned on the
+  internal queue (:mod:`bakgrab.worker.transport`).
+* The schedule lives in memory (``celery.beat:Scheduler``): nothing is
+  written beside the storage; a restarted scheduler starts a fresh period.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+from celery import Celery
+from celery.signals import before_task_publish, worker_ready, worker_shutdown
+
+from bakgrab.tasks import sealed
+from bakgrab.tasks.app import make_app
+from bakgrab.tasks.config import Settings, parse_duration, parse_size
+from bakgrab.tasks.errors import Busy, ConfigError
+from bakgrab.worker import status, transport
+from bakgrab.worker.notify import STALE_CHECK, Notifier, internal_queue, signer
+from bakgrab.worker.status import human_duration
+from bakgrab.worker.storage import Storage
+
+log = logging.getLogger(__name__)
+
+_held: list[int] = []
+"""The scheduler lock's fd, kept open for the life of the process."""
+
+
+def check_stale(notifier: Notifier) -> str:
+    """Mark each name stale or fresh; notices for those that changed."""
+    limit = parse_duration(notifier.settings.stale_after)
+    statuses = status.collect(notifier.storage, limit)
+    for s in statuses:
+        if s.stale:
+            reason = ("no successful snapshot at all" if s.age is None else
+                      f"last success {human_duration(s.age)} ago ({s.snapshot})")
+        else:
+            reason = f"a snapshot {human_duration(s.age or 0)} old ({s.snapshot})"
+        reason += f"; stale_after = {notifier.settings.stale_after}"
+        notifier.outcome(s.name, {"stale": s.stale}, snapshot=s.snapshot, reason=reason)
+    stale = sum(s.stale for s in statuses)
+    return f"{stale} of {len(statuses)} name(s) stale"
+
+
+def lock(storage: Storage) -> None:
+    """Hold the storage's scheduler lock, or Busy (exit 7) if another has it."""
+    import fcntl
+
+    path = storage.state / "locks" / "scheduler.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise Busy(f"another scheduler runs for storage {storage.root} (it holds "
+                   f"{path.name}); run one per storage") from None
+    _held.append(fd)
+
+
+def configure(app: Celery, settings: Settings) -> None:
+    """Beat's schedule on ``app``: every stale_check_every, a stale check."""
+    every = parse_duration(settings.stale_check_every)
+    app.conf.beat_scheduler = "celery.beat:Scheduler"
+    app.conf.beat_schedule = {
+        "stale-check": {"task": STALE_CHECK, "schedule": every,
+                        "options": {"queue": internal_queue(settings.queue)}},
+    }
+
+
+def prepared(settings: Settings) -> Storage:
+    if not settings.storage:
+        raise ConfigError("the scheduler needs the storage directory: --storage DIR")
+    try:
+        return Storage(settings.storage).prepare()
+    except (FileNotFoundError, PermissionError) as e:
+        raise ConfigError(f"storage: {e}") from None
+
+
+def embed(app: Celery, settings: Settings) -> None:
+    """``bakgrab worker --beat``: the lock now, beat in a thread once the worker is ready."""
+    from celery.beat import EmbeddedService
+
+    lock(prepared(settings))
+    configure(app, settings)
+    service: list[Any] = []
+
+    def start(**_: Any) -> None:
+        beat = EmbeddedService(app, thread=True, scheduler_cls="celery.beat:Scheduler")
+        beat.start()
+        service.append(beat)
+        log.info("scheduler: stale checks every %s (embedded)", settings.stale_check_every)
+        if settings.metrics_listen:
+            from bakgrab.worker import metrics
+
+            metrics.serve(settings)
+
+    def stop(**_: Any) -> None:
+        for beat in service:
+            beat.stop()
+
+    worker_ready.connect(start, weak=False)
+    worker_shutdown.connect(stop, weak=False)
+
+
+def serve(settings: Settings) -> None:
+    """``bakgrab scheduler``: Celery beat (and /metrics) for one storage, until stopped."""
+    storage = prepared(settings)
+    lock(storage)
+    private = sealed.load_or_create_private(storage.request_key)
+    policy = transport.Policy(max_message_bytes=parse_size(settings.max_message_bytes),
+                              mac_key=transport.mac_key(private))
+    app = make_app(settings, worker=True)
+    configure(app, settings)
+    before_task_publish.connect(transport.sign_publish(signer(policy)), weak=False)
+    if settings.metrics_listen:
+        from bakgrab.worker import metrics
+
+        address = metrics.serve(settings)
+        print(f"bakgrab: metrics on http://{address}/metrics", file=sys.stderr, flush=True)
+    print(f"bakgrab: scheduler for {storage.root}: stale checks every "
+          f"{settings.stale_check_every} on queue {internal_queue(settings.queue)}",
+          file=sys.stderr, flush=True)
+    app.Beat(loglevel=settings.loglevel, scheduler="celery.beat:Scheduler",
+             quiet=True).run()

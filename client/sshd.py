@@ -11,8 +11,16 @@ connection gets a fresh ``sshd -i`` (inetd mode) with a generated config:
   read-only rsync pull through;
 * the client's persistent host key (pinned by the worker).
 
-At most ``max_connections`` sessions are served (the job's attempts). When
-the server closes, every sshd it started is killed and its files removed.
+At most ``max_connections`` sessions are served (the job's attempts), and
+only a connection that authenticated with the one-time key counts as one
+(issue 13): no sshd starts for a connection until its peer has said a word
+(an SSH client sends its version at once; a silent one is dropped after
+``SILENT_WAIT``), and at most ``MAX_AUTHENTICATING`` sshd authenticate at
+once, a new one cutting the oldest (what ``MaxStartups`` does for a
+listening sshd; in inetd mode it is ours to do). So a local user opening
+connections can neither use up the job's sessions nor block the backup
+host's. When the server closes, every sshd it started is killed and its
+files removed; a failed start removes them too.
 Invariant: sshd children are started from the accept thread, which lives
 until :meth:`OneShotServer.close` (their parent-death signal is tied to it).
 """
@@ -24,7 +32,7 @@ import dataclasses
 import ipaddress
 import logging
 import os
-import select
+import selectors
 import shlex
 import shutil
 import signal
@@ -42,6 +50,15 @@ log = logging.getLogger(__name__)
 
 IpNet = ipaddress.IPv4Network | ipaddress.IPv6Network
 LOGIN_GRACE = 30
+SILENT_WAIT = 10.0
+"""Seconds an accepted connection may stay silent before it is dropped."""
+MAX_SILENT = 64
+"""Silent connections kept at once; one more drops the oldest."""
+MAX_AUTHENTICATING = 8
+"""sshd children still authenticating at once; one more cuts the oldest."""
+ACCEPTED = b"Accepted publickey for "
+"""What sshd logs (LogLevel VERBOSE, on stderr with ``-e``) once a
+connection has authenticated: from then on it is one of the job's sessions."""
 SSHD_PRIVSEP_DIR = Path("/run/sshd")
 """Debian's compiled-in privilege separation dir, needed when sshd runs as root."""
 
@@ -140,15 +157,28 @@ class OneShotServer:
 
     def __init__(self, cfg: ServerConfig) -> None:
         self.cfg = cfg
-        self.workdir = Path(tempfile.mkdtemp(prefix="bakgrab-sshd-"))
+        self.user = login_user()
         self.children: list[process.Child] = []
         self.served = 0
+        """sshd started (one per connection that spoke; ``sshd-N.log`` is the Nth)."""
         self.refused: list[str] = []
+        self.dropped = 0
+        """Connections closed before they authenticated: silent too long, or
+        cut for a newer one (issue 13)."""
+        self._authenticated: list[int] = []
+        self._authenticating: list[int] = []
+        """Indexes in ``children`` of the sshd that have not authenticated yet."""
         self._stop = threading.Event()
-        self._wake_r, self._wake_w = os.pipe()  # wakes the accept loop at close
         self._thread: threading.Thread | None = None
         self.sock: socket.socket | None = None
-        self.user = login_user()
+        self._wake_r, self._wake_w = os.pipe()  # wakes the accept loop at close
+        # Last: nothing after it can fail and leave the dir behind (issue 13).
+        self.workdir = Path(tempfile.mkdtemp(prefix="bakgrab-sshd-"))
+
+    @property
+    def sessions(self) -> int:
+        """Connections that authenticated: the job's sessions used so far."""
+        return len(self._authenticated)
 
     @property
     def gate_log(self) -> Path:
@@ -160,6 +190,15 @@ class OneShotServer:
         return int(self.sock.getsockname()[1])
 
     def start(self) -> OneShotServer:
+        """Write the config, check it with ``sshd -t`` and listen; on any
+        failure everything made so far is removed (issue 13)."""
+        try:
+            return self._start()
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self) -> OneShotServer:
         cfg = self.cfg
         if not cfg.source.is_dir():
             raise ClientSetupError(f"--source {cfg.source}: not a directory")
@@ -179,6 +218,14 @@ class OneShotServer:
         write_private(self.workdir / "authorized_keys", key_line)
         write_private(self.workdir / "sshd_config", sshd_config(cfg, self.workdir, self.user, gate))
         self.gate_log.touch(mode=0o600)
+        # Every session runs this config: find a broken one (a host key sshd
+        # cannot load, an option it refuses) now, not at each of the job's attempts.
+        checked = process.run(
+            [process.which("sshd"), "-t", "-f", str(self.workdir / "sshd_config")],
+            timeout=30, check=False)
+        if checked.returncode != 0:
+            why = " ".join(checked.stderr.decode(errors="replace").split())[-300:]
+            raise ClientSetupError(f"sshd refuses the one-shot server's configuration: {why}")
         family = socket.AF_INET6 if ":" in cfg.listen else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -187,7 +234,7 @@ class OneShotServer:
         except OSError as e:
             sock.close()
             raise ClientSetupError(f"cannot listen on {cfg.listen} port {cfg.port}: {e}") from None
-        sock.listen(8)
+        sock.listen(MAX_SILENT)
         self.sock = sock
         self._thread = threading.Thread(target=self._serve, name="one-shot-sshd", daemon=True)
         self._thread.start()
@@ -197,37 +244,127 @@ class OneShotServer:
     def _serve(self) -> None:
         assert self.sock is not None
         sshd = process.which("sshd")
-        while not self._stop.is_set():
-            listening = self.sock.fileno()
-            ready, _, _ = select.select([listening, self._wake_r], [], [], 5)
-            if self._stop.is_set():
-                break
-            if listening not in ready:
-                continue
+        silent: dict[socket.socket, tuple[str, float]] = {}
+        """Accepted, allowed connections whose peer has not said a word yet."""
+        # epoll: hundreds of connections are no problem (select() stops at fd 1024).
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.sock, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
             try:
-                conn, peer = self.sock.accept()
+                while not self._stop.is_set():
+                    events = sel.select(1.0 if silent or self._authenticating else 5.0)
+                    if self._stop.is_set():
+                        break
+                    self._update_sessions()
+                    for key, _ in events:
+                        if key.fileobj is self.sock:
+                            self._accept(sel, silent)
+                        elif key.fileobj in silent:  # not dropped meanwhile
+                            conn = key.fileobj
+                            assert isinstance(conn, socket.socket)
+                            peer, _ = silent.pop(conn)
+                            sel.unregister(conn)
+                            with conn:
+                                self._start_sshd(sshd, conn, peer)
+                    now = time.monotonic()
+                    for conn, (peer, deadline) in list(silent.items()):
+                        if deadline <= now:
+                            log.info("dropped a connection from %s: silent for %.0fs",
+                                     peer, SILENT_WAIT)
+                            self._drop(sel, silent, conn)
+            finally:
+                for conn in silent:
+                    conn.close()
+
+    def _accept(self, sel: selectors.BaseSelector,
+                silent: dict[socket.socket, tuple[str, float]]) -> None:
+        assert self.sock is not None
+        try:
+            conn, addr = self.sock.accept()
+        except OSError:
+            return
+        peer = str(addr[0])
+        if not peer_allowed(peer, self.cfg.allow):
+            log.warning("refused connection from %s: not an allowed address", peer)
+            self.refused.append(peer)
+            conn.close()
+            return
+        if self.sessions >= self.cfg.max_connections:
+            log.warning("refused connection from %s: all %d sessions used",
+                        peer, self.cfg.max_connections)
+            self.refused.append(peer)
+            conn.close()
+            return
+        if len(silent) >= MAX_SILENT:
+            oldest = next(iter(silent))
+            log.warning("dropped a silent connection from %s: %d connections wait for a word",
+                        silent[oldest][0], MAX_SILENT)
+            self._drop(sel, silent, oldest)
+        silent[conn] = (peer, time.monotonic() + SILENT_WAIT)
+        sel.register(conn, selectors.EVENT_READ)
+
+    def _drop(self, sel: selectors.BaseSelector,
+              silent: dict[socket.socket, tuple[str, float]], conn: socket.socket) -> None:
+        sel.unregister(conn)
+        del silent[conn]
+        conn.close()
+        self.dropped += 1
+
+    def _start_sshd(self, sshd: str, conn: socket.socket, peer: str) -> None:
+        """Serve ``conn``, whose peer has spoken, with a fresh ``sshd -i``."""
+        try:
+            spoke = conn.recv(1, socket.MSG_PEEK)
+        except OSError:
+            spoke = b""
+        if not spoke:
+            return  # closed without a word
+        self._update_sessions()
+        if self.sessions >= self.cfg.max_connections:
+            log.warning("refused connection from %s: all %d sessions used",
+                        peer, self.cfg.max_connections)
+            self.refused.append(peer)
+            return
+        if len(self._authenticating) >= MAX_AUTHENTICATING:
+            oldest = self._authenticating.pop(0)
+            log.warning("cut connection %d: %d others are still authenticating",
+                        oldest + 1, MAX_AUTHENTICATING)
+            self.children[oldest].kill(grace=0.5)
+            self.dropped += 1
+        self.served += 1
+        errlog = open(self.workdir / f"sshd-{self.served}.log", "wb")  # noqa: SIM115
+        with errlog:
+            child = process.spawn(
+                [sshd, "-i", "-e", "-f", str(self.workdir / "sshd_config")],
+                stdin=conn.fileno(), stdout=conn.fileno(), stderr=errlog,
+            )
+        self.children.append(child)
+        self._authenticating.append(len(self.children) - 1)
+        log.info("connection %d from %s: sshd started (%d of %d sessions used)",
+                 self.served, peer, self.sessions, self.cfg.max_connections)
+
+    def _update_sessions(self) -> None:
+        """Count the sshd that authenticated since the last look; cut one that
+        would exceed the job's sessions (only the key's holder can get there)."""
+        waiting = []
+        for index in self._authenticating:
+            child = self.children[index]
+            ended = child.poll() is not None
+            try:
+                said = (self.workdir / f"sshd-{index + 1}.log").read_bytes()
             except OSError:
-                continue
-            with conn:
-                if not peer_allowed(peer[0], self.cfg.allow):
-                    log.warning("refused connection from %s: not an allowed address", peer[0])
-                    self.refused.append(peer[0])
-                    continue
-                if self.served >= self.cfg.max_connections:
-                    log.warning("refused connection from %s: all %d sessions used",
-                                peer[0], self.cfg.max_connections)
-                    self.refused.append(peer[0])
-                    continue
-                self.served += 1
-                errlog = open(self.workdir / f"sshd-{self.served}.log", "wb")  # noqa: SIM115
-                with errlog:
-                    child = process.spawn(
-                        [sshd, "-i", "-e", "-f", str(self.workdir / "sshd_config")],
-                        stdin=conn.fileno(), stdout=conn.fileno(), stderr=errlog,
-                    )
-                self.children.append(child)
-                log.info("serving backup host %s (session %d of %d)",
-                         peer[0], self.served, self.cfg.max_connections)
+                said = b""
+            if ACCEPTED in said:
+                if self.sessions >= self.cfg.max_connections:
+                    log.warning("cut connection %d: all %d sessions used",
+                                index + 1, self.cfg.max_connections)
+                    child.kill(grace=0.5)
+                else:
+                    self._authenticated.append(index)
+                    log.info("backup host authenticated on connection %d (session %d of %d)",
+                             index + 1, self.sessions, self.cfg.max_connections)
+            elif not ended:
+                waiting.append(index)
+        self._authenticating = waiting
 
     def close(self) -> None:
         """Stop listening, kill every sshd served, remove the generated files."""

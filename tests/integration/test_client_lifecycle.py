@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -132,3 +134,55 @@ def test_progress_on_a_terminal_and_silence_under_cron(
         assert quiet.stdout.count("\n") == 1 and "tty: snapshot" in quiet.stdout
     finally:
         worker.stop()
+
+
+def test_idle_connections_cannot_stop_the_backup(
+    tmp_path: Path, redis_url: str, storage: Path, worker: support.Proc
+) -> None:
+    """A local user who opens 50 idle TCP connections to the one-shot sshd
+    before the backup host connects uses none of the job's sessions: the real
+    backup completes, identical, in its normal time (issue 13). The worker is
+    held (SIGSTOP) until the 50 connections are open."""
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    for i in range(5):
+        (src / "d" / f"f{i}").write_bytes(os.urandom(50_000))
+    port = support.free_port()
+    idle: list[socket.socket] = []
+    with contextlib.ExitStack() as stack:
+        os.killpg(worker.pid, signal.SIGSTOP)
+        held = stack.enter_context(contextlib.ExitStack())
+        held.callback(os.killpg, worker.pid, signal.SIGCONT)
+        stack.callback(lambda: [c.close() for c in idle])
+        client = subprocess.Popen(
+            [support.BAKGRAB, "backup", "--broker", redis_url, "--name", "crowded",
+             "--source", str(src), "--port", str(port), "--json"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+        def stop_client() -> None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(client.pid, signal.SIGKILL)
+            client.wait(10)
+
+        stack.callback(stop_client)
+
+        def connect() -> socket.socket | None:
+            try:
+                return socket.create_connection(("127.0.0.1", port), timeout=2)
+            except OSError:
+                return None
+
+        idle.append(support.wait_for(connect, 30, "the one-shot sshd to listen"))
+        while len(idle) < 50:
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        began = time.monotonic()
+        held.close()  # SIGCONT: the worker takes the job now
+        out, err = client.communicate(timeout=120)
+        took = time.monotonic() - began
+    assert client.returncode == 0, err
+    result = json.loads(out)
+    assert result["snapshot"].startswith("crowded.")
+    assert result["attempts"] == 1  # the first attempt got through: no retry was needed
+    assert took < 60, f"the backup took {took:.0f}s"
+    snap = support.snapshots(storage, "crowded")[0]
+    assert support.rsync_diff(src, snap) == []

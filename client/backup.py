@@ -4,13 +4,20 @@ Steps: make a one-time key in memory; start the one-shot sshd for the
 allowed peers; open the tunnel to the broker (if asked); send
 ``bakgrab.grab`` by name with the key redacted from every display; wait for
 the final state, showing progress on a terminal; tear everything down, in
-every case (errors, Ctrl-C, SIGTERM): a queued job is revoked, sshd and the
-tunnel are killed, files removed.
+every case (errors, Ctrl-C, SIGTERM): a queued job is revoked (where the
+broker lets the client use Celery's remote control: the shipped ACL does
+not), sshd and the tunnel are killed, files removed.
+
+With several backup hosts (``--to``) each job runs in a thread of its own;
+signals reach only the main thread, which stops every job (:class:`Stop`)
+and waits, bounded by ``TEARDOWN``, until each has torn down as a single
+job does (issue 13). Job threads call :func:`cancel_point` wherever they wait.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import fcntl
 import ipaddress
@@ -19,6 +26,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -190,9 +198,11 @@ def submit(opts: BackupOptions, settings: Settings, task: str, mode: str,
         )))
         broker = settings.broker
         if opts.tunnel:
+            cancel_point()
             tunnel = stack.enter_context(Tunnel(
                 opts.tunnel, settings.broker, settings.server_alive_interval, opts.ssh_options,
-                settings.connect_timeout, reverse_port=server.port if opts.reverse else 0))
+                settings.connect_timeout, reverse_port=server.port if opts.reverse else 0,
+                check=cancel_point))
             broker = tunnel.url
         port = tunnel.remote_port if opts.reverse else server.port
         backup_host = opts.tunnel or "{}:{}".format(*broker_endpoint(settings.broker))
@@ -203,6 +213,7 @@ def submit(opts: BackupOptions, settings: Settings, task: str, mode: str,
                               key=sealed.seal(recipient, key.private.encode()),
                               host_key=host_public))
         app = make_app(settings, broker=broker)
+        cancel_point()  # stopped meanwhile: send nothing
         try:
             result = app.send_task(task, kwargs=wire, queue=settings.queue,
                                    argsrepr="()", kwargsrepr=redacted(wire))
@@ -314,13 +325,25 @@ def wait(result: Any, timeout: float, progress: Reporter | None) -> dict[str, An
             if isinstance(info, dict):
                 progress(info)
 
+    # A job of a multi-target run waits in slices of STOP_POLL and looks for
+    # the run's stop between them (Celery's on_interval fires only once, and
+    # signals reach only the main thread; issue 13).
+    stoppable = _stop.get() is not None
     try:
-        # propagate=False: the job's own error comes back as a value, so that
-        # whatever *raises* here is about reaching the broker.
-        value = result.get(timeout=max(1.0, deadline - time.monotonic()), propagate=False,
-                           on_message=on_message, interval=0.5)
-    except CeleryTimeout:
-        raise JobTimeout(f"the job did not finish within {timeout:.0f}s") from None
+        while True:
+            cancel_point()
+            left = deadline - time.monotonic()
+            try:
+                # propagate=False: the job's own error comes back as a value, so
+                # that whatever *raises* here is about reaching the broker.
+                value = result.get(timeout=max(1.0, min(left, STOP_POLL) if stoppable else left),
+                                   propagate=False, on_message=on_message, interval=0.5)
+                break
+            except CeleryTimeout:
+                if time.monotonic() >= deadline:
+                    raise JobTimeout(f"the job did not finish within {timeout:.0f}s") from None
+    except JobTimeout:
+        raise
     except Exception as e:  # Celery's result consumer gave up on the connection
         raise ClientSetupError(
             "lost the connection to the broker while waiting for the job (a dead tunnel or "
@@ -360,16 +383,66 @@ def parse_to(spec: str) -> Target:
     return Target(label=label, **fields)
 
 
+STOP_POLL = 1.0
+"""Seconds a job of a multi-target run waits for its result between two
+looks at the run's stop."""
+TEARDOWN = 30.0
+"""Seconds a stopped multi-target run waits for its jobs to tear down (each
+needs about a second; a job stuck in a broker call may need its timeout)."""
+
+
+class Stop:
+    """The stop of a multi-target run (issue 13). Signals reach only the main
+    thread; it sets this, and each job thread, at its next :func:`cancel_point`,
+    raises what a single-target run would have got (KeyboardInterrupt, or
+    SystemExit with the same code), so it unwinds the same way: revoke, sshd,
+    tunnel, files."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._code: object = None
+        self._interrupt = False
+
+    def set(self, reason: BaseException) -> None:
+        self._interrupt = isinstance(reason, KeyboardInterrupt)
+        self._code = reason.code if isinstance(reason, SystemExit) else None
+        self._event.set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            # A new exception per thread: one instance raised in several
+            # threads would share (and garble) its traceback.
+            raise KeyboardInterrupt() if self._interrupt else SystemExit(self._code)
+
+
+_stop: contextvars.ContextVar[Stop | None] = contextvars.ContextVar("bakgrab_stop", default=None)
+"""The Stop of the multi-target run this thread's job belongs to, if any."""
+
+
+def cancel_point() -> None:
+    """Raise if this thread's job belongs to a multi-target run being stopped."""
+    stop = _stop.get()
+    if stop is not None:
+        stop.check()
+
+
 def backup_many(opts: BackupOptions, settings: Settings, targets: Sequence[Target],
                 ) -> list[tuple[Target, GrabResult | BaseException]]:
-    """Back up to every target at once; each outcome, in the targets' order."""
-    import threading
+    """Back up to every target at once; each outcome, in the targets' order.
 
+    A signal (Ctrl-C, SIGTERM) stops every job and is raised again once each
+    has torn down (at most TEARDOWN seconds)."""
     if opts.port and len(targets) > 1:
         raise ClientSetupError("--port cannot be shared by several --to targets")
     outcomes: dict[int, GrabResult | BaseException] = {}
+    stop = Stop()
+    # Each job says it ended with an Event, not by Thread.join(): a join
+    # interrupted by a signal marks a live thread as ended in Python 3.11
+    # (the bpo-45274 fix), and the teardown would not wait for it.
+    ended = [threading.Event() for _ in targets]
 
     def one(i: int, target: Target) -> None:
+        _stop.set(stop)
         try:
             o = dataclasses.replace(opts, tunnel=target.tunnel or opts.tunnel)
             s = settings.replace(broker=target.broker or settings.broker,
@@ -377,11 +450,39 @@ def backup_many(opts: BackupOptions, settings: Settings, targets: Sequence[Targe
             outcomes[i] = backup(o, s, None)
         except BaseException as e:  # reported per target by the caller
             outcomes[i] = e
+            stopped = isinstance(e, KeyboardInterrupt | SystemExit)  # the run's stop: no news
+            log.debug("job to %s ended with %s", target.label, type(e).__name__,
+                      exc_info=None if stopped else e)
+        finally:
+            ended[i].set()
 
-    threads = [threading.Thread(target=one, args=(i, t), name=f"to-{i}")
+    # Daemon threads: the interpreter never waits for a job at exit; the
+    # teardown below is what waits, and it is bounded.
+    threads = [threading.Thread(target=one, args=(i, t), name=f"to-{i}", daemon=True)
                for i, t in enumerate(targets)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    try:
+        for t in threads:
+            t.start()
+        for end in ended:
+            end.wait()
+    except (KeyboardInterrupt, SystemExit) as e:
+        stop.set(e)
+        wait_bounded([end for t, end in zip(threads, ended, strict=True) if t.ident is not None],
+                     TEARDOWN)
+        raise
     return [(t, outcomes[i]) for i, t in enumerate(targets)]
+
+
+def wait_bounded(ended: Sequence[threading.Event], timeout: float) -> None:
+    """Wait until every job has ended, at most ``timeout`` seconds in all; a
+    further signal meanwhile does not cut the wait short (the teardown it
+    would skip is what leaves sshd and sockets behind)."""
+    deadline = time.monotonic() + timeout
+    for end in ended:
+        while not end.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("a job did not tear down within %.0fs", timeout)
+                return
+            with contextlib.suppress(KeyboardInterrupt, SystemExit):
+                end.wait(left)

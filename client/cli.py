@@ -7,6 +7,7 @@ The ``bakgrab`` group (:mod:`bakgrab.tasks.cli`) finds them through the
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -107,24 +108,30 @@ def backup_to_many(ctx: click.Context, opts: Any, settings: config.Settings,
 
     outcomes = backup_many(opts, settings, [parse_to(s) for s in specs])
     report = []
-    code = 0
+    failed = 0  # the first failure's code; a failure outranks a partial snapshot (1)
+    partial = False
     for target, outcome in outcomes:
         if isinstance(outcome, BaseException):
-            code = code or exit_code_for(outcome)
-            msg = str(outcome) if isinstance(outcome, BakgrabError) else repr(outcome)
+            failed = failed or exit_code_for(outcome)
+            if isinstance(outcome, BakgrabError):
+                msg = str(outcome)
+            else:  # issue 13: one line, the traceback with --debug
+                logging.getLogger("bakgrab").debug("to %s failed", target.label,
+                                                   exc_info=outcome)
+                msg = "internal error: " + " ".join(
+                    f"{type(outcome).__name__}: {outcome}".split())[:300]
             report.append({"to": target.label, "ok": False, "error": msg,
                            "exit_code": exit_code_for(outcome)})
             if not as_json:
                 click.echo(f"bakgrab: error: to {target.label}: {msg}", err=True)
         else:
-            if outcome.partial:
-                code = code or 1
+            partial = partial or outcome.partial
             report.append({"to": target.label, "ok": True, "result": outcome.to_dict()})
             if not as_json:
                 click.echo(f"to {target.label}: {outcome.summary()}")
     if as_json:
         click.echo(json.dumps(report, indent=2))
-    sys.exit(code)
+    sys.exit(failed or (1 if partial else 0))
 
 
 @click.command(context_settings=CONTEXT)

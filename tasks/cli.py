@@ -6,7 +6,9 @@ and declares them as ``bakgrab.commands`` entry points of the distribution;
 when it runs. This module never imports ``client`` or ``worker``, so a
 packager can ship the two sides apart and ``bakgrab --help`` lists what is
 there. Every command turns a :class:`BakgrabError` into its message on
-stderr and its exit code; tracebacks are for ``--debug`` only.
+stderr and its exit code, and any other exception into a one-line "internal
+error" and exit 70 (never 1, the code of a partial snapshot; issue 13);
+tracebacks are for ``--debug`` only.
 """
 
 from __future__ import annotations
@@ -29,10 +31,19 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
 def fail(exc: BaseException, debug: bool) -> NoReturn:
+    """End the command with ``exc``'s exit code and a one-line message on
+    stderr; the traceback only with ``--debug``."""
     if debug:
-        logging.getLogger("bakgrab").exception("failed")
-    msg = str(exc) if isinstance(exc, BakgrabError) else f"{type(exc).__name__}: {exc}"
-    click.echo(f"bakgrab: error: {msg}", err=True)
+        logging.getLogger("bakgrab").error("failed", exc_info=exc)
+    if isinstance(exc, BakgrabError):
+        msg = f"error: {exc}"
+    elif isinstance(exc, OSError):
+        msg = f"error: {type(exc).__name__}: {exc}"
+    else:  # a bug, or a case not turned into a BakgrabError yet (issue 13)
+        what = " ".join(f"{type(exc).__name__}: {exc}".split())
+        msg = (f"internal error: {what[:300]} (unexpected: run again with --debug for the "
+               "traceback, and please report it)")
+    click.echo(f"bakgrab: {msg}", err=True)
     sys.exit(exit_code_for(exc))
 
 
@@ -121,18 +132,24 @@ def main(ctx: click.Context, config_file: str | None, debug: bool) -> None:
 
 
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Run a command body, turning errors into a message and an exit code."""
+    """Run a command body, turning every error into a one-line message and
+    a documented exit code (``exit_code_for``)."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         ctx = click.get_current_context()
         try:
             return fn(*args, **kwargs)
-        except (BakgrabError, OSError) as e:
-            fail(e, ctx.obj.get("debug", False))
+        except (click.exceptions.ClickException, click.exceptions.Exit):
+            raise  # click's own: usage errors (exit 2) and ctx.exit()
+        except click.exceptions.Abort:
+            click.echo("bakgrab: interrupted", err=True)
+            sys.exit(128 + signal.SIGINT)
         except KeyboardInterrupt as e:
             click.echo("bakgrab: interrupted", err=True)
             sys.exit(exit_code_for(e))
+        except Exception as e:  # every failure: a message and a documented code, never 1
+            fail(e, ctx.obj.get("debug", False))
 
     return wrapper
 

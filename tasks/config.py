@@ -45,7 +45,8 @@ class Settings:
     rsync_timeout: int = 300
     """Worker: rsync --timeout, seconds of I/O silence before a transfer is aborted."""
     connect_timeout: int = 20
-    """Worker: ssh ConnectTimeout, seconds."""
+    """Worker and client tunnel: ssh ConnectTimeout, seconds. The client gives
+    up on a tunnel not ready within this plus 5 s (exit 10; issue 13)."""
     server_alive_interval: int = 15
     """Worker and client tunnel: ssh ServerAliveInterval, seconds (3 missed answers end it)."""
     max_retries: int = 3

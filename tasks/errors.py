@@ -22,6 +22,10 @@ EXIT_WARNING = 1
 EXIT_ERROR = 2
 EXIT_STALE = 13
 """``bakgrab status``: some name's last successful snapshot is too old."""
+EXIT_INTERNAL = 70
+"""An error bakgrab did not expect (a bug, or a case not yet turned into a
+BakgrabError): never 1, which says "partial snapshot" (issue 13). 70 is
+sysexits' EX_SOFTWARE, far from the specific codes above."""
 
 
 class BakgrabError(Exception):
@@ -115,9 +119,13 @@ class ProgramFailed(BakgrabError):
 
 
 def exit_code_for(exc: BaseException) -> int:
-    """The process exit code for an exception that ends a command."""
+    """The process exit code for an exception that ends a command: its
+    BakgrabError's code, 130 for Ctrl-C, 2 for an operating-system error
+    (a path, a permission), EXIT_INTERNAL for anything else."""
     if isinstance(exc, BakgrabError):
         return exc.exit_code
     if isinstance(exc, KeyboardInterrupt):
         return 128 + 2
-    return EXIT_ERROR
+    if isinstance(exc, OSError):
+        return EXIT_ERROR
+    return EXIT_INTERNAL

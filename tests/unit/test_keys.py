@@ -13,14 +13,26 @@ def test_host_key_made_once_when_many_jobs_start_at_once(tmp_path: Path) -> None
     the one on disk, kept 0600."""
     state = tmp_path / "state-dir"
     results: list[str] = []
-    threads = [threading.Thread(target=lambda: results.append(keys.host_key(state)[1]))
-               for _ in range(16)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(16)
+
+    def make() -> None:
+        # A thread's exception would only be printed: keep it, so it fails the test.
+        try:
+            start.wait(10)
+            results.append(keys.host_key(state)[1])
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=make) for _ in range(16)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join()
+        t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
     path, public = keys.host_key(state)
-    assert set(results) == {public}
+    assert len(results) == 16 and set(results) == {public}
     assert path.stat().st_mode & 0o777 == 0o600
     assert [p.name for p in state.iterdir()] == [path.name]
 

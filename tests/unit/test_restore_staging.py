@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bakgrab.client import restore as r
+from tests.conftest import need_root
 
 OTHER = 54321
 
@@ -22,11 +23,6 @@ def root_fd(tmp_path: Path) -> Iterator[tuple[Path, int]]:
     fd = os.open(received, os.O_RDONLY | os.O_DIRECTORY)
     yield received, fd
     os.close(fd)
-
-
-def need_root() -> None:
-    if os.geteuid() != 0:
-        pytest.fail("this test needs root (CI runs as root)")
 
 
 def test_why_not_private(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@
         meta/SNAPSHOT.json              stats, excludes, exit code, host key
         meta/SNAPSHOT.exclude           the exclude rules the pull used
         pins/NAME.pub                   the client's pinned sshd host key
-        locks/storage.lock, trash.lock  flock(2) files of the whole storage
+        locks/WHAT.lock                 bakgrab's own flock(2) files (storage, trash, scheduler)
         locks/names/NAME.lock           flock(2) file of one name (issue 11)
         usage/NAME.json                 cached per-name usage (what cleanup weighs)
         jobs/TASK_ID.json               finished jobs, for idempotent redelivery
@@ -46,6 +46,9 @@ from typing import Any
 
 SNAPSHOT_RE = re.compile(r"^(?P<name>[^.].*)\.(?P<date>\d{4}-\d{2}-\d{2})\.(?P<ts>\d+)\Z")
 STATE = ".bakgrab"
+INTERNAL_LOCKS = ("storage", "trash", "scheduler")
+"""bakgrab's own flock files, ``.bakgrab/locks/WHAT.lock``; names' locks are
+in ``locks/names/`` (issue 11), so no backup name can hold one of these."""
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -107,17 +110,24 @@ class Storage:
     def legacy_lock(self, name: str) -> Path | None:
         """Where a worker of the old layout locks ``name``, or None when that
         path is one of the storage-wide locks (the collision of issue 11)."""
-        path = self.state / "locks" / f"{name}.lock"
-        return None if path in (self.storage_lock, self.trash_lock) else path
+        if name in INTERNAL_LOCKS:
+            return None
+        return self.state / "locks" / f"{name}.lock"
+
+    def internal_lock(self, what: str) -> Path:
+        """A storage-wide lock of bakgrab's own (one of :data:`INTERNAL_LOCKS`)."""
+        if what not in INTERNAL_LOCKS:
+            raise ValueError(f"not an internal lock: {what}")
+        return self.state / "locks" / f"{what}.lock"
 
     @property
     def storage_lock(self) -> Path:
         """Held by the free-space cleanup: one at a time over the storage."""
-        return self.state / "locks" / "storage.lock"
+        return self.internal_lock("storage")
 
     @property
     def trash_lock(self) -> Path:
-        return self.state / "locks" / "trash.lock"
+        return self.internal_lock("trash")
 
     def usage(self, name: str) -> Path:
         return self.state / "usage" / f"{name}.json"

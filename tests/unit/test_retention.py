@@ -679,7 +679,8 @@ def test_legacy_name_locks_are_honoured_except_where_they_collide(store: Storage
     lock and means nothing about a name."""
     old = store.state / "locks" / "host.lock"
     assert store.legacy_lock("host") == old
-    assert store.legacy_lock("storage") is None and store.legacy_lock("trash") is None
+    for internal in ("storage", "trash", "scheduler"):
+        assert store.legacy_lock(internal) is None
     with locks.held(old):
         assert retention.busy(store, "host")
     assert not retention.busy(store, "host")

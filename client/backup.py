@@ -2,7 +2,8 @@
 
 Steps: make a one-time key in memory; start the one-shot sshd for the
 allowed peers; open the tunnel to the broker (if asked); send
-``bakgrab.grab`` by name with the key redacted from every display; wait for
+``bakgrab.grab`` by name, signed with the client's identity key under a task
+id of our choosing (issue 11), with the key redacted from every display; wait for
 the final state, showing progress on a terminal; tear everything down, in
 every case (errors, Ctrl-C, SIGTERM): a queued job is revoked (where the
 broker lets the client use Celery's remote control: the shipped ACL does
@@ -28,6 +29,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,7 @@ from bakgrab.tasks import GRAB, caps, request_key_name, sealed
 from bakgrab.tasks.app import make_app
 from bakgrab.tasks.config import Settings, default_state_dir
 from bakgrab.tasks.errors import BakgrabError, ClientSetupError, JobTimeout
-from bakgrab.tasks.request import GrabRequest, check_excludes, check_name, redacted
+from bakgrab.tasks.request import GrabRequest, check_excludes, check_name, redacted, sign
 from bakgrab.tasks.result import GrabResult, human_bytes
 
 log = logging.getLogger(__name__)
@@ -184,7 +186,8 @@ def submit(opts: BackupOptions, settings: Settings, task: str, mode: str,
     check_privileges(mode)
     address, listen, allow = plan_addresses(opts, settings)
     state_dir = Path(settings.state_dir) if settings.state_dir else default_state_dir()
-    host_key_path, host_public = keys.host_key(state_dir)
+    host_key_path, identity = keys.identity(state_dir)
+    host_public = keys.public_line(identity)
     key = keys.one_time_key()
 
     with contextlib.ExitStack() as stack:
@@ -209,13 +212,16 @@ def submit(opts: BackupOptions, settings: Settings, task: str, mode: str,
         recipient = request_public_key(settings, broker, state_dir, backup_host)
         if not opts.tunnel:
             port = server.port
-        wire = fields(Session(address=address, port=port, user=login_user(),
-                              key=sealed.seal(recipient, key.private.encode()),
-                              host_key=host_public))
+        # The task id is ours, so that the signature binds it (issue 11): the
+        # worker refuses the fields under any other id or task name.
+        task_id = str(uuid.uuid4())
+        wire = sign(fields(Session(address=address, port=port, user=login_user(),
+                                   key=sealed.seal(recipient, key.private.encode()),
+                                   host_key=host_public)), task, task_id, identity)
         app = make_app(settings, broker=broker)
         cancel_point()  # stopped meanwhile: send nothing
         try:
-            result = app.send_task(task, kwargs=wire, queue=settings.queue,
+            result = app.send_task(task, task_id=task_id, kwargs=wire, queue=settings.queue,
                                    argsrepr="()", kwargsrepr=redacted(wire))
         except Exception as e:  # kombu raises many kinds; all mean "not sent"
             raise ClientSetupError(

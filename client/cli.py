@@ -1,4 +1,4 @@
-"""The backed-up host's commands: ``backup`` and ``restore``.
+"""The backed-up host's commands: ``backup``, ``restore`` and ``key``.
 
 The ``bakgrab`` group (:mod:`bakgrab.tasks.cli`) finds them through the
 ``bakgrab.commands`` entry points; nothing here imports the worker.
@@ -188,3 +188,25 @@ def restore(ctx: click.Context, name: str, snapshot: str, into: Path, privileged
                        "lists them", err=True)
     if result.get("partial"):
         sys.exit(1)
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="The client's state dir (default: $XDG_STATE_HOME/bakgrab or "
+                   "~/.local/state/bakgrab); run as the user that runs the backups.")
+@click.pass_context
+@guarded
+def key(ctx: click.Context, state_dir: Path | None) -> None:
+    """Print this client's public key, to register on the backup host (backed-up host).
+
+    The key is the one-shot sshd's host key (made on first use, kept in the
+    state dir); it signs every request (issue 11). On the backup host the
+    operator runs `bakgrab trust NAME --key 'KEY'` (or add-client.sh --key
+    'KEY' NAME).
+    """
+    from bakgrab.client import keys
+    from bakgrab.tasks.config import default_state_dir
+
+    settings = settings_from(ctx, state_dir=str(state_dir) if state_dir else None)
+    directory = Path(settings.state_dir) if settings.state_dir else default_state_dir()
+    click.echo(keys.host_key(directory)[1])

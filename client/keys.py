@@ -3,8 +3,11 @@
 * The one-time ed25519 key pair is made in memory for one job; its private
   half is only ever held in this process and sent (redacted from every
   display) to the worker. It is never written to the client's disk.
-* The one-shot sshd's host key is persistent (the worker pins it per name),
-  kept 0600 in the client's state dir (0700).
+* The one-shot sshd's host key is persistent, kept 0600 in the client's
+  state dir (0700). It is also the client's identity (issue 11): every
+  request is signed with it, and the backup host's operator registers its
+  public half for the name (``bakgrab key`` prints it; ``bakgrab trust NAME
+  --key ...`` registers it). Losing it means asking the operator to re-key.
 """
 
 from __future__ import annotations
@@ -43,10 +46,24 @@ def one_time_key() -> KeyPair:
     return _pair(Ed25519PrivateKey.generate(), "bakgrab-one-time")
 
 
+HOST_KEY_FILE = "ssh_host_ed25519_key"
+
+
 def host_key(state_dir: Path) -> tuple[Path, str]:
     """Path and public line of the persistent sshd host key, made on first use."""
+    path, key = identity(state_dir)
+    return path, public_line(key)
+
+
+def public_line(key: Ed25519PrivateKey) -> str:
+    """The ``ssh-ed25519 AAAA...`` line of ``key`` (what an operator registers)."""
+    return _pair(key, "").public
+
+
+def identity(state_dir: Path) -> tuple[Path, Ed25519PrivateKey]:
+    """The persistent host key (the client's identity), made on first use."""
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = state_dir / "ssh_host_ed25519_key"
+    path = state_dir / HOST_KEY_FILE
     if not path.exists():
         pair = _pair(Ed25519PrivateKey.generate(), "")
         # when several jobs start at once (--to), the first key made wins and
@@ -55,4 +72,4 @@ def host_key(state_dir: Path) -> tuple[Path, str]:
     key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
     if not isinstance(key, Ed25519PrivateKey):
         raise ValueError(f"{path} is not an ed25519 key")
-    return path, _pair(key, "").public
+    return path, key

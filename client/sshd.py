@@ -9,7 +9,8 @@ connection gets a fresh ``sshd -i`` (inetd mode) with a generated config:
   user rc, no environment, no sftp subsystem, short ``LoginGraceTime``;
 * ``ForceCommand`` = the gate (:mod:`bakgrab.client.gate`), which lets only a
   read-only rsync pull through;
-* the client's persistent host key (pinned by the worker).
+* the client's persistent host key, which is also its identity: it signs
+  every request and is registered for the name on the backup host (issue 11).
 
 At most ``max_connections`` sessions are served (the job's attempts), and
 only a connection that authenticated with the one-time key counts as one

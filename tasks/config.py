@@ -318,6 +318,10 @@ def check(settings: Settings) -> None:
                 raise ConfigError(f"setting {name}: {value!r}: use auto, off or a "
                                   + ("size" if name == "name_max_bytes" else "number")) from None
     check_monitoring(settings)
+    if settings.enrol not in ("registered", "first-use"):
+        raise ConfigError(f"enrol {settings.enrol!r}: 'registered' or 'first-use'")
+    if settings.request_window <= 0:
+        raise ConfigError("request_window must be a positive number of seconds")
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", settings.queue):
         raise ConfigError(f"queue {settings.queue!r}: letters, digits and _.:- only")
 

@@ -57,6 +57,12 @@ class InvalidRequest(BakgrabError):
     exit_code = 4
 
 
+class RequestRefused(InvalidRequest):
+    """The request is not the name's own client's: not signed by the key
+    registered for the name, or not fresh (issue 11). Its message is the same
+    whether the name exists or not; nothing is written."""
+
+
 class HostKeyMismatch(BakgrabError):
     """The client's sshd host key differs from the one pinned for this name."""
 

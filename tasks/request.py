@@ -6,18 +6,32 @@ are refused, sizes are bounded) and its messages name the field but never
 echo a key. :func:`redacted` is the only form of a request that may be
 shown: it is what ``argsrepr``/``kwargsrepr`` carry to events, logs and
 Flower.
+
+Every request is signed (issue 11): ``sig`` is the client's ed25519
+signature, made with its persistent identity key (the one-shot sshd's host
+key), over :func:`signed_message`: a context string, the task name, the task
+id and :func:`canonical` (sorted-key JSON) of every other field, ``ts`` (the
+client's clock, Unix seconds) and the sealed ``key`` included, so no field
+can be swapped or moved to another task. Validation here is stateless: it
+checks the fields' shapes and keeps the signed bytes; the worker checks the
+signature against the key registered for the name
+(:mod:`bakgrab.worker.names`).
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import dataclasses
 import hashlib
 import ipaddress
+import json
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from bakgrab.tasks import sealed
@@ -34,7 +48,12 @@ MAX_KEY_LEN = 4096
 REQUEST_VERSION = 1
 REDACTED = "<redacted>"
 
-FIELDS = ("v", "name", "address", "port", "user", "key", "host_key", "excludes")
+FIELDS = ("v", "name", "address", "port", "user", "key", "host_key", "excludes", "ts", "sig")
+SIGNATURE_CONTEXT = b"bakgrab-request-signature-v1\0"
+"""Prefix of every signed message: a signature made for anything else never fits."""
+SIG_RE = re.compile(r"[A-Za-z0-9+/]{86}==")
+"""Base64 of a 64-byte ed25519 signature."""
+MAX_TS = 1 << 40
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +67,12 @@ class GrabRequest:
     key: str = dataclasses.field(repr=False)
     host_key: str
     excludes: tuple[str, ...] = ()
+    ts: int = 0
+    """The client's clock when it signed (Unix seconds)."""
+    sig: str = ""
+    """The client's signature (base64); see :func:`signed_message`."""
+    signed: bytes = dataclasses.field(default=b"", repr=False, compare=False)
+    """:func:`canonical` of the fields as received (the sealed key in it)."""
 
     def to_wire(self) -> dict[str, Any]:
         """The task kwargs (holds the key: never log this)."""
@@ -60,6 +85,8 @@ class GrabRequest:
             "key": self.key,
             "host_key": self.host_key,
             "excludes": list(self.excludes),
+            "ts": self.ts,
+            "sig": self.sig,
         }
 
     @property
@@ -71,6 +98,53 @@ def fingerprint(public_key: str) -> str:
     """OpenSSH-style ``SHA256:...`` fingerprint of a one-line public key."""
     blob = base64.b64decode(public_key.split()[1])
     return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+
+
+def canonical(fields: Mapping[str, Any]) -> bytes:
+    """The signed form of request fields: every field but ``sig``, as JSON with
+    sorted keys and no spaces (what a JSON round trip through the broker keeps)."""
+    body = {k: v for k, v in fields.items() if k != "sig"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("ascii")
+
+
+def signed_message(task: str, task_id: str, body: bytes) -> bytes:
+    """What a request's signature is over: the context, the task name, the task
+    id (neither holds a NUL) and :func:`canonical` of its fields."""
+    return SIGNATURE_CONTEXT + task.encode() + b"\0" + task_id.encode() + b"\0" + body
+
+
+def sign(fields: Mapping[str, Any], task: str, task_id: str, identity: Ed25519PrivateKey,
+         now: float | None = None) -> dict[str, Any]:
+    """``fields`` with ``ts`` set to now and ``sig`` to the client's signature
+    of them for ``task`` under ``task_id`` (which the client must send with)."""
+    out = dict(fields)
+    out["ts"] = int(time.time() if now is None else now)
+    out.pop("sig", None)
+    signature = identity.sign(signed_message(task, task_id, canonical(out)))
+    out["sig"] = base64.b64encode(signature).decode("ascii")
+    return out
+
+
+def check_ts(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < MAX_TS:
+        raise InvalidRequest("ts: the signing time, an integer of Unix seconds")
+    return value
+
+
+def check_sig(value: Any) -> str:
+    if not isinstance(value, str) or not SIG_RE.fullmatch(value):
+        raise InvalidRequest("sig: an ed25519 signature in base64 (bakgrab >= 0.2 clients "
+                             "sign every request)")
+    return value
+
+
+def signature_bytes(sig: str) -> bytes:
+    """The raw signature of a checked ``sig`` field."""
+    try:
+        return base64.b64decode(sig, validate=True)
+    except binascii.Error:  # pragma: no cover -- SIG_RE admits only valid base64
+        return b""
 
 
 def redacted(fields: Mapping[str, Any]) -> str:
@@ -119,7 +193,7 @@ def validate(fields: Any, request_key: X25519PrivateKey | None = None) -> GrabRe
     be sealed to it (:mod:`bakgrab.tasks.sealed`) and is opened here, in the task body;
     without, ``key`` is the plain private key (tests, local tools)."""
     check_envelope(fields, FIELDS)
-    return GrabRequest(
+    request = GrabRequest(
         name=check_name(fields["name"]),
         address=check_address(fields["address"]),
         port=check_port(fields["port"]),
@@ -127,7 +201,11 @@ def validate(fields: Any, request_key: X25519PrivateKey | None = None) -> GrabRe
         key=check_key(fields["key"], request_key),
         host_key=check_public_key(fields["host_key"]),
         excludes=check_excludes(fields["excludes"]),
+        ts=check_ts(fields["ts"]),
+        sig=check_sig(fields["sig"]),
     )
+    # every field passed its check: all are JSON text, integers and lists of text
+    return dataclasses.replace(request, signed=canonical(fields))
 
 
 def check_name(value: Any) -> str:
@@ -238,7 +316,7 @@ def check_excludes(value: Any) -> tuple[str, ...]:
 
 
 RESTORE_FIELDS = ("v", "name", "snapshot", "paths", "address", "port", "user", "key",
-                  "host_key")
+                  "host_key", "ts", "sig")
 MAX_PATHS = 1024
 MAX_PATH_LEN = 4096
 SNAPSHOT_ID_RE = re.compile(r"latest|[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\.\d{4}-\d{2}-\d{2}\.\d{1,12}")
@@ -257,11 +335,15 @@ class RestoreRequest:
     user: str
     key: str = dataclasses.field(repr=False)
     host_key: str
+    ts: int = 0
+    sig: str = ""
+    signed: bytes = dataclasses.field(default=b"", repr=False, compare=False)
 
     def to_wire(self) -> dict[str, Any]:
         return {"v": REQUEST_VERSION, "name": self.name, "snapshot": self.snapshot,
                 "paths": list(self.paths), "address": self.address, "port": self.port,
-                "user": self.user, "key": self.key, "host_key": self.host_key}
+                "user": self.user, "key": self.key, "host_key": self.host_key,
+                "ts": self.ts, "sig": self.sig}
 
     @property
     def host_key_fingerprint(self) -> str:
@@ -277,7 +359,7 @@ def validate_restore(fields: Any, request_key: X25519PrivateKey | None = None) -
     name = check_name(fields["name"])
     if snapshot != "latest" and snapshot.rsplit(".", 2)[0] != name:
         raise InvalidRequest("snapshot: must be a snapshot of the requested name")
-    return RestoreRequest(
+    request = RestoreRequest(
         name=name,
         snapshot=snapshot,
         paths=check_paths(fields["paths"]),
@@ -286,7 +368,10 @@ def validate_restore(fields: Any, request_key: X25519PrivateKey | None = None) -
         user=check_user(fields["user"]),
         key=check_key(fields["key"], request_key),
         host_key=check_public_key(fields["host_key"]),
+        ts=check_ts(fields["ts"]),
+        sig=check_sig(fields["sig"]),
     )
+    return dataclasses.replace(request, signed=canonical(fields))
 
 
 def check_paths(value: Any) -> tuple[str, ...]:

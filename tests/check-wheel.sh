@@ -41,7 +41,7 @@ expect() {
 }
 mv "$site/bakgrab/worker" "$tmp/worker.away"
 "$tmp/venv/bin/python" -I -c "import bakgrab.tasks.app, bakgrab.tasks.cli, bakgrab.tasks.request, bakgrab.client.backup"
-expect "backup doctor restore " "only the client side"
+expect "backup doctor key restore " "only the client side"
 "$tmp/venv/bin/bakgrab" doctor --role client >/dev/null || [ $? -eq 2 ]
 mv "$site/bakgrab/client" "$tmp/client.away"
 "$tmp/venv/bin/python" -I -c "import bakgrab.tasks.app, bakgrab.tasks.cli, bakgrab.tasks.request, bakgrab.tasks.result"

@@ -156,6 +156,10 @@ def worker_env(**settings: str) -> dict[str, str]:
     # Fast retries for tests; production defaults are in tasks/config.py.
     env.update({"BAKGRAB_RETRY_BACKOFF": "0.5", "BAKGRAB_RETRY_BACKOFF_MAX": "2",
                 "BAKGRAB_MIN_FREE_ABS": "1M", "BAKGRAB_MIN_FREE_INODES": "100"})
+    # Names are registered on their first successful grab here, so that tests
+    # about other things need no registration step; tests/integration/
+    # test_names.py runs the production default, enrol = "registered" (issue 11).
+    env["BAKGRAB_ENROL"] = "first-use"
     env.update({f"BAKGRAB_{k.upper()}": v for k, v in settings.items()})
     return env
 
@@ -193,6 +197,29 @@ def run_backup(broker: str, name: str, source: Path, *args: str, timeout: float 
         argv = as_user(user, argv, caps)
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
                           env=env or dict(os.environ))
+
+
+def client_key(env: dict[str, str] | None = None, user: str | None = None) -> str:
+    """The client's public key as ``bakgrab key`` prints it (made on first use)
+    in the state dir that ``env`` (the test's client environment) points at."""
+    argv = [BAKGRAB, "key"]
+    done = subprocess.run(as_user(user, argv) if user else argv, capture_output=True,
+                          text=True, timeout=60, env=env or dict(os.environ))
+    if done.returncode != 0:
+        raise RuntimeError(f"bakgrab key failed: {done.stderr}")
+    return done.stdout.strip()
+
+
+def register(storage: Path, name: str, key: str, *args: str) -> str:
+    """``bakgrab trust NAME --key KEY [ARGS]`` on the storage, as an operator
+    registers a client; its output."""
+    done = subprocess.run([BAKGRAB, "trust", "--storage", str(storage), name, "--key", key,
+                           *args], capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items() if not k.startswith("BAKGRAB_")}
+                          | {"BAKGRAB_CONFIG": os.devnull})
+    if done.returncode != 0:
+        raise RuntimeError(f"bakgrab trust failed: {done.stderr}")
+    return done.stdout
 
 
 def rsync_diff(src: Path, dst: Path, *extra: str) -> list[str]:

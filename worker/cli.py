@@ -195,34 +195,58 @@ def versions(ctx: click.Context, storage: str | None, name: str, path: str,
 @click.command(context_settings=CONTEXT)
 @click.option("--storage", help="Storage directory.")
 @click.option("--key", "public_key", metavar="'ssh-ed25519 AAAA...'",
-              help="Pin this key now; without it the next request of NAME pins its key.")
+              help="The client's key, as `bakgrab key` prints it on the client.")
+@click.option("--from", "networks", metavar="NET[,NET...]",
+              help="Addresses or networks (CIDR) the worker may connect to for NAME; "
+                   "requests announcing any other address are refused (default: any).")
+@click.option("--remove", is_flag=True, help="Remove NAME's registration instead.")
 @click.argument("name")
 @click.pass_context
 @guarded
-def trust(ctx: click.Context, storage: str | None, public_key: str | None, name: str) -> None:
-    """Re-pin NAME's sshd host key after a legitimate change (backup host).
+def trust(ctx: click.Context, storage: str | None, public_key: str | None,
+          networks: str | None, remove: bool, name: str) -> None:
+    """Register NAME to a client's key, or re-key it (backup host).
 
-    Snapshots are untouched. Without --key, the pin is removed and the next
-    request for NAME is trusted on first use, as the very first one was.
+    Only requests signed by that key are accepted for NAME, and restores go
+    only to it (issue 11). Run it when a client is added, and again when its
+    key changes (a reinstalled client); the old key is refused from then on.
+    Snapshots are untouched. --remove unregisters NAME: it is then refused,
+    or, with the worker setting enrol = "first-use", registered to the key of
+    its next successful grab.
     """
     settings = settings_from(ctx, storage=storage)
-    from bakgrab.tasks.request import check_name, check_public_key, fingerprint
-    from bakgrab.worker.storage import Storage, write_atomic
+    from bakgrab.tasks.errors import InvalidRequest
+    from bakgrab.tasks.request import check_name, check_public_key
+    from bakgrab.worker import names
+    from bakgrab.worker.storage import Storage
 
     if not settings.storage:
         raise config.ConfigError("give --storage DIR")
+    if remove == bool(public_key) or (remove and networks):
+        raise click.UsageError("give --key KEY [--from NET] to register NAME, or --remove")
     store = Storage(settings.storage).prepare()
-    pin = store.pin(check_name(name))
-    old = pin.read_text().strip() if pin.exists() else None
-    if public_key:
+    name = check_name(name)
+    old = names.read(store, name)
+    was = f" (was {old.fingerprint})" if old is not None and old.key else ""
+    if remove:
+        store.pin(name).unlink(missing_ok=True)
+        then = ("registered to the key of its next successful grab (enrol = \"first-use\")"
+                if settings.enrol == "first-use" else
+                "refused until `bakgrab trust NAME --key ...`")
+        click.echo(f"{name}: registration removed{was}; its requests are now {then}")
+        return
+    assert public_key is not None
+    try:
         line = check_public_key(public_key)
-        write_atomic(pin, line + "\n", mode=0o644)
-        click.echo(f"{name}: pinned {fingerprint(line)}"
-                   + (f" (was {fingerprint(old)})" if old else ""))
-    else:
-        pin.unlink(missing_ok=True)
-        click.echo(f"{name}: pin removed" + (f" (was {fingerprint(old)})" if old else "")
-                   + "; the next request pins its key")
+        nets = names.parse_networks(networks) if networks else ()
+    except InvalidRequest as e:
+        raise config.ConfigError(f"--key: {str(e).removeprefix('host_key: ')}") from None
+    except ValueError as e:
+        raise config.ConfigError(f"--from {networks}: {e}") from None
+    registration = names.Registration(line, nets)
+    names.write(store, name, registration)
+    where = f", from {', '.join(map(str, nets))}" if nets else ""
+    click.echo(f"{name}: registered {registration.fingerprint}{where}{was}")
 
 
 # -- monitoring (backup host) ------------------------------------------------------

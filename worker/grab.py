@@ -2,15 +2,18 @@
 
 Order of a grab, each step only after the one before succeeded:
 
-1. the request is validated (by the caller) and the task id checked: a bad
-   request writes nothing;
+1. the request is validated (by the caller) and the task id checked, then
+   it must be the name's own client's: signed by the key registered for the
+   name, fresh or a redelivery (:mod:`bakgrab.worker.names`, issue 11); a
+   bad or refused request writes nothing;
 2. job records older than the results' lifetime are swept; a finished
    record of this task id returns the finished result (a second delivery
    never makes a second snapshot);
 3. the name's lock is taken: one grab per name, across workers; under it, a
    record whose rename a dead worker never made is finished (see
    :func:`finished`);
-4. the client's sshd host key is compared with the pin (pinned on first use);
+4. (first-use enrolment only) the name is still unregistered, or the
+   registration made meanwhile is checked;
 5. free-space cleanup runs under the storage lock;
 6. the key, known_hosts and exclude rules are written to a private 0700 run
    dir, removed when the grab ends, whatever happens;
@@ -19,7 +22,9 @@ Order of a grab, each step only after the one before succeeded:
    ``.bakgrab/inprogress/NAME`` (kept on failure, so the next attempt resumes
    into it) with ``--link-dest`` = newest snapshot; an exit 23 whose files
    the full storage lost fails as NoSpace (:func:`check_room`);
-8. the pull mark says the pull finished; the stats and the job record are
+8. (first-use enrolment only) the name is registered to the request's key,
+   now that its pull succeeded;
+9. the pull mark says the pull finished; the stats and the job record are
    written, then the in-progress dir is renamed to ``NAME.YYYY-mm-dd.UNIXTIME``
    and the record marked published.
 
@@ -44,13 +49,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bakgrab.tasks import caps, process
+from bakgrab.tasks import GRAB, caps, process
 from bakgrab.tasks.app import RESULT_EXPIRES
 from bakgrab.tasks.config import Settings, parse_size
-from bakgrab.tasks.errors import HostKeyMismatch, InvalidRequest, TransferInterrupted
-from bakgrab.tasks.request import GrabRequest, fingerprint
+from bakgrab.tasks.errors import InvalidRequest, TransferInterrupted
+from bakgrab.tasks.request import GrabRequest
 from bakgrab.tasks.result import GrabResult
-from bakgrab.worker import locks, retention, rsync
+from bakgrab.worker import locks, names, retention, rsync
 from bakgrab.worker.storage import Storage, fsync_dir, parse_snapshot, write_atomic
 
 log = logging.getLogger(__name__)
@@ -155,21 +160,12 @@ def sweep_job_records(storage: Storage, now: float | None = None) -> None:
                     os.unlink(entry.path)
 
 
-def check_pin(storage: Storage, request: GrabRequest) -> None:
-    """Pin the client's host key on first use; refuse a different one later."""
-    pin = storage.pin(request.name)
-    try:
-        pinned = pin.read_text().strip()
-    except FileNotFoundError:
-        write_atomic(pin, request.host_key + "\n", mode=0o644)
-        log.info("pinned host key %s for %s", request.host_key_fingerprint, request.name)
-        return
-    if pinned != request.host_key:
-        raise HostKeyMismatch(
-            f"{request.name}: the request's sshd host key {request.host_key_fingerprint} "
-            f"differs from the pinned {fingerprint(pinned)}; nothing was changed. If the "
-            f"client's key changed legitimately, run `bakgrab trust {request.name}`."
-        )
+def check_pin(storage: Storage, settings: Settings, task_id: str,
+              request: GrabRequest) -> names.Registration | None:
+    """Refuse a request that is not the name's own client's (issue 11); the
+    registration, or None while first-use enrolment may still register the
+    name. Never writes a pin: see :func:`bakgrab.worker.names.enrol_after_pull`."""
+    return names.check_request(storage, settings, GRAB, task_id, request)
 
 
 @contextlib.contextmanager
@@ -229,6 +225,8 @@ def grab(
     """Pull one snapshot of ``request.name``; see the module docstring."""
     task_id = check_task_id(task_id)
     storage.prepare()
+    # before anything else touches the storage for this name (issue 11)
+    registered = check_pin(storage, settings, task_id, request)
     sweep_job_records(storage)
     done = finished(storage, task_id)  # (a recovery waits for the name's lock)
     if done is not None:
@@ -241,7 +239,8 @@ def grab(
         done = finished(storage, task_id, recover=True)
         if done is not None:
             return GrabResult.from_dict(done)
-        check_pin(storage, request)
+        if registered is None:  # an operator may have registered it meanwhile
+            registered = check_pin(storage, settings, task_id, request)
         on_progress({"phase": "cleanup"})
         removed = retention.make_room(storage, settings, current=request.name)
         link = storage.newest(request.name)
@@ -276,6 +275,8 @@ def grab(
 
         check_room(storage, settings, outcome)
         on_progress({"phase": "finalizing"})
+        if registered is None:  # first-use enrolment: only after a successful pull
+            names.enrol_after_pull(storage, request.name, request.host_key)
         return publish(storage, request, task_id, outcome, exclude_text, removed, started,
                        link.dirname if link else None, attempt)
 

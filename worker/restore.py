@@ -1,7 +1,8 @@
 """One restore: push paths of a snapshot into the client's staging directory.
 
-Invariants: a restore goes only to the host whose sshd key is pinned for the
-name (it would otherwise hand a backup to whoever asks); it never pins; every
+Invariants: a restore goes only to the client registered for the name, on
+a request signed by its key (it would otherwise hand a backup to whoever
+asks; issue 11); it never registers anything; every
 path must lie inside the snapshot without passing through a symlink (a
 snapshot is the client's data and may hold symlinks pointing anywhere on the
 backup host); symlinks themselves are sent as symlinks, never followed. A restore where
@@ -21,29 +22,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bakgrab.tasks import caps
+from bakgrab.tasks import RESTORE, caps
 from bakgrab.tasks.config import Settings
-from bakgrab.tasks.errors import HostKeyMismatch, InvalidRequest
-from bakgrab.tasks.request import GrabRequest, RestoreRequest, fingerprint
+from bakgrab.tasks.errors import InvalidRequest
+from bakgrab.tasks.request import GrabRequest, RestoreRequest
 from bakgrab.worker import grab, rsync
+from bakgrab.worker.names import check_request
 from bakgrab.worker.storage import Snapshot, Storage
 
 log = logging.getLogger(__name__)
 
 
-def check_requester(storage: Storage, request: RestoreRequest) -> None:
-    pin = storage.pin(request.name)
-    try:
-        pinned = pin.read_text().strip()
-    except FileNotFoundError:
-        raise HostKeyMismatch(
-            f"{request.name}: no host key is pinned for this name, so no restore can be "
-            "sent; restores go only to the host that made the backups") from None
-    if pinned != request.host_key:
-        raise HostKeyMismatch(
-            f"{request.name}: the requesting sshd key {request.host_key_fingerprint} is not "
-            f"the pinned {fingerprint(pinned)}; restores go only to the host that made the "
-            "backups (`bakgrab trust` re-pins after a legitimate change)")
+def check_requester(storage: Storage, settings: Settings, task_id: str,
+                    request: RestoreRequest) -> None:
+    """Only the name's registered client gets a restore (issue 11): signed by
+    the registered key, fresh, to an address its registration allows. A name
+    with no registration gets none, whatever ``enrol`` says."""
+    check_request(storage, settings, RESTORE, task_id, request)
 
 
 def find_snapshot(storage: Storage, request: RestoreRequest) -> Snapshot:
@@ -77,7 +72,7 @@ def restore(storage: Storage, settings: Settings, request: RestoreRequest, task_
             on_progress: grab.ProgressFn = lambda info: None) -> dict[str, Any]:
     task_id = grab.check_task_id(task_id)
     storage.prepare()
-    check_requester(storage, request)
+    check_requester(storage, settings, task_id, request)
     snap = find_snapshot(storage, request)
     with caps.raised("dac_override"):  # the snapshot's dirs belong to the client's users
         root = os.path.realpath(storage.root / snap.dirname)

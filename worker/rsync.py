@@ -13,18 +13,24 @@ builds that argv from validated values only, parses ``--info=progress2`` and
   not retried. Only rsync's own receiver lines are read for it, never the
   sender's, which quote client file names (issue 13);
 * network, timeout and protocol-stream codes, and ssh's 255: transient
-  (:class:`TransferInterrupted`), retried;
+  (:class:`TransferInterrupted`), retried; a connection that failed before
+  rsync's protocol started gets one message, whatever ssh said (refused,
+  timed out, not an sshd): the client must not learn open from closed ports
+  (issue 11, attack 10); the worker's log keeps ssh's words;
 * everything else: permanent (:class:`TransferFailed`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from bakgrab.tasks.errors import HostKeyMismatch, NoSpace, TransferFailed, TransferInterrupted
+
+log = logging.getLogger(__name__)
 
 SKIP_COMPRESS = "/".join([
     # the original design's list
@@ -266,6 +272,10 @@ def failed_path(line: str) -> str | None:
 
 
 HOST_KEY_FAILED = "Host key verification failed."
+NOTHING_RECEIVED = "(0 bytes received so far)"
+"""rsync's words when the connection ended before its protocol started."""
+UNREACHABLE = ("the client's sshd could not be reached, or did not answer as an sshd; "
+               "the grab is retried (the worker's log has ssh's own words)")
 ENOSPC = "No space left on device (28)"
 EDQUOT = "Disk quota exceeded (122)"
 LOCAL_ROLES = ("receiver", "Receiver", "generator", "client")
@@ -319,8 +329,14 @@ def classify(code: int, stderr_tail: str) -> None:
         raise HostKeyMismatch(
             "the sshd at the client's address showed a host key other than the pinned one; "
             "the grab was refused. If the client's key changed legitimately, run "
-            "`bakgrab trust NAME` on the backup host."
+            "`bakgrab trust NAME --key KEY` on the backup host (KEY: `bakgrab key` on the "
+            "client)."
         )
+    if code == SSH_ERROR or (code in TRANSIENT_CODES and NOTHING_RECEIVED in stderr_tail):
+        # one message for refused, timed out, reset and "not an sshd" (attack 10)
+        # (rsync's own exit code differs too, 255 or 12: both read as ssh's 255)
+        log.warning("rsync exit %d before the transfer started: %s", code, tail)
+        raise TransferInterrupted(f"ssh exit {SSH_ERROR}: {UNREACHABLE}", SSH_ERROR)
     if code in TRANSIENT_CODES:
         raise TransferInterrupted(f"rsync exit {code}: {TRANSIENT_CODES[code]}: {tail}", code)
     why = PERMANENT_CODES.get(code, "unexpected exit code")

@@ -155,6 +155,10 @@ def register(app: Celery, settings: Settings) -> Task:
             # (issue 13: `bakgrab status` missed every time-limited grab)
             status.record_failure(storage, request.name, self.request.id, timeout)
             raise timeout from None
+        except InvalidRequest:
+            # refused (issue 11: maybe not the name's own client): nothing is
+            # recorded for a name the sender may not own
+            raise
         except BakgrabError as exc:
             retry_if_transient(self, exc, settings, fields, f"grab of {request.name}")
             status.record_failure(storage, request.name, self.request.id, exc)

@@ -10,12 +10,17 @@ set -euo pipefail
 
 usage() {
     cat <<'EOF'
-Usage: deploy/backup-host/add-client.sh [OPTIONS] NAME [KEY-FILE]
+Usage: deploy/backup-host/add-client.sh [OPTIONS] --key 'ssh-ed25519 AAAA...' NAME [KEY-FILE]
        deploy/backup-host/add-client.sh [OPTIONS] --remove NAME
 
 Add client NAME (letters, digits, _.-), whose tunnel public key is the one
 line in KEY-FILE, or on stdin when KEY-FILE is - or missing (the line that
 deploy/client/install.sh printed on that client).
+
+  * NAME registered to the client's bakgrab key (--key: what `bakgrab key`
+    prints on the client, and deploy/client/install.sh too): the worker
+    accepts requests for NAME only when that key signed them, and restores
+    go only to it (`bakgrab trust`, run as the worker's user);
 
   * Redis user client-NAME with a new random password: it may push requests
     to the queue and read results, and nothing else (deploy/backup-host/acl.sh);
@@ -28,23 +33,31 @@ deploy/client/install.sh printed on that client).
     e.g. with deploy/client/install.sh --broker-env FILE, then delete it here.
     The password is never printed.
 
-Running it again for NAME replaces the key and keeps the password.
+Running it again for NAME replaces the tunnel key and keeps the password;
+with --key it re-keys NAME (a reinstalled client), without it the
+registration is left as it is.
 
 Options:
+  --key KEY      the client's bakgrab key ("ssh-ed25519 AAAA..."), registered for NAME
+  --from NET     with --key: the addresses or networks (CIDR, comma-separated)
+                 the worker may connect to for NAME; any other is refused
   --rotate       make a new password (write a new NAME.env to copy over)
-  --remove       remove client NAME: its Redis user and its tunnel key
+  --remove       remove client NAME: its Redis user, its tunnel key and its
+                 registration
   --no-reload    do not ask the running Redis to reload its users
   --prefix DIR   the --prefix given to install.sh
   -h, --help     show this help
 EOF
 }
 
-PREFIX="" ROTATE=no REMOVE=no RELOAD=yes
+PREFIX="" ROTATE=no REMOVE=no RELOAD=yes CLIENT_KEY="" FROM=""
 args=()
 while [ $# -gt 0 ]; do
     case "$1" in
         -h|--help) usage; exit 0 ;;
         --prefix) PREFIX=${2:?--prefix needs a directory}; shift ;;
+        --key) CLIENT_KEY=${2:?--key needs the client key}; shift ;;
+        --from) FROM=${2:?--from needs addresses or networks}; shift ;;
         --rotate) ROTATE=yes ;;
         --remove) REMOVE=yes ;;
         --no-reload) RELOAD=no ;;
@@ -70,8 +83,8 @@ fi
 ETC=$PREFIX/etc/bakgrab
 DEPLOY_CONF=$ETC/deploy-backup-host.conf
 [ -f "$DEPLOY_CONF" ] || die "$DEPLOY_CONF missing: run deploy/backup-host/install.sh${PREFIX:+ --prefix $PREFIX} first"
-REDIS_PORT="" QUEUE="" TUNNEL_USER="" ALLOW_REVERSE=""
-load_conf "$DEPLOY_CONF" REDIS_PORT QUEUE TUNNEL_USER ALLOW_REVERSE
+REDIS_PORT="" QUEUE="" TUNNEL_USER="" ALLOW_REVERSE="" STORAGE="" WORKER_USER="" BAKGRAB=""
+load_conf "$DEPLOY_CONF" REDIS_PORT QUEUE TUNNEL_USER ALLOW_REVERSE STORAGE WORKER_USER BAKGRAB
 AUTHORIZED_KEYS=$PREFIX/var/lib/$TUNNEL_USER/.ssh/authorized_keys
 ACL_FILE=$PREFIX/etc/redis/bakgrab-users.acl
 TAG="bakgrab:$NAME"
@@ -79,6 +92,16 @@ TAG="bakgrab:$NAME"
 # without_client: authorized_keys minus NAME's line (its comment is the tag).
 without_client() {
     awk -v tag="$TAG" '$NF != tag' "$AUTHORIZED_KEYS"
+}
+
+# as_worker ARGS: `bakgrab ARGS` as the worker's user (the storage is its own:
+# files root made there would lock the worker out), with this host's config.
+as_worker() {
+    local config=/dev/null
+    [ -f "$ETC/bakgrab.toml" ] && config=$ETC/bakgrab.toml
+    setpriv --reuid="$WORKER_USER" --regid="$WORKER_USER" --init-groups \
+        env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/ \
+        LANG=C.UTF-8 BAKGRAB_CONFIG="$config" "$BAKGRAB" "$@"
 }
 
 finish() {
@@ -89,11 +112,20 @@ finish() {
 }
 
 if [ "$REMOVE" = yes ]; then
+    [ -z "$CLIENT_KEY$FROM" ] || die "--remove takes no --key or --from"
+    if [ -e "$STORAGE/.bakgrab/pins/$NAME.pub" ]; then
+        as_worker trust --storage "$STORAGE" --remove "$NAME" >/dev/null
+    fi
     without_client | put_file "$AUTHORIZED_KEYS" 0644 root:root
     rm -f "$ETC/clients/$NAME.hash" "$ETC/clients/$NAME.env"
     finish
-    echo "removed client $NAME (its Redis user and tunnel key)"
+    echo "removed client $NAME (its Redis user, tunnel key and registration)"
     exit 0
+fi
+[ -n "$CLIENT_KEY" ] || [ -z "$FROM" ] || die "--from needs --key (the registration it belongs to)"
+if [ -n "$CLIENT_KEY" ]; then
+    [[ $CLIENT_KEY =~ ^ssh-ed25519\ [A-Za-z0-9+/]{68}(\ .*)?$ ]] \
+        || die "--key: expected the line \`bakgrab key\` prints on the client (ssh-ed25519 AAAA...)"
 fi
 
 # -- the key --------------------------------------------------------------------
@@ -122,6 +154,17 @@ if awk -v tag="$TAG" -v data="$key_data" '$NF != tag && $(NF-1) == data {found=1
     die "that key is already another client's: give each client its own key"
 fi
 
+# -- the registration (issue 11) ------------------------------------------------
+# First, as it may still refuse its input: then nothing else has changed.
+registered=""
+if [ -n "$CLIENT_KEY" ]; then
+    registered=$(as_worker trust --storage "$STORAGE" "$NAME" --key "$CLIENT_KEY" \
+        ${FROM:+--from "$FROM"}) || die "bakgrab trust refused the registration of $NAME"
+elif [ ! -e "$STORAGE/.bakgrab/pins/$NAME.pub" ]; then
+    note "$NAME is not registered: its requests are refused until you run this again with" \
+        "--key 'KEY', KEY being what \`bakgrab key\` prints on the client"
+fi
+
 # -- the Redis user -------------------------------------------------------------
 ensure_dir "$ETC/clients" 0700 root:root
 if [ ! -s "$ETC/clients/$NAME.hash" ] || [ "$ROTATE" = yes ]; then
@@ -146,4 +189,5 @@ fi
 
 finish
 echo "added client $NAME: Redis user client-$NAME, tunnel key $(ssh-keygen -l -f "$AUTHORIZED_KEYS" 2>/dev/null | awk -v tag="$TAG" '$3 == tag {print $2}')"
+[ -z "$registered" ] || echo "$registered"
 echo "$env_note"

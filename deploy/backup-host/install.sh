@@ -21,8 +21,8 @@ Set up this machine as a bakgrab backup host:
   * Redis: loopback only, users from an ACL file (default user off; one user
     each for the worker, Flower, the operator, and every client);
   * the SSH tunnel user (default bakgrab-tunnel): may only forward to Redis;
-  * systemd units bakgrab-worker.service (with the capabilities rsync needs)
-    and bakgrab-flower.service;
+  * systemd units bakgrab-worker.service (with the capabilities rsync needs),
+    bakgrab-flower.service and bakgrab-scheduler.service (stale checks);
   * bakgrab itself, in a virtualenv in /opt/bakgrab (unless --bakgrab).
 Then it starts or restarts the services when systemd runs (not with --prefix).
 Options given once are remembered (/etc/bakgrab/deploy-backup-host.conf).
@@ -222,6 +222,9 @@ render "$HERE/bakgrab-worker.service.in" USER="$WORKER_USER" STORAGE="$STORAGE" 
 render "$HERE/bakgrab-flower.service.in" CONFIG="$CONFIG" FLOWER_ENV="$ETC/flower.env" \
     BAKGRAB="$BAKGRAB" FLOWER_ADDRESS=127.0.0.1 FLOWER_PORT="$FLOWER_PORT" \
     | put_file "$UNITS/bakgrab-flower.service" 0644 root:root
+render "$HERE/bakgrab-scheduler.service.in" USER="$WORKER_USER" STORAGE="$STORAGE" CONFIG="$CONFIG" \
+    WORKER_ENV="$ETC/worker.env" BAKGRAB="$BAKGRAB" \
+    | put_file "$UNITS/bakgrab-scheduler.service" 0644 root:root
 
 save_conf "$DEPLOY_CONF" "${CONF_KEYS[@]}"
 
@@ -238,13 +241,14 @@ if [ "$START" = yes ] && systemd_running; then
         die "sshd -t rejects the configuration; fix it, then run this again"
     fi
     systemctl daemon-reload
-    systemctl enable --quiet bakgrab-worker.service bakgrab-flower.service
-    systemctl restart bakgrab-worker.service bakgrab-flower.service
-    note "started bakgrab-worker and bakgrab-flower (journalctl -u bakgrab-worker)"
+    systemctl enable --quiet bakgrab-worker.service bakgrab-flower.service \
+        bakgrab-scheduler.service
+    systemctl restart bakgrab-worker.service bakgrab-flower.service bakgrab-scheduler.service
+    note "started bakgrab-worker, bakgrab-flower and bakgrab-scheduler (journalctl -u bakgrab-worker)"
 elif [ -z "$PREFIX" ]; then
     note "services not started; when ready:"
     note "  systemctl restart redis-server && systemctl reload-or-restart ssh && systemctl daemon-reload"
-    note "  systemctl enable --now bakgrab-worker bakgrab-flower"
+    note "  systemctl enable --now bakgrab-worker bakgrab-flower bakgrab-scheduler"
 fi
 
 HOST_KEY=$PREFIX/etc/ssh/ssh_host_ed25519_key.pub

@@ -15,9 +15,10 @@ Set up this machine to be backed up by the bakgrab backup host HOST:
   * the client user (default bakgrab-client; shell /bin/sh, no password,
     not locked: sshd runs the one-shot sshd's command through its shell);
     the backup runs as this user with CAP_DAC_READ_SEARCH only;
-  * its state directory (the one-shot sshd's host key) and its SSH key for
-    the tunnel to the backup host, whose public line is printed for
-    deploy/backup-host/add-client.sh;
+  * its state directory (the one-shot sshd's host key, which is also its
+    bakgrab key: it signs every request) and its SSH key for the tunnel to
+    the backup host; both public lines are printed for
+    deploy/backup-host/add-client.sh (--key and the tunnel key);
   * /etc/bakgrab/exclude, the default exclude list (kept if you edited it);
   * bakgrab-backup.service and bakgrab-backup.timer (daily, spread over an
     hour, catching up missed days), or a cron entry with --cron;
@@ -189,8 +190,15 @@ elif [ "${#todo[@]}" -eq 0 ] && [ -z "$PREFIX" ] && [ "$CRON" != yes ]; then
     todo+=("systemctl daemon-reload && systemctl enable --now bakgrab-backup.timer")
 fi
 
+# The client's bakgrab key (its one-shot sshd's host key, made now if need be,
+# as the client user): the backup host registers it for NAME (issue 11).
+CLIENT_KEY=$(setpriv --reuid="$CLIENT_USER" --regid="$CLIENT_USER" --init-groups \
+    env -i PATH="$PATH" HOME="$CLIENT_HOME" XDG_STATE_HOME="$CLIENT_HOME/.local/state" \
+    BAKGRAB_CONFIG="$CONFIG" "$BAKGRAB" key) || die "\`bakgrab key\` failed as $CLIENT_USER"
+
 echo "bakgrab client set up: user $CLIENT_USER, tunnel $TUNNEL."
-echo "Its tunnel key; on the backup host run: deploy/backup-host/add-client.sh NAME <<'EOF'"
+echo "Its tunnel key and its bakgrab key; on the backup host run:"
+echo "deploy/backup-host/add-client.sh --key '$CLIENT_KEY' NAME <<'EOF'"
 cut -d' ' -f1,2 "$TUNNEL_KEY.pub" | sed "s/\$/ bakgrab-client@$(hostname)/"
 echo "EOF"
 for item in "${todo[@]}"; do

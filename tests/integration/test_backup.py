@@ -164,8 +164,9 @@ def test_private_key_never_shown_in_log_backend_or_events(
 def test_failure_is_reported_with_nonzero_exit(
     tmp_path: Path, redis_url: str, storage: Path, worker: support.Proc
 ) -> None:
-    """A host key that differs from the pinned one fails the backup at once with
-    a clear message and exit code, and leaves the existing snapshot untouched."""
+    """A client key other than the one registered for the name fails the backup
+    at once with a clear message and exit code (issue 11: the same message as
+    for an unregistered name), and leaves the existing snapshot untouched."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_text("x")
@@ -173,9 +174,9 @@ def test_failure_is_reported_with_nonzero_exit(
     first = support.snapshots(storage, "host-d")
     shutil.rmtree(tmp_path / "state")  # the client's sshd host key changes
     done = support.run_backup(redis_url, "host-d", src)
-    assert done.returncode == 5, done.stderr
-    assert "differs from the pinned" in done.stderr
-    assert "bakgrab trust host-d" in done.stderr
+    assert done.returncode == 4, done.stderr
+    assert "not signed by the client registered for this name" in done.stderr
+    assert "bakgrab trust host-d --key" in done.stderr
     assert support.snapshots(storage, "host-d") == first
 
 
@@ -204,21 +205,21 @@ def test_broker_unreachable_fails_clearly(tmp_path: Path) -> None:
 def test_trust_re_pins_after_a_legitimate_key_change(
     tmp_path: Path, redis_url: str, storage: Path, worker: support.Proc
 ) -> None:
-    """After a refused host key change, `bakgrab trust NAME` removes the pin;
-    the next backup pins the new key and succeeds; snapshots are untouched."""
+    """After a refused key change, the operator re-keys the name with
+    `bakgrab trust NAME --key KEY` (KEY from `bakgrab key` on the client); the
+    next backup succeeds; snapshots are untouched."""
     src = tmp_path / "src"
     src.mkdir()
     (src / "f").write_text("x")
     assert support.run_backup(redis_url, "host-t", src).returncode == 0
     first = support.snapshots(storage, "host-t")
     shutil.rmtree(tmp_path / "state")
-    assert support.run_backup(redis_url, "host-t", src).returncode == 5
-    trust = subprocess.run([support.BAKGRAB, "trust", "--storage", str(storage), "host-t"],
-                           capture_output=True, text=True)
-    assert trust.returncode == 0 and "pin removed" in trust.stdout
+    assert support.run_backup(redis_url, "host-t", src).returncode == 4
+    key = support.client_key()
+    assert "registered" in support.register(storage, "host-t", key)
     again = support.run_backup(redis_url, "host-t", src)
     assert again.returncode == 0, again.stderr
     snaps = support.snapshots(storage, "host-t")
     assert snaps[0] == first[0] and len(snaps) == 2
-    new_key = (tmp_path / "state" / "bakgrab" / "ssh_host_ed25519_key").read_bytes()
-    assert new_key  # the client made a new key, now pinned
+    pinned = (storage / ".bakgrab" / "pins" / "host-t.pub").read_text().split()
+    assert " ".join(pinned[:2]) == key  # the client made a new key, now registered

@@ -332,7 +332,11 @@ def deployment() -> Iterator[Deployment]:
                 "--bakgrab", support.BAKGRAB, "--name", "deployed", "--source",
                 str(root / "src"), "--cron").stdout
             dep.client_key = next(ln for ln in out.splitlines() if ln.startswith("ssh-ed25519 "))
-            dep.client_broker = host.add_client("deployed", dep.client_key)
+            # the client's bakgrab key, registered for the name (issue 11)
+            identity = re.search(r"add-client\.sh --key '(ssh-ed25519 [^']+)' NAME", out)
+            assert identity, out
+            dep.client_broker = host.add_client("deployed", dep.client_key,
+                                                "--key", identity.group(1))
             shutil.copy(host.etc / "clients" / "deployed.env", tmp / "deployed.env")
             dep.client_install("--broker-env", str(tmp / "deployed.env"))
             support.build_fidelity_tree(root / "src")

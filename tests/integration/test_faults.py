@@ -335,29 +335,45 @@ def test_time_limit_stops_the_grab(tmp_path: Path, redis_url: str, storage: Path
 def test_second_delivery_of_a_finished_job_returns_its_result(
     tmp_path: Path, redis_url: str, storage: Path, worker: support.Proc
 ) -> None:
-    """A job delivered again after it finished returns the finished result and
-    makes no second snapshot (jobs are idempotent by id)."""
-    src = make_source(tmp_path / "s", files=2, size=100)
-    done = support.run_backup(redis_url, "idem", src, "--json")
-    assert done.returncode == 0, done.stderr
-    first = json.loads(done.stdout)
-    record = next((storage / ".bakgrab" / "jobs").iterdir())
-    task_id = record.stem
+    """A job delivered again after it finished (the very same signed message,
+    as Redis redelivers it) returns the finished result and makes no second
+    snapshot (jobs are idempotent by id)."""
+    import uuid
+
     import redis as redis_lib
 
-    from bakgrab.client.keys import one_time_key
-    from bakgrab.tasks import sealed
+    from bakgrab.client import keys
+    from bakgrab.client.sshd import OneShotServer, ServerConfig, login_user, parse_allow
+    from bakgrab.tasks import GRAB, sealed
+    from bakgrab.tasks.request import sign
 
-    pin = (storage / ".bakgrab" / "pins" / "idem.pub").read_text().strip()
+    src = make_source(tmp_path / "s", files=2, size=100)
+    host_key_path, identity = keys.identity(tmp_path / "state" / "bakgrab")
+    one_time = keys.one_time_key()
     public = sealed.load_public(
         redis_lib.Redis.from_url(redis_url).get("bakgrab:request-key:bakgrab").decode())
     app = Celery(broker=redis_url, backend=redis_url)
     app.conf.task_serializer = "json"
-    again = app.send_task("bakgrab.grab", task_id=task_id, queue="bakgrab", kwargs={
-        "v": 1, "name": "idem", "address": "127.0.0.1", "port": 9, "user": "nobody",
-        "key": sealed.seal(public, one_time_key().private.encode()), "host_key": pin,
-        "excludes": []})
-    assert again.get(timeout=30) == first
+    server = OneShotServer(ServerConfig(
+        source=src, public_key=one_time.public, allow=parse_allow("127.0.0.1"),
+        host_key=host_key_path, listen="127.0.0.1")).start()
+    try:
+        task_id = str(uuid.uuid4())
+        fields = sign({"v": 1, "name": "idem", "address": "127.0.0.1", "port": server.port,
+                       "user": login_user(),
+                       "key": sealed.seal(public, one_time.private.encode()),
+                       "host_key": keys.public_line(identity), "excludes": []},
+                      GRAB, task_id, identity)
+        first = app.send_task(GRAB, task_id=task_id, queue="bakgrab", kwargs=fields,
+                              argsrepr="()", kwargsrepr="<job>").get(timeout=60)
+        assert len(support.snapshots(storage, "idem")) == 1
+        again = app.send_task(GRAB, task_id=task_id, queue="bakgrab", kwargs=fields,
+                              argsrepr="()", kwargsrepr="<job>")
+        assert again.get(timeout=30) == first
+        assert server.served == 1  # the second delivery did not connect
+    finally:
+        server.close()
+        app.close()
     assert len(support.snapshots(storage, "idem")) == 1
 
 

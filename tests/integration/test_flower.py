@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -160,13 +161,14 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                           BAKGRAB_CONFIG=os.devnull)
         first = support.run_backup(broker, "flower-a", src, env=client_env)
         assert first.returncode == 0, first.stderr
-        shutil.rmtree(tmp / "client-state")  # the client's sshd host key changes
+        shutil.rmtree(tmp / "client-state")  # the client's key changes: refused
         second = support.run_backup(broker, "flower-a", src, env=client_env)
-        assert second.returncode == 5, second.stderr
+        assert second.returncode == 4, second.stderr
         third = unreachable_backup(broker, "flower-r", src, env=client_env)
         assert third.returncode == 9, third.stderr
         [ok] = task_ids(storage, "flower-a")
-        [refused] = failed_task_ids(storage, "flower-a")
+        # a refusal records no failure (issue 11); the worker logs its task id
+        [refused] = re.findall(r"refused bakgrab\.grab (\S+) for flower-a", worker.text())
         [retried] = failed_task_ids(storage, "flower-r")
         yield Fleet(broker, storage, worker, flower, base, ok, refused, retried,
                     [first, second, third])
@@ -188,7 +190,7 @@ def test_api_shows_each_job_with_its_final_state_name_and_retries(fleet: Fleet) 
     assert ok["runtime"] > 0
     assert "'name': 'flower-a'" in ok["kwargs"] and "'name': 'flower-r'" in retried["kwargs"]
     assert "'snapshot': 'flower-a." in ok["result"]
-    assert "HostKeyMismatch" in refused["exception"]
+    assert "RequestRefused" in refused["exception"]
     assert "TransferInterrupted" in retried["exception"]
     assert "<redacted>" in ok["kwargs"] and "<redacted>" in retried["kwargs"]
 
@@ -255,9 +257,10 @@ def test_password_is_in_no_argv_and_no_log(fleet: Fleet) -> None:
 
 def test_only_final_failures_are_recorded(fleet: Fleet) -> None:
     """The worker records a failed grab once, when it fails for good: the
-    retried grab's first attempt is not a failure; a success is none."""
-    wait_for_states(fleet.base, {fleet.retried: "FAILURE"})
-    assert failed_task_ids(fleet.storage, "flower-a") == [fleet.refused]
+    retried grab's first attempt is not a failure; a success is none; a
+    refused request (not signed by the name's client) is none either (issue 11)."""
+    wait_for_states(fleet.base, {fleet.retried: "FAILURE", fleet.refused: "FAILURE"})
+    assert failed_task_ids(fleet.storage, "flower-a") == []
     assert failed_task_ids(fleet.storage, "flower-r") == [fleet.retried]
     record = json.loads((fleet.storage / ".bakgrab" / "failures" / "flower-r").read_text())
     assert record["error"] == "TransferInterrupted" and record["exit_code"] == 9

@@ -18,6 +18,7 @@ import os
 import re
 import string
 import subprocess
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -82,7 +83,10 @@ class Ctx:
         pair = keys.one_time_key()
         fields: dict[str, Any] = {"v": 1, "name": name, "address": "127.0.0.1", "port": self.closed_port,
                   "user": "root", "key": sealed.seal(self.recipient, pair.private.encode()),
-                  "host_key": self.host_key, "excludes": ["*.tmp", "/cache"]}
+                  "host_key": self.host_key, "excludes": ["*.tmp", "/cache"],
+                  # well-formed but unsigned: each hostile field is refused by its
+                  # own check, which runs before the signature's (issue 11)
+                  "ts": int(time.time()), "sig": "A" * 86 + "=="}
         self.secrets = [pair.private, fields["key"]]
         return fields, pair.private
 

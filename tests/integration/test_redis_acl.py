@@ -250,8 +250,8 @@ def test_real_worker_and_backup_with_the_acl_users(acl_host: AclHost, tmp_path: 
         shutil.rmtree(tmp_path / "state")
         failed = subprocess.run(argv, capture_output=True, text=True, timeout=120,
                                 env=client_env)
-        assert failed.returncode == 5, failed.stderr
-        assert "differs from the pinned" in failed.stderr
+        assert failed.returncode == 4, failed.stderr
+        assert "not signed by the client registered for this name" in failed.stderr
 
         # The client's attempt to revoke its (already failed) job is remote
         # control, which clients may not do (deploy/backup-host/acl.sh).

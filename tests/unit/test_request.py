@@ -55,6 +55,10 @@ KEYS = [key_pair() for _ in range(4)]
 """A pool of real ed25519 key pairs: generating one per example would be slow."""
 
 PRIVATE, PUBLIC = KEYS[0]
+TS = 1_900_000_000
+SIG = "A" * 86 + "=="
+"""Well-formed ts and sig: validate() checks their shape; the signature is the
+worker's to verify (tests/unit/test_names.py)."""
 
 
 def secret_fragments(key: str) -> list[str]:
@@ -79,6 +83,8 @@ def fields(**changes: Any) -> dict[str, Any]:
         "key": PRIVATE,
         "host_key": PUBLIC,
         "excludes": ["*.tmp", "/proc"],
+        "ts": TS,
+        "sig": SIG,
     }
     base.update(changes)
     return base
@@ -166,7 +172,10 @@ def test_valid_request_gives_typed_fields() -> None:
         key=PRIVATE,
         host_key=PUBLIC,
         excludes=("*.tmp", "/proc"),
+        ts=TS,
+        sig=SIG,
     )
+    assert req.signed == request.canonical(fields())
 
 
 def test_key_gets_a_final_newline() -> None:
@@ -502,6 +511,8 @@ def valid_fields(draw: st.DrawFn) -> dict[str, Any]:
         "key": draw(st.sampled_from([private, private.rstrip("\n")])),
         "host_key": draw(st.sampled_from([public, public + " a comment", " " + public + "\n"])),
         "excludes": draw(st.lists(patterns, max_size=5)),
+        "ts": draw(st.integers(1, 2**40 - 1)),
+        "sig": draw(st.sampled_from([SIG, "+/" * 43 + "=="])),
     }
 
 
@@ -575,3 +586,29 @@ def test_redacted_never_shows_key(data: dict[str, Any], key: str) -> None:
     text = redacted({**others, "key": key})
     assert key not in text
     assert "'key': '<redacted>'" in text
+
+
+@pytest.mark.parametrize("ts", [0, -1, 2**40, "1900000000", 1.5, True, None, [1]])
+def test_invalid_ts_refused(ts: Any) -> None:
+    with pytest.raises(InvalidRequest, match="^ts:"):
+        validate(fields(ts=ts))
+
+
+@pytest.mark.parametrize("sig", ["", "A" * 86, "A" * 88, "A" * 85 + "!==", None, 5,
+                                 ["A" * 86 + "=="]])
+def test_invalid_sig_refused(sig: Any) -> None:
+    with pytest.raises(InvalidRequest, match="^sig:"):
+        validate(fields(sig=sig))
+
+
+@HYP
+@given(valid_fields())
+def test_signed_bytes_survive_the_broker(data: dict[str, Any]) -> None:
+    """What the worker verifies (canonical of the fields as received, after a
+    JSON round trip through the broker) is what the client signed."""
+    import json
+
+    sent = request.canonical(data)
+    received = validate(json.loads(json.dumps(data))).signed
+    assert received == sent
+    assert b'"sig"' not in sent

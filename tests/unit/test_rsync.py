@@ -626,15 +626,35 @@ def test_classify_client_file_named_like_errno_is_no_disk_full(code: int) -> Non
     assert not isinstance(info.value, NoSpace)
 
 
-@pytest.mark.parametrize("code", [5, 10, 12, 14, 20, 21, 22, 30, 35, 255])
+@pytest.mark.parametrize("code", [5, 10, 12, 14, 20, 21, 22, 30, 35])
 def test_classify_transient_codes(code: int) -> None:
-    """Network, timeout and protocol-stream codes and ssh's 255 are transient."""
+    """Network, timeout and protocol-stream codes are transient."""
     with pytest.raises(TransferInterrupted) as info:
         classify(code, "ssh: connect to host 192.0.2.10 port 2222: Connection timed out\n")
     assert info.value.transient is True
     assert info.value.args[1] == code
     assert f"rsync exit {code}: " in str(info.value)
     assert str(info.value).endswith("Connection timed out")
+
+
+@pytest.mark.parametrize(("code", "said"), [
+    (255, "ssh: connect to host 192.0.2.10 port 2222: Connection refused\r\n"),
+    (255, "ssh: connect to host 192.0.2.10 port 2222: Connection timed out\r\n"),
+    (255, "kex_exchange_identification: Connection closed by remote host\r\n"),
+    (255, "ssh_exchange_identification: banner line contains invalid characters\r\n"),
+    (12, "kex_exchange_identification: read: Connection reset by peer\r\n"
+         "rsync: connection unexpectedly closed (0 bytes received so far) [Receiver]\n"),
+])
+def test_classify_unreachable_is_one_message(code: int, said: str) -> None:
+    """Whatever ssh said before rsync started (refused, timed out, an open port
+    that is no sshd), the error is one transient message that tells none of it
+    (issue 11, attack 10: no port scanning through the worker)."""
+    tail = said + f"rsync error: unexplained error (code {code}) at io.c(231) [Receiver=3.2.7]\n"
+    with pytest.raises(TransferInterrupted) as info:
+        classify(code, tail)
+    assert info.value.transient is True
+    assert str(info.value) == f"ssh exit 255: {rsync.UNREACHABLE}"
+    assert info.value.args[1] == 255  # rsync's own code (12 or 255) would tell too
 
 
 def test_classify_host_key_mismatch() -> None:

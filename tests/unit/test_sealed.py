@@ -347,13 +347,14 @@ def test_load_or_create_private_refuses_a_file_of_the_wrong_size(
 
 def grab_fields(key: Any) -> dict[str, Any]:
     return {"v": 1, "name": "host", "address": "192.0.2.10", "port": 2222, "user": "backup",
-            "key": key, "host_key": PUBLIC, "excludes": ["*.tmp"]}
+            "key": key, "host_key": PUBLIC, "excludes": ["*.tmp"], "ts": 1_900_000_000,
+            "sig": "A" * 86 + "=="}
 
 
 def restore_fields(key: Any) -> dict[str, Any]:
     return {"v": 1, "name": "host", "snapshot": "latest", "paths": ["etc/hosts"],
             "address": "192.0.2.10", "port": 2222, "user": "backup", "key": key,
-            "host_key": PUBLIC}
+            "host_key": PUBLIC, "ts": 1_900_000_000, "sig": "A" * 86 + "=="}
 
 
 VALIDATORS: list[tuple[Callable[..., Any], Callable[[Any], dict[str, Any]]]] = [

@@ -516,6 +516,7 @@ def test_units_grant_only_the_needed_capabilities(deployment: Deployment) -> Non
     Flower's secrets in an environment file."""
     found = units(deployment)
     assert set(found) == {"bakgrab-worker.service", "bakgrab-flower.service",
+                          "bakgrab-scheduler.service",  # issue 17
                           "bakgrab-backup.service", "bakgrab-backup.timer"}
     host = deployment.host
     worker = read_unit(found["bakgrab-worker.service"])["Service"]

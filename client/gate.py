@@ -18,7 +18,7 @@ the command the peer asked for in ``SSH_ORIGINAL_COMMAND``. The gate:
   0700 and the gate's own, so nothing the receiver writes is reachable by
   another user during the transfer; and in ``wo`` mode (a staging dir that
   is not private, issue 12) takes every ``--super``/``--no-super``/
-  ``--fake-super`` out of the peer's command and puts ``--fake-super`` last
+  ``--fake-super`` out of the peer's command and puts ``--fake-super`` first
   among its options: the receiving rsync then sets no owner, no
   setuid/setgid/sticky bit, no ACL and no non-``user.*`` xattr (file
   capabilities among them) for real, whatever the backup host sends; it
@@ -76,15 +76,16 @@ def check(mode: str, command: str) -> str | None:
 
 
 def unprivileged(command: str) -> str | None:
-    """``command`` with the receiver made unprivileged (``--fake-super`` as its
-    last option, every other super-user option removed), or None if it has
-    no ``.`` word ending the options (rrsync would refuse it anyway)."""
-    words = WORD_RE.findall(command[len(PREFIX["wo"]):])
+    """``command`` with the receiver made unprivileged: ``--fake-super`` as its
+    first option and every super-user option of the peer removed, wherever it
+    stands (rrsync may take a "." as an option's value, so the first "." need
+    not end the options; and an option's value cannot swallow a first word).
+    None if no "." word is left to end the options (rrsync would refuse it)."""
+    words = [w for w in WORD_RE.findall(command[len(PREFIX["wo"]):])
+             if w.split("=", 1)[0] not in AM_ROOT_OPTIONS]
     if "." not in words:
         return None
-    dot = words.index(".")
-    options = [w for w in words[:dot] if w.split("=", 1)[0] not in AM_ROOT_OPTIONS]
-    return PREFIX["wo"] + " ".join([*options, "--fake-super", *words[dot:]])
+    return PREFIX["wo"] + " ".join(["--fake-super", *words])
 
 
 def check_staging(root: str) -> str | None:

@@ -221,18 +221,19 @@ def test_write_modes_refuse_reads() -> None:
 @pytest.mark.parametrize(
     ("command", "expected"),
     [
-        (PUSH, "rsync --server -lHogDtpAXrRSze.iLsfxCIvu --numeric-ids --timeout=300 "
-               "--fake-super . /"),
+        (PUSH, "rsync --server --fake-super -lHogDtpAXrRSze.iLsfxCIvu --numeric-ids "
+               "--timeout=300 . /"),
         ("rsync --server -logDtpre.iLsfxCIvu --super=1 --no-super --fake-super --super . /a\\ b",
-         "rsync --server -logDtpre.iLsfxCIvu --fake-super . /a\\ b"),
-        # after the "." nothing is an option to rsync: left as it is
-        ("rsync --server -logDtpre.iLsfxCIvu . --super", "rsync --server "
-         "-logDtpre.iLsfxCIvu --fake-super . --super"),
+         "rsync --server --fake-super -logDtpre.iLsfxCIvu . /a\\ b"),
+        # rrsync takes this "." as --partial-dir's value: the --super after it is
+        # still an option, and goes too
+        ("rsync --server -logDtpre.iLsfxCIvu --partial-dir . --super . /",
+         "rsync --server --fake-super -logDtpre.iLsfxCIvu --partial-dir . . /"),
     ],
 )
 def test_open_staging_forces_fake_super(command: str, expected: str) -> None:
-    """In "wo" mode every super-user option of the peer goes and --fake-super
-    is the last option: the one rsync's receiver obeys."""
+    """In "wo" mode every super-user option of the peer goes, wherever it is,
+    and --fake-super comes first, where no option can take it as its value."""
     from bakgrab.client.gate import unprivileged
 
     assert unprivileged(command) == expected
@@ -273,8 +274,9 @@ def test_gate_process_rewrites_what_rrsync_gets(tmp_path: Path) -> None:
     fake.write_text("#!/bin/sh\necho \"$* | $SSH_ORIGINAL_COMMAND\"\n")
     fake.chmod(0o755)
     log = tmp_path / "gate.log"
-    for mode, seen in (("wo", PUSH.replace("--super ", "").replace(" . /", " --fake-super . /")),
-                       ("wp", PUSH)):
+    unprivileged_push = ("rsync --server --fake-super -lHogDtpAXrRSze.iLsfxCIvu --numeric-ids "
+                         "--timeout=300 . /")
+    for mode, seen in (("wo", unprivileged_push), ("wp", PUSH)):
         done = subprocess.run(
             [sys.executable, "-I", "-m", "bakgrab.client.gate", mode, str(wrap / "r"), str(log),
              shutil.which("ionice") or "ionice", str(fake)],
@@ -282,3 +284,43 @@ def test_gate_process_rewrites_what_rrsync_gets(tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
         assert done.returncode == 0, done.stderr
         assert done.stdout == f"-wo -no-del -no-lock {wrap / 'r'} | {seen}\n"
+
+
+@needs_rrsync
+@pytest.mark.parametrize("command", [
+    PUSH,
+    "rsync --server -logDtpre.iLsfxCIvu --partial-dir . --super . /",
+    "rsync --server -logDtpre.iLsfxCIvu --no-super --fake-super --super=1 . /",
+])
+def test_real_rrsync_hands_rsync_only_fake_super(tmp_path: Path, command: str) -> None:
+    """What the real rrsync, behind a "wo" gate, finally runs rsync with (its
+    own log of the argv): --fake-super is the only super-user option, whatever
+    the peer asked for; behind a "wp" gate the peer's own options reach rsync."""
+    import ast
+
+    wrap = tmp_path / "wrap"
+    (wrap / "r").mkdir(parents=True)
+    wrap.chmod(0o700)
+    home = tmp_path / "home"  # sshd's cwd for the gate: rrsync's log is relative to it
+    home.mkdir()
+    for mode in ("wo", "wp"):
+        rrsync_log = home / "rrsync.log"  # rrsync appends the argv only if it exists
+        rrsync_log.write_text("")
+        subprocess.run(
+            [sys.executable, "-I", "-m", "bakgrab.client.gate", mode, str(wrap / "r"),
+             str(tmp_path / "gate.log")],
+            env={"PATH": os.environ["PATH"], "SSH_ORIGINAL_COMMAND": command}, cwd=home,
+            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+        line = rrsync_log.read_text()
+        if mode == "wp" and "--no-super" in command:
+            assert line == ""  # rrsync knows no --no-super: refused, rsync never ran
+            continue
+        assert line, "rrsync did not run rsync"
+        argv = ast.literal_eval(line[line.index("("):].strip())
+        options = argv[:argv.index("--")]
+        am_root = [o.split("=")[0] for o in options
+                   if o.split("=")[0] in ("--super", "--no-super", "--fake-super")]
+        if mode == "wo":
+            assert am_root == ["--fake-super"], argv
+        else:
+            assert "--super" in am_root, argv

@@ -4,8 +4,12 @@ Invariants, and why each is set:
 
 * JSON only (``accept_content``): a task message is untrusted input; pickle
   would let anyone who reaches the broker run code on the worker.
-* Task events on and ``task_send_sent_event``: Flower sees a grab from the
-  moment it is sent, and its progress events.
+* Task events on (the worker's): Flower sees a grab from the moment a worker
+  receives it, and its progress events. Only the worker sends events: a
+  client's app sends no ``task-sent`` event (``worker=False``), and the deploy
+  ACL lets no client publish on the events channel, so Flower and ``bakgrab
+  status`` show only what a worker saw (issue 11, attack 9). The worker's own
+  retries do send ``task-sent``.
 * ``task_acks_late`` + ``task_reject_on_worker_lost``: a grab is acked only
   when it ended, so a killed worker gives the job back to the queue; a second
   delivery is made harmless by the per-name lock and job records on the worker.
@@ -26,8 +30,9 @@ RESULT_EXPIRES = 7 * 86400
 """Seconds a job's result is kept; the worker keeps its job records as long (issue 13)."""
 
 
-def make_app(settings: Settings, broker: str | None = None) -> Celery:
-    """A Celery app for ``settings``; ``broker`` overrides the URL (tunnels)."""
+def make_app(settings: Settings, broker: str | None = None, *, worker: bool = False) -> Celery:
+    """A Celery app for ``settings``; ``broker`` overrides the URL (tunnels).
+    ``worker``: the backup host's worker (it alone sends ``task-sent`` events)."""
     url = broker or settings.broker
     app = Celery("bakgrab", broker=url, backend=url, set_as_current=True)
     app.conf.update(
@@ -38,7 +43,7 @@ def make_app(settings: Settings, broker: str | None = None) -> Celery:
         task_default_queue=settings.queue,
         task_create_missing_queues=True,
         task_track_started=True,
-        task_send_sent_event=True,
+        task_send_sent_event=worker,
         worker_send_task_events=True,
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -27,6 +27,9 @@ SYSTEM_CONFIG = Path("/etc/bakgrab/bakgrab.toml")
 
 ENV_PREFIX = "BAKGRAB_"
 
+MIN_MESSAGE_BYTES = 512 << 10
+"""Smallest ``max_message_bytes``: above the largest valid request (issue 11)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -106,6 +109,10 @@ class Settings:
     job_time_limit: int = 20 * 3600
     """Worker: a grab running longer is stopped (soft limit: rsync is killed and
     the job fails); the hard limit is 5 minutes later."""
+    max_message_bytes: str = "1M"
+    """Worker: the largest queued task message it reads (issue 11); a larger one
+    is dropped before it is decoded. The largest valid request is about 360 KiB
+    (excludes and restore paths are capped at 256 KiB each), so at least 512K."""
     shutdown_grace: int = 60
     """Worker: on SIGTERM, running grabs may finish for this many seconds; then
     they are stopped and given back to the queue (set systemd's TimeoutStopSec
@@ -297,11 +304,15 @@ def check(settings: Settings) -> None:
     for name in ("rsync_timeout", "connect_timeout", "server_alive_interval", "job_timeout"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name} must be a positive number of seconds")
-    for name, parse in (("min_free_abs", parse_size), ("stale_after", parse_duration)):
+    for name, parse in (("min_free_abs", parse_size), ("stale_after", parse_duration),
+                        ("max_message_bytes", parse_size)):
         try:
             parse(getattr(settings, name))
         except ConfigError as e:
             raise ConfigError(f"setting {name}: {e}") from None
+    if parse_size(settings.max_message_bytes) < MIN_MESSAGE_BYTES:
+        raise ConfigError(f"max_message_bytes must be at least {MIN_MESSAGE_BYTES >> 10}K: "
+                          "the largest valid request must fit")
     if not 1 <= settings.flower_port <= 65535:
         raise ConfigError("flower_port must be from 1 to 65535")
     if settings.bwlimit and not re.fullmatch(r"\d+(\.\d+)?[KMGkmg]?", settings.bwlimit):

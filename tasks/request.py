@@ -45,6 +45,9 @@ PUBKEY_RE = re.compile(r"ssh-ed25519 [A-Za-z0-9+/]{68}")
 MAX_EXCLUDES = 4096
 MAX_EXCLUDE_LEN = 4096
 MAX_KEY_LEN = 4096
+MAX_LIST_BYTES = 256 << 10
+"""Most bytes the excludes (or a restore's paths) take in a request, as JSON:
+the largest valid request then fits the worker's max_message_bytes (issue 11)."""
 REQUEST_VERSION = 1
 REDACTED = "<redacted>"
 
@@ -312,7 +315,14 @@ def check_excludes(value: Any) -> tuple[str, ...]:
         if not pattern.strip():
             raise InvalidRequest(f"excludes[{i}]: a pattern must not be blank")
         out.append(pattern)
+    check_list_bytes("excludes", out)
     return tuple(out)
+
+
+def check_list_bytes(field: str, items: list[str]) -> None:
+    """At most MAX_LIST_BYTES of ``items`` as they travel (JSON, escaped)."""
+    if sum(len(json.dumps(item)) + 2 for item in items) > MAX_LIST_BYTES:
+        raise InvalidRequest(f"{field}: at most {MAX_LIST_BYTES >> 10} KiB in all")
 
 
 RESTORE_FIELDS = ("v", "name", "snapshot", "paths", "address", "port", "user", "key",
@@ -388,4 +398,5 @@ def check_paths(value: Any) -> tuple[str, ...]:
         if ".." in parts:
             raise InvalidRequest(f"paths[{i}]: '..' is not allowed")
         out.append("/".join(parts) or ".")
+    check_list_bytes("paths", list(value))
     return tuple(out)

@@ -24,14 +24,15 @@ from typing import Any, TypeVar
 
 from celery import Celery, Task
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_shutting_down
+from celery.signals import before_task_publish, worker_shutting_down
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from bakgrab.tasks import GRAB, RESTORE, caps, request_key_name, sealed
 from bakgrab.tasks.app import make_app
-from bakgrab.tasks.config import Settings
+from bakgrab.tasks.config import Settings, parse_size
 from bakgrab.tasks.errors import BakgrabError, ConfigError, InvalidRequest, JobTimeout
 from bakgrab.tasks.request import redacted, validate, validate_restore
-from bakgrab.worker import grab, restore, status
+from bakgrab.worker import grab, restore, status, transport
 from bakgrab.worker.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,24 @@ def check_privileges() -> None:
     caps.drop_effective()
 
 
+def guard_broker(app: Celery, settings: Settings, private: X25519PrivateKey) -> None:
+    """Every queued item passes :func:`bakgrab.worker.transport.admit` before
+    kombu decodes it, and every task message this worker publishes (its
+    retries) carries its MAC (issue 11, attacks 2, 5, 6 and 7)."""
+    policy = transport.Policy(max_message_bytes=parse_size(settings.max_message_bytes),
+                              mac_key=transport.mac_key(private))
+    app.conf.broker_transport = transport.transport_for(policy)
+    before_task_publish.connect(transport.sign_publish(policy), weak=False)
+
+
+def only_bakgrab_tasks(app: Celery) -> None:
+    """Celery's built-in tasks (celery.chord_unlock, celery.accumulate, ...)
+    are unregistered: the transport drops them already; should one ever get
+    past it, Celery refuses it as unknown instead of running it (issue 11)."""
+    for name in [n for n in app.tasks if n not in transport.TASKS]:
+        app.tasks.unregister(name)
+
+
 def serve(settings: Settings) -> None:
     """Run a Celery worker (prefork pool, events on) serving ``settings.queue``."""
     if not settings.storage:
@@ -233,9 +252,11 @@ def serve(settings: Settings) -> None:
         storage.prepare()
     except (FileNotFoundError, PermissionError) as e:
         raise ConfigError(f"storage: {e}") from None
-    app = make_app(settings)
-    register(app, settings)
     private = sealed.load_or_create_private(storage.request_key)
+    app = make_app(settings, worker=True)
+    guard_broker(app, settings, private)
+    register(app, settings)
+    only_bakgrab_tasks(app)
     public = sealed.public_text(private.public_key())
     print(f"bakgrab: request public key of queue {settings.queue}: {public}\n"
           "bakgrab: (clients may pin it with request_public_key in their config)",

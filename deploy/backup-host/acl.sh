@@ -36,8 +36,6 @@
 #                                    client may read Q (LRANGE, LPOP, BRPOP,
 #                                    SORT, DUMP... are not granted, and %W~
 #                                    would refuse them even if they were)
-#   PUBLISH /0.celeryev/task.sent    +publish on that one channel: the
-#                                    task-sent event Flower shows
 #   SUBSCRIBE celery-task-meta-ID    +subscribe +unsubscribe on
 #                                    &celery-task-meta-*: waiting for the result
 #   GET / MGET celery-task-meta-ID   +get +mget %R~celery-task-meta-*: the
@@ -46,11 +44,19 @@
 # Each group is a Redis 7 selector "(...)": a command is allowed only if one
 # selector (or the root rules) allows both the command and its key or
 # channel. So a client can SUBSCRIBE to a result channel but not PUBLISH
-# forged results to it, and can PUBLISH the task-sent event but not to
+# forged results to it. No client may PUBLISH at all (issue 11, attack 9):
+# not on the events channels (/0.celeryev/*: a forged task-succeeded would
+# show a failed backup as SUCCESS in Flower, invented tasks too), nor on
 # Celery's remote-control channel (/0.celery.pidbox), which would let it shut
-# workers down. Not granted, among others: PSUBSCRIBE (would list other
-# jobs' ids), SET/DEL on anything, KEYS, SCAN, FLUSHALL, CONFIG, MONITOR,
-# CLIENT, INFO, SELECT, EVAL, reading events.
+# workers down. A client's bakgrab sends no task-sent event (only workers send
+# events), so Flower shows only what a worker saw. Not granted, among others:
+# PUBLISH, PSUBSCRIBE (would list other jobs' ids), SET/DEL on anything, KEYS,
+# SCAN, FLUSHALL, CONFIG, MONITOR, CLIENT, INFO, SELECT, EVAL, reading events.
+#
+# What a client may LPUSH is anything, though: the worker admits each item
+# before decoding it (bakgrab.worker.transport: size cap, only bakgrab.grab and
+# bakgrab.restore, its own time limits, retries and eta only when the worker
+# signed them) and drops the rest; docs/security.md, "Hostile messages".
 #
 # Known limits, by design of Celery's protocol: a client can read any
 # result whose task id it knows (ids are random UUIDs it never sees for
@@ -72,7 +78,6 @@ acl_client_rules() {
     printf '%s' "resetkeys resetchannels -@all +ping +multi +exec +discard +lpush %W~$q"
     printf ' %s' "(+llen %R~$q %R~$q$ACL_PRIORITY)"
     printf ' %s' "(+sadd %W~_kombu.binding.$q %W~_kombu.binding_permanent.$q)"
-    printf ' %s' "(+publish &/0.celeryev/task.sent)"
     printf ' %s' "(+get +mget %R~celery-task-meta-* %R~bakgrab:request-key:$q)"
     printf ' %s' "(+subscribe +unsubscribe &celery-task-meta-*)"
 }

@@ -307,7 +307,7 @@ def test_retried_grab_keeps_the_key_redacted(backup: Backup, tmp_path: Path) -> 
     assert_no_key(json.dumps(message))
 
     shown = events.of("task-sent", "task-received")
-    assert len(events.of("task-sent")) >= 2  # the client's and the retry's
+    assert len(events.of("task-sent")) >= 1  # the retry's: clients send none (issue 11)
     assert len(events.of("task-received")) >= 2  # first attempt and retry
     assert events.of("task-retried")
     for event in shown:

@@ -12,16 +12,21 @@ commands. The worker's and the client's credentials are enough for a real
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
 import subprocess
+import threading
 import urllib.parse
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -105,8 +110,9 @@ def test_default_user_is_off(acl_host: AclHost) -> None:
 
 def test_client_can_send_a_request_and_read_results(acl_host: AclHost) -> None:
     """What Celery's client side does: ping, count and bind its queue in a
-    transaction, push the request, publish the task-sent event, read the
-    request key, subscribe to and read its result."""
+    transaction, push the request, read the request key, subscribe to and read
+    its result. Publishing the task-sent event is no longer allowed (issue 11:
+    no client publishes events)."""
     port = acl_host.host.redis_port
     client = redis.Redis.from_url(acl_host.alpha)
     worker = redis.Redis.from_url(acl_host.worker)
@@ -123,7 +129,7 @@ def test_client_can_send_a_request_and_read_results(acl_host: AclHost) -> None:
         pipe.sadd(f"_kombu.binding_permanent.{QUEUE}", QUEUE.encode() + member)
         pipe.execute()
     assert client.lpush(QUEUE, b"request") >= 1
-    assert client.publish("/0.celeryev/task.sent", b"event") == 0
+    assert denied(command(acl_host.alpha, port, "PUBLISH", "/0.celeryev/task.sent", "event"))
 
     sub = client.pubsub()
     sub.subscribe("celery-task-meta-job1")
@@ -156,6 +162,9 @@ WRITES: list[tuple[str | bytes, ...]] = [
     ("SET", "celery-task-meta-job2", "forged"), ("PUBLISH", "celery-task-meta-job2", "forged"),
     ("PSUBSCRIBE", "celery-task-meta-*"),
     ("PUBLISH", "/0.celery.pidbox", "shutdown"), ("PUBLISH", "/0.celery.pidbox/", "shutdown"),
+    ("PUBLISH", "/0.celeryev/task.sent", "forged"),
+    ("PUBLISH", "/0.celeryev/task.succeeded", "forged"),
+    ("PUBLISH", "/0.celeryev/worker.heartbeat", "forged"),
     ("SREM", f"_kombu.binding.{QUEUE}", "x"), ("SADD", "_kombu.binding.other", "x"),
 ]
 ADMIN: list[tuple[str | bytes, ...]] = [
@@ -265,3 +274,82 @@ def test_real_worker_and_backup_with_the_acl_users(acl_host: AclHost, tmp_path: 
     finally:
         worker.stop()
     assert os.path.isdir(storage)
+
+
+def test_hostile_items_and_events_under_the_acl(acl_host: AclHost, tmp_path: Path) -> None:
+    """Under the deploy ACL (issue 11, attacks 2, 6, 7 and 9): a client's
+    hand-made items (not JSON, Celery's celery.accumulate, an eta a day ahead)
+    are dropped by a real worker, which keeps running; its PUBLISH of a forged
+    task-succeeded event is refused; then a real backup of another client
+    succeeds, and every event the worker's credential sees meanwhile comes
+    from the worker: no client publishes, not even task-sent."""
+    from celery import Celery
+
+    from tests.integration.test_hostile_messages import envelope, future, raw
+
+    host = acl_host.host
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    worker = support.Proc([support.BAKGRAB, "worker"], tmp_path / "worker.log",
+                          env=env_for(acl_host.worker, tmp_path, storage=str(storage),
+                                      enrol="first-use"))
+    events: list[dict[str, Any]] = []
+    watcher = Celery(broker=str(acl_host.worker))
+    try:
+        support.wait_for(lambda: " ready." in worker.text() or not worker.alive(), 60,
+                         "worker ready")
+        assert worker.alive(), worker.text()[-3000:]
+        ready = threading.Event()
+
+        def capture() -> None:
+            with watcher.connection() as conn:
+                recv = watcher.events.Receiver(conn, handlers={"*": events.append})
+                ready.set()
+                with contextlib.suppress(Exception):  # it ends by its timeout
+                    recv.capture(limit=None, timeout=90, wakeup=True)
+
+        threading.Thread(target=capture, daemon=True).start()
+        assert ready.wait(10)
+        host.admin().acl_log_reset()
+
+        beta = redis.Redis.from_url(acl_host.beta)
+        hostile = [b"not json", raw(envelope(task="celery.accumulate", args=[1, 2])),
+                   raw(envelope(eta=future(86400)))]
+        for item in hostile:
+            assert beta.lpush(QUEUE, item) >= 1
+        support.wait_for(lambda: worker.text().count("dropped a message") == len(hostile), 20,
+                         "the worker to drop the items")
+        forged = json.dumps({"type": "task-succeeded", "uuid": str(uuid.uuid4()),
+                             "hostname": "bakgrab.bakgrab@forged", "result": "{}"})
+        assert denied(command(acl_host.beta, host.redis_port, "PUBLISH",
+                              "/0.celeryev/task.succeeded", forged))
+        assert worker.alive()
+
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "f").write_text("x")
+        argv = [support.BAKGRAB, "backup", "--name", "acl-hostile", "--source", str(src),
+                "--json"]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                              env=env_for(acl_host.alpha, tmp_path))
+        assert done.returncode == 0, done.stderr + worker.text()[-3000:]
+        assert (storage / json.loads(done.stdout)["snapshot"] / "f").read_text() == "x"
+        support.wait_for(lambda: any(e["type"] == "task-succeeded" for e in events), 20,
+                         "the task-succeeded event")
+        # the only denial is beta's forged event: alpha's backup publishes nothing
+        assert deploy.acl_denials(host) == ["client-beta: command publish"]
+        task_events = [e for e in events if e["type"].startswith("task-")]
+        assert task_events
+        assert {e["hostname"] for e in events} == {worker_hostname(worker)}
+        assert not [e for e in task_events if e["type"] == "task-sent"]
+        assert worker.alive()
+    finally:
+        watcher.close()
+        worker.stop()
+
+
+def worker_hostname(worker: support.Proc) -> str:
+    """The hostname the worker's events carry (its --hostname)."""
+    m = re.search(r"(bakgrab\.\S+@\S+) ready\.", worker.text())
+    assert m, worker.text()[-2000:]
+    return m.group(1)

@@ -87,9 +87,9 @@ class Settings:
     """Worker: a name's share of the storage's inodes: ``auto`` (the storage's
     inodes divided by the number of names), a number, or ``off``."""
     max_names: int = 100
-    """Worker: names the storage may hold (names with snapshots or an
-    in-progress dir); a grab of a new name beyond it is refused (exit 4) before
-    anything is written. 0: no limit."""
+    """Worker: names the storage may hold (names with snapshots, an in-progress
+    dir or a registration); a grab of a new name beyond it is refused (exit 4)
+    before anything is written. 0: no limit."""
     enrol: str = "registered"
     """Worker: who may back up a name (issue 11). ``registered``: only the
     client whose key the operator registered (``bakgrab trust NAME --key

@@ -225,6 +225,7 @@ def grab(
     """Pull one snapshot of ``request.name``; see the module docstring."""
     task_id = check_task_id(task_id)
     storage.prepare()
+    retention.admit(storage, settings, request.name)  # max_names: reads only (issue 11)
     # before anything else touches the storage for this name (issue 11)
     registered = check_pin(storage, settings, task_id, request)
     sweep_job_records(storage)
@@ -234,7 +235,6 @@ def grab(
         return GrabResult.from_dict(done)
 
     started = time.time()
-    retention.admit(storage, settings, request.name)  # max_names, before any write (issue 11)
     with locks.held(storage.lock(request.name), what=f"name {request.name}"):
         done = finished(storage, task_id, recover=True)
         if done is not None:

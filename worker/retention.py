@@ -353,8 +353,13 @@ class FairQueue:
 
 
 def known_names(storage: Storage) -> set[str]:
-    """Names the storage holds: with a complete snapshot or an in-progress dir."""
-    return {s.name for s in storage.snapshots()} | set(storage.inprogress_names())
+    """Names the storage holds: with a complete snapshot, an in-progress dir,
+    or a registration (its pin: written only by an operator or after a grab
+    that succeeded, so a refused or failed request never adds a name)."""
+    pins = storage.state / "pins"
+    registered = {p.name.removesuffix(".pub") for p in pins.iterdir()
+                  if p.name.endswith(".pub")} if pins.is_dir() else set()
+    return {s.name for s in storage.snapshots()} | set(storage.inprogress_names()) | registered
 
 
 def admit(storage: Storage, settings: Settings, name: str) -> None:

@@ -110,23 +110,22 @@ def test_a_grab_over_its_share_takes_only_from_itself(tmp_path: Path, redis_url:
 def test_max_names_refuses_a_new_name_before_writing(tmp_path: Path, redis_url: str) -> None:
     """With max_names = 2 and two names stored, a third name's backup is
     refused (exit 4) with a message naming max_names, leaves no file of that
-    name (lock, pin, in-progress dir, failure record, snapshot), and the known
-    names still back up."""
+    name (lock, pin, in-progress dir, failure record, snapshot) nor any other
+    file (the check comes before the request's signature check and its
+    record), and the known names still back up."""
     with small_fs(tmp_path / "storage", "40m") as storage:
         worker = support.start_worker(storage, redis_url, tmp_path / "worker.log",
                                       env=support.worker_env(max_names="2"))
         try:
             for name in ("one", "two"):
                 grab(redis_url, tmp_path / "src" / name, name, 1000)
-            before = sorted(str(p.relative_to(storage)) for p in storage.rglob("*")
-                            if "/jobs/" not in str(p) and "/accepted/" not in str(p))
+            before = sorted(str(p.relative_to(storage)) for p in storage.rglob("*"))
             src = tmp_path / "src" / "three"
             src.mkdir(parents=True)
             done = support.run_backup(redis_url, "three", src)
             assert done.returncode == 4, done.stderr
             assert "max_names=2" in done.stderr
-            after = sorted(str(p.relative_to(storage)) for p in storage.rglob("*")
-                           if "/jobs/" not in str(p) and "/accepted/" not in str(p))
+            after = sorted(str(p.relative_to(storage)) for p in storage.rglob("*"))
             assert [p for p in after if "three" in p] == []
             assert [p for p in after if p not in before] == []
             grab(redis_url, tmp_path / "src" / "one", "one", 1000)

@@ -635,18 +635,20 @@ def test_auto_shares_divide_the_storage() -> None:
 
 def test_max_names_refuses_a_new_name_and_writes_nothing(store: Storage) -> None:
     """Beyond max_names a new name is refused (exit 4, saying what to do)
-    before any file of it exists; known names and the storage stay as they were."""
+    before any file of it exists; known names (snapshots, an in-progress dir,
+    a registration) pass, and the storage stays as it was."""
     populate(store, {"a": [T0], "b": [T0]})
     store.inprogress("c").mkdir()
+    store.pin("d").write_text("ssh-ed25519 AAAA registered\n")  # registered, no grab yet
     before = sorted(str(p.relative_to(store.root)) for p in store.root.rglob("*"))
-    with pytest.raises(InvalidRequest, match="max_names=3") as info:
-        admit(store, Settings(max_names=3), "intruder")
+    with pytest.raises(InvalidRequest, match="max_names=4") as info:
+        admit(store, Settings(max_names=4), "intruder")
     assert info.value.exit_code == 4 and not info.value.transient
     assert sorted(str(p.relative_to(store.root)) for p in store.root.rglob("*")) == before
-    for known in ("a", "b", "c"):
-        admit(store, Settings(max_names=3), known)
+    for known in ("a", "b", "c", "d"):
+        admit(store, Settings(max_names=4), known)
     admit(store, Settings(max_names=0), "intruder")
-    admit(store, Settings(max_names=4), "intruder")
+    admit(store, Settings(max_names=5), "intruder")
 
 
 INTERNAL_LOOKING = ["storage", "trash", "run", "jobs", "locks", "names", "usage", "meta"]

@@ -5,7 +5,8 @@
   filled it and its pull finished; another grab's half-failed pull is never
   published under an old job's snapshot name;
 * a client file named like an errno text does not turn a partial snapshot
-  into a "storage full" failure;
+  into a "storage full" failure, while a storage really out of inodes does
+  fail the grab (the receiver says so and statvfs agrees);
 * a grab stopped by ``job_time_limit`` counts as a failure in ``bakgrab status``;
 * job records expire with the results they stand for.
 """

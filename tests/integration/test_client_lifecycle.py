@@ -153,7 +153,12 @@ def test_idle_connections_cannot_stop_the_backup(
         os.killpg(worker.pid, signal.SIGSTOP)
         held = stack.enter_context(contextlib.ExitStack())
         held.callback(os.killpg, worker.pid, signal.SIGCONT)
-        stack.callback(lambda: [c.close() for c in idle])
+
+        def close_idle() -> None:
+            for conn in idle:
+                conn.close()
+
+        stack.callback(close_idle)
         client = subprocess.Popen(
             [support.BAKGRAB, "backup", "--broker", redis_url, "--name", "crowded",
              "--source", str(src), "--port", str(port), "--json"],

@@ -72,7 +72,12 @@ def test_signal_ends_a_multi_target_backup_at_once(tmp_path: Path, sig: int, cod
     and the running job was revoked."""
     with contextlib.ExitStack() as stack:
         procs: list[support.Proc] = []
-        stack.callback(lambda: [p.stop() for p in reversed(procs)])
+
+        def stop_all() -> None:
+            for proc in reversed(procs):
+                proc.stop()
+
+        stack.callback(stop_all)
         redis_a, url_a = support.start_redis(tmp_path / "redis-a")
         procs.append(redis_a)
         redis_b, url_b = support.start_redis(tmp_path / "redis-b")

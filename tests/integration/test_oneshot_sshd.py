@@ -147,12 +147,12 @@ def test_close_kills_every_sshd_and_removes_files(tmp_path: Path) -> None:
                                      listen="127.0.0.1"))
     srv.start()
     # An ssh that authenticates and then hangs in a refused-session state.
-    hang = subprocess.Popen([*ssh_cmd(srv.port, key), "-N", "root@127.0.0.1"],
+    hang = subprocess.Popen([*ssh_cmd(srv.port, key_file), "-N", "root@127.0.0.1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         from tests.support import wait_for
 
-        wait_for(lambda: srv.children, 10, "an sshd child")
+        wait_for(lambda: srv.sessions == 1, 10, "the ssh to authenticate")
         pids = [c.pid for c in srv.children]
         workdir = srv.workdir
         srv.close()

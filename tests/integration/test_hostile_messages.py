@@ -111,12 +111,13 @@ def envelope(task: str = GRAB, kwargs: Any = None, args: Any = (), task_id: str 
         data = [list(args), {"v": 1, "name": "probe", "x": MARKER} if kwargs is None else kwargs,
                 EMBED if embed is None else embed]
         body = b64(json.dumps(data))
-    head = {"lang": "py", "task": task, "id": task_id, "shadow": None, "eta": None,
-            "expires": None, "group": None, "group_index": None, "retries": 0,
-            "timelimit": [None, None], "root_id": task_id, "parent_id": None,
-            "argsrepr": "()", "kwargsrepr": "{}", "origin": "gen1@attacker",
-            "ignore_result": False, "replaced_task_nesting": 0, "stamped_headers": None,
-            "stamps": {}}
+    head: dict[str, Any] = {
+        "lang": "py", "task": task, "id": task_id, "shadow": None, "eta": None,
+        "expires": None, "group": None, "group_index": None, "retries": 0,
+        "timelimit": [None, None], "root_id": task_id, "parent_id": None,
+        "argsrepr": "()", "kwargsrepr": "{}", "origin": "gen1@attacker",
+        "ignore_result": False, "replaced_task_nesting": 0, "stamped_headers": None,
+        "stamps": {}}
     head.update(headers)
     return {"body": body, "content-encoding": "utf-8", "content-type": "application/json",
             "headers": head,
@@ -330,8 +331,8 @@ def test_only_bakgrab_tasks_run(ctx: Ctx, task: str) -> None:
 def test_links_and_chords_on_a_grab_are_dropped(ctx: Ctx) -> None:
     """A bakgrab.grab item carrying a callback, an errback, a chain or a chord
     (which would make the worker send further tasks) is dropped."""
-    link = {"task": "celery.accumulate", "args": [MARKER], "kwargs": {}, "options": {},
-            "subtask_type": None, "immutable": False}
+    link: dict[str, Any] = {"task": "celery.accumulate", "args": [MARKER], "kwargs": {},
+                            "options": {}, "subtask_type": None, "immutable": False}
     for key in ("callbacks", "errbacks", "chain"):
         message = envelope(embed={**EMBED, key: [link]})
         assert_dropped(ctx, raw(message), "are not run for clients", message["headers"]["id"])
@@ -509,7 +510,12 @@ def test_restore_is_admitted_too(ctx: Ctx) -> None:
     assert type(value).__name__ == "InvalidRequest", repr(value)
 
 
-def test_no_file_was_written_outside_the_storage(ctx: Ctx) -> None:
-    """Nothing any item named was created (os.system's target, say)."""
+def test_nothing_was_recorded_or_written(ctx: Ctx) -> None:
+    """Nothing any item named was created (os.system's target, say), and no
+    refused request added a failure to `bakgrab status` for its name (attack
+    9): only the time-limited grabs, which reached ssh, failed for real."""
     assert not [p for p in Path("/tmp").glob(f"*{MARKER}*")]
     assert os.path.isdir(ctx.storage)
+    failures = ctx.storage / ".bakgrab" / "failures"
+    recorded = sorted(p.name for p in failures.iterdir()) if failures.is_dir() else []
+    assert set(recorded) <= {"tl-short", "tl-long"}, recorded

@@ -13,6 +13,7 @@ import base64
 import collections
 import datetime
 import email
+import email.policy
 import ipaddress
 import json
 import re
@@ -315,13 +316,16 @@ def test_a_failure_is_told_once_by_webhook_mail_and_ping_then_its_recovery(
             "/ping/alpha/start": 3, "/ping/alpha/fail": 2, "/ping/alpha": 1}
         # mail: two, through TLS with the right login, with the notice inside
         assert relay.logins and all(ok for _, ok in relay.logins)
-        mails = [email.message_from_bytes(m) for m in relay.mails]
+        mails = [email.message_from_bytes(m, policy=email.policy.default) for m in relay.mails]
         assert sorted(str(m["Subject"]) for m in mails) == ["bakgrab: alpha: failed",
                                                             "bakgrab: alpha: recovered"]
         assert {(m["From"], m["To"]) for m in mails} == {("backup@example.com",
                                                           "ops@example.com")}
-        assert all("the last grab of alpha failed" in m.as_string() or "recovered" in m.as_string()
-                   for m in mails)
+        bodies = {str(m["Subject"]): m.get_content().replace("\r\n", "\n")  # type: ignore[attr-defined]
+                  for m in mails}
+        assert bodies["bakgrab: alpha: failed"].startswith("the last grab of alpha failed")
+        recovered = bodies["bakgrab: alpha: recovered"]
+        assert json.loads(recovered[recovered.index("{"):]) == recovery
         # no secret anywhere
         blobs = {"webhooks": b"\n".join(h.body for h in sink.hits),
                  "mails": b"\n".join(relay.mails), "worker log": worker.log.read_bytes(),
@@ -432,8 +436,9 @@ def test_worker_beat_embedded_tells_of_a_name_that_never_succeeded(
     """`bakgrab worker --beat` runs the schedule itself: a name whose only
     grab failed is told as failed, then as stale by the next check; a
     standalone scheduler is refused while it runs."""
+    port = support.free_port()
     env = support.worker_env(notify=f"{sink.url}/hook", max_retries="0",
-                             stale_check_every="1s")
+                             stale_check_every="1s", metrics_listen=f"127.0.0.1:{port}")
     worker = support.start_worker(storage, redis_url, tmp_path / "worker.log", "--beat",
                                   env=env)
     try:
@@ -442,11 +447,45 @@ def test_worker_beat_embedded_tells_of_a_name_that_never_succeeded(
         support.wait_for(lambda: len(sink.events("/hook")) >= 2, 30, "failed and stale")
         assert sorted(conditions(sink.events("/hook"))) == [("failed", "failed"),
                                                             ("stale", "stale")]
-        assert sink.events("/hook")[0]["name"] == "beta"
+        assert {e["name"] for e in sink.events("/hook")} == {"beta"}
+        metrics = scrape(port)
+        assert metrics['bakgrab_stale{name="beta"}'] == 1
+        assert metrics['bakgrab_failures_total{name="beta"}'] == 1
+        assert not any("bakgrab_last_success_timestamp" in k for k in metrics)
         second = subprocess.run([support.BAKGRAB, "scheduler", "--storage", str(storage),
                                  "--broker", redis_url], capture_output=True, text=True,
                                 timeout=60, env=env)
         assert second.returncode == 7, second.stderr
+    finally:
+        worker.stop()
+
+
+def test_no_space_is_told_once_and_its_recovery(
+        tmp_path: Path, redis_url: str, storage: Path, sink: Sink) -> None:
+    """A worker whose cleanup cannot free min_free_abs fails each grab with
+    exit 6: one ``no_space`` notice for two grabs, the worker's message as
+    the reason; a worker with room then grabs, and ``recovered`` follows."""
+    env = support.worker_env(notify=f"{sink.url}/hook", max_retries="0",
+                             min_free_abs="1000T")
+    worker = support.start_worker(storage, redis_url, tmp_path / "worker.log", env=env)
+    src = source_tree(tmp_path)
+    try:
+        for _ in range(2):
+            refused = support.run_backup(redis_url, "alpha", src)
+            assert refused.returncode == 6, refused.stderr
+        support.wait_for(lambda: sink.events("/hook"), 30, "the no-space notice")
+    finally:
+        worker.stop()
+    worker = support.start_worker(storage, redis_url, tmp_path / "worker2.log",
+                                  env=env | {"BAKGRAB_MIN_FREE_ABS": "1M"})
+    try:
+        ok = support.run_backup(redis_url, "alpha", src)
+        assert ok.returncode == 0, ok.stderr
+        support.wait_for(lambda: len(sink.events("/hook")) >= 2, 30, "the recovery")
+        time.sleep(2)
+        events = sink.events("/hook")
+        assert conditions(events) == [("no_space", "no_space"), ("recovered", "no_space")]
+        assert events[0]["exit_code"] == 6 and "min_keep" in events[0]["reason"]
     finally:
         worker.stop()
 

@@ -319,6 +319,9 @@ def test_hostile_items_and_events_under_the_acl(acl_host: AclHost, tmp_path: Pat
             assert beta.lpush(QUEUE, item) >= 1
         support.wait_for(lambda: worker.text().count("dropped a message") == len(hostile), 20,
                          "the worker to drop the items")
+        # Redis itself refuses a value over 8 MiB (proto-max-bulk-len in the snippet)
+        with pytest.raises(redis.RedisError):
+            redis.Redis.from_url(acl_host.beta).lpush(QUEUE, b"x" * (9 << 20))
         forged = json.dumps({"type": "task-succeeded", "uuid": str(uuid.uuid4()),
                              "hostname": "bakgrab.bakgrab@forged", "result": "{}"})
         assert denied(command(acl_host.beta, host.redis_port, "PUBLISH",

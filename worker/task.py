@@ -32,7 +32,7 @@ from bakgrab.tasks.app import make_app
 from bakgrab.tasks.config import Settings, parse_size
 from bakgrab.tasks.errors import BakgrabError, ConfigError, InvalidRequest, JobTimeout
 from bakgrab.tasks.request import redacted, validate, validate_restore
-from bakgrab.worker import grab, restore, status, transport
+from bakgrab.worker import grab, notify, restore, status, transport
 from bakgrab.worker.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -257,6 +257,7 @@ def serve(settings: Settings) -> None:
     guard_broker(app, settings, private)
     register(app, settings)
     only_bakgrab_tasks(app)
+    notify.install(app, settings)  # issue 17: notices, internal queue, --beat
     public = sealed.public_text(private.public_key())
     print(f"bakgrab: request public key of queue {settings.queue}: {public}\n"
           "bakgrab: (clients may pin it with request_public_key in their config)",

@@ -182,8 +182,8 @@ def admit(raw: bytes | str, queue: str, policy: Policy) -> dict[str, Any]:
     if retries or eta is not None or internal:
         if not isinstance(signature, str) or not hmac.compare_digest(
                 signature, safe_mac(policy, task, task_id, retries, eta, args, kwargs)):
-            raise Refused("a retry or scheduled message (retries, eta, countdown) not made "
-                          "by this worker")
+            raise Refused("a retry, scheduled or internal message (retries, eta, countdown, "
+                          "the internal queue) not made by this worker")
     else:
         signature = None
     redelivered = headers.get("redelivered") is True

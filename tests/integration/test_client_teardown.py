@@ -217,6 +217,43 @@ def test_tunnel_that_never_becomes_ready_is_given_up(fake_sshd: FakeSshd) -> Non
         assert "banner exchange" in str(error)
 
 
+def test_tunnel_start_stops_when_its_check_raises() -> None:
+    """A multi-target run being stopped reaches a tunnel that is still
+    starting through its ``check``: start() raises what check raised at once
+    (long before the readiness deadline) and its ssh is gone, checked from
+    the thread that started it."""
+    fake = FakeSshd(b"SSH-2.0-OpenSSH_9.2p1\r\n")
+    outcome: dict[str, object] = {}
+    stop_at = time.monotonic() + 1.0
+
+    def check() -> None:
+        if time.monotonic() >= stop_at:
+            raise KeyboardInterrupt
+
+    def start() -> None:
+        tunnel = Tunnel(f"127.0.0.1:{fake.port}", "redis://127.0.0.1:6379/0",
+                        ssh_options=SSH_OPTIONS, connect_timeout=20, check=check)
+        try:
+            with tunnel:
+                outcome["result"] = "ready"
+        except BaseException as e:
+            outcome["result"] = e
+        outcome["took"] = time.monotonic() - (stop_at - 1.0)
+        outcome["ssh_alive"] = tunnel.child is not None and alive(tunnel.child.pid)
+
+    try:
+        thread = threading.Thread(target=start, daemon=True)
+        thread.start()
+        thread.join(20)
+        assert not thread.is_alive(), "Tunnel.start() did not return"
+    finally:
+        fake.close()
+    assert fake.accepted, "ssh never connected to the fake sshd"
+    assert isinstance(outcome["result"], KeyboardInterrupt), outcome
+    assert float(outcome["took"]) < 5  # type: ignore[arg-type]
+    assert outcome["ssh_alive"] is False
+
+
 def test_backup_through_a_tunnel_that_never_becomes_ready(tmp_path: Path) -> None:
     """`bakgrab backup --tunnel` to a server that stalls after its version:
     exit 10 within the deadline, one line saying the tunnel was not ready,

@@ -331,6 +331,8 @@ class Bakgrab(Tool):
             raise
         self.concurrency = concurrency
         self.counter = 0
+        self.client_key: str | None = None
+        self.registered: set[str] = set()
         self.prune = self._has_prune()
 
     def _start_worker(self, bakgrab: str, concurrency: int, config: Path) -> None:
@@ -363,7 +365,22 @@ class Bakgrab(Tool):
     def server_pids(self) -> list[int]:
         return [self.worker.pid, self.redis.pid]
 
+    def register(self, name: str) -> None:
+        """Register ``name`` for this client's key, as an operator does once
+        (``bakgrab trust NAME --key``); not part of any measured job."""
+        if name in self.registered:
+            return
+        if self.client_key is None:
+            done = subprocess.run([self.bin, "key"], capture_output=True, text=True,
+                                  env=self.client_env, check=True)
+            self.client_key = done.stdout.strip()
+        subprocess.run([self.bin, "trust", "--storage", str(self.storage), name, "--key",
+                        self.client_key], capture_output=True, text=True, env=self.worker_env,
+                       check=True)
+        self.registered.add(name)
+
     def backup(self, name: str, source: Path) -> Job:
+        self.register(name)
         self.counter += 1
         out = self.dir / "results" / f"{self.counter}.json"
 

@@ -57,9 +57,18 @@ MAX_SILENT = 64
 """Silent connections kept at once; one more drops the oldest."""
 MAX_AUTHENTICATING = 8
 """sshd children still authenticating at once; one more cuts the oldest."""
-ACCEPTED = b"Accepted publickey for "
-"""What sshd logs (LogLevel VERBOSE, on stderr with ``-e``) once a
-connection has authenticated: from then on it is one of the job's sessions."""
+
+
+def authenticated(log: bytes, user: str) -> bool:
+    """Whether an ``sshd -i -e`` log (LogLevel VERBOSE) says the connection
+    authenticated as ``user``: from then on it is one of the job's sessions.
+
+    Only a line that *starts* with sshd's own words counts: the peer chooses
+    the user name sshd logs in "Invalid user ..." lines, and sshd escapes
+    control characters, so a peer can put these words in a line but never
+    at its start."""
+    head = b"Accepted publickey for " + user.encode() + b" from "
+    return any(line.startswith(head) for line in log.splitlines())
 SSHD_PRIVSEP_DIR = Path("/run/sshd")
 """Debian's compiled-in privilege separation dir, needed when sshd runs as root."""
 
@@ -354,7 +363,7 @@ class OneShotServer:
                 said = (self.workdir / f"sshd-{index + 1}.log").read_bytes()
             except OSError:
                 said = b""
-            if ACCEPTED in said:
+            if authenticated(said, self.user):
                 if self.sessions >= self.cfg.max_connections:
                     log.warning("cut connection %d: all %d sessions used",
                                 index + 1, self.cfg.max_connections)

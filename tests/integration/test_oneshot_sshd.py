@@ -288,3 +288,29 @@ def test_stalled_handshakes_cannot_block_the_backup_host(tmp_path: Path) -> None
         for conn in stalled:
             conn.close()
         srv.close()
+
+
+def test_a_user_name_that_looks_like_a_login_uses_no_session(tmp_path: Path) -> None:
+    """A peer without the key that calls itself "Accepted publickey for USER
+    from ..." (sshd logs the name it was given) does not count as a session:
+    with an allowance of 1, the real pull afterwards gets through."""
+    srv, key = make_server(tmp_path, max_connections=1)
+    srv.start()
+    try:
+        other = tmp_path / "other-key"
+        other.write_text(keys.one_time_key().private)
+        other.chmod(0o600)
+        fake = subprocess.run(
+            [*ssh_cmd(srv.port, other), "-l", f"Accepted publickey for {srv.user} from 192.0.2.1",
+             "127.0.0.1", "true"], capture_output=True, text=True, timeout=30,
+            stdin=subprocess.DEVNULL)
+        assert fake.returncode == 255
+        support.wait_for(lambda: srv.children and srv.children[0].poll() is not None, 10,
+                         "the fake's sshd to end")
+        assert b"Invalid user Accepted publickey" in (srv.workdir / "sshd-1.log").read_bytes()
+        done = pull(srv.port, key, tmp_path / "out")
+        assert done.returncode == 0, done.stderr
+        assert (tmp_path / "out" / "file").read_text() == "client data\n"
+        support.wait_for(lambda: srv.sessions == 1, 10, "the pull counted as the one session")
+    finally:
+        srv.close()

@@ -11,7 +11,13 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
-from bakgrab.client.sshd import ServerConfig, parse_allow, peer_allowed, sshd_config
+from bakgrab.client.sshd import (
+    ServerConfig,
+    authenticated,
+    parse_allow,
+    peer_allowed,
+    sshd_config,
+)
 from bakgrab.tasks.errors import ClientSetupError
 
 SSHD = shutil.which("sshd") or shutil.which("sshd", path="/usr/sbin:/sbin")
@@ -175,3 +181,34 @@ def test_sshd_accepts_config_and_applies_it(server_config: ServerConfig, tmp_pat
         assert key in effective, key
     assert effective["forcecommand"] == GATE
     assert effective["allowusers"] == "backupuser"
+
+
+# What `sshd -i -e` (OpenSSH 9.2, LogLevel VERBOSE) wrote for three connections.
+ACCEPTED_LOG = b"""Connection from 127.0.0.1 port 50410 on 127.0.0.1 port 42371 rdomain ""
+Accepted key ED25519 SHA256:MFKoyIvJCHokmL4Wqr+A4Ueb0QG4O0hmq+OF2BgWTsE found at /tmp/w/authorized_keys:1
+Postponed publickey for root from 127.0.0.1 port 50410 ssh2 [preauth]
+Accepted key ED25519 SHA256:MFKoyIvJCHokmL4Wqr+A4Ueb0QG4O0hmq+OF2BgWTsE found at /tmp/w/authorized_keys:1
+Accepted publickey for root from 127.0.0.1 port 50410 ssh2: ED25519 SHA256:MFKoyIvJCHokmL4Wqr+A4Ueb0QG4O0hmq+OF2BgWTsE
+Starting session: forced-command (config) 'exec gate' for root from 127.0.0.1 port 50410 id 0
+"""
+WRONG_KEY_LOG = b"""Connection from 127.0.0.1 port 50114 on 127.0.0.1 port 43659 rdomain ""
+Failed publickey for root from 127.0.0.1 port 50114 ssh2: ED25519 SHA256:SA3jkQSN9PUFgtFZRWcyz9nNd6MoHMCSRoy18Y2P0pw
+Connection closed by authenticating user root 127.0.0.1 port 50114 [preauth]
+"""
+CHOSEN_NAME_LOG = b"""Connection from 127.0.0.1 port 40160 on 127.0.0.1 port 38069 rdomain ""
+Invalid user Accepted publickey for root from 1.2.3.4 from 127.0.0.1 port 40160
+Connection closed by invalid user Accepted publickey for root from 1.2.3.4 127.0.0.1 port 40160 [preauth]
+"""
+
+
+def test_authenticated_reads_only_sshds_own_line() -> None:
+    """A connection counts as a session only when sshd's own line says it
+    authenticated as the login user: not for a wrong key, another user, nor a
+    peer that chose "Accepted publickey for root from ..." as its user name
+    (issue 13: such a name would otherwise use up the job's sessions)."""
+    assert authenticated(ACCEPTED_LOG, "root")
+    assert not authenticated(ACCEPTED_LOG, "roo")
+    assert not authenticated(ACCEPTED_LOG, "backup")
+    assert not authenticated(WRONG_KEY_LOG, "root")
+    assert not authenticated(CHOSEN_NAME_LOG, "root")
+    assert not authenticated(b"", "root")

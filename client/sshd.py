@@ -340,13 +340,17 @@ class OneShotServer:
                         oldest + 1, MAX_AUTHENTICATING)
             self.children[oldest].kill(grace=0.5)
             self.dropped += 1
-        self.served += 1
-        errlog = open(self.workdir / f"sshd-{self.served}.log", "wb")  # noqa: SIM115
-        with errlog:
-            child = process.spawn(
-                [sshd, "-i", "-e", "-f", str(self.workdir / "sshd_config")],
-                stdin=conn.fileno(), stdout=conn.fileno(), stderr=errlog,
-            )
+        number = self.served + 1  # children[i] logs to sshd-(i+1).log
+        try:
+            with open(self.workdir / f"sshd-{number}.log", "wb") as errlog:
+                child = process.spawn(
+                    [sshd, "-i", "-e", "-f", str(self.workdir / "sshd_config")],
+                    stdin=conn.fileno(), stdout=conn.fileno(), stderr=errlog,
+                )
+        except OSError as e:  # out of processes or descriptors: this connection only
+            log.warning("connection from %s: cannot start sshd: %s", peer, e)
+            return
+        self.served = number
         self.children.append(child)
         self._authenticating.append(len(self.children) - 1)
         log.info("connection %d from %s: sshd started (%d of %d sessions used)",

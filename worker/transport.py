@@ -48,7 +48,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
@@ -397,7 +397,16 @@ class Channel(kombu_redis.Channel):
             raise kombu_redis.Empty()
 
 
-class Transport(kombu_redis.Transport):
+class Shown(type):
+    """kombu prints a transport class given as ``broker_transport`` where it
+    prints the URL's scheme (the worker's banner, "Connected to ..."): show
+    "redis" there, as for kombu's own."""
+
+    def __str__(cls) -> str:
+        return "redis"
+
+
+class Transport(kombu_redis.Transport, metaclass=Shown):
     """kombu's Redis transport with :class:`Channel`; see :func:`transport_for`."""
 
     Channel = Channel
@@ -407,5 +416,6 @@ class Transport(kombu_redis.Transport):
 
 def transport_for(policy: Policy) -> type[Transport]:
     """A transport class admitting items by ``policy`` (the worker's broker_transport)."""
-    return type("Transport", (Transport,), {"policy": policy, "drop_log": DropLog(),
+    cls = Shown("Transport", (Transport,), {"policy": policy, "drop_log": DropLog(),
                                             "__module__": __name__})
+    return cast("type[Transport]", cls)

@@ -145,6 +145,27 @@ def test_signal_ends_a_multi_target_backup_at_once(tmp_path: Path, sig: int, cod
         assert support.snapshots(tmp_path / "storage-a", "multi") == []
 
 
+def test_multi_target_reports_each_outcome_and_a_failure_wins(
+    tmp_path: Path, redis_url: str, storage: Path, worker: support.Proc
+) -> None:
+    """Without a signal, every job ends by itself and is reported: one backup
+    host works, the other's broker is not there; the run exits with the
+    failure's code (10), not 0, and says which target failed."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("data\n")
+    nowhere = f"redis://127.0.0.1:{support.free_port()}/0"
+    done = subprocess.run(
+        [support.BAKGRAB, "backup", "--name", "both", "--source", str(src),
+         "--to", f"broker={redis_url}", "--to", f"broker={nowhere}"],
+        capture_output=True, text=True, timeout=120)
+    assert done.returncode == 10, done.stderr
+    assert f"to {redis_url}: both: snapshot" in done.stdout, done.stdout
+    assert f"bakgrab: error: to {nowhere}: " in done.stderr
+    assert "Traceback" not in done.stderr
+    assert support.rsync_diff(src, support.snapshots(storage, "both")[0]) == []
+
+
 class FakeSshd:
     """A TCP listener that accepts, says an SSH version (or nothing) and then
     never another byte: ssh waits for the key exchange for ever."""

@@ -82,8 +82,10 @@ def backup(ctx: click.Context, name: str, source: Path, exclude_from: Path | Non
     """Ask the backup host for a backup of SOURCE and wait for it (backed-up host).
 
     Makes a one-time key in memory, starts a one-shot read-only sshd, sends the
-    job and waits. Exits 0 on success, non-zero with a message on failure; on
-    a terminal it shows progress, under cron it prints nothing but errors.
+    job and waits. Exits 0 on success, 1 for a partial snapshot, and on
+    failure another code (README: exit codes; 70 for an error bakgrab did not
+    expect) with a one-line message; on a terminal it shows progress, under
+    cron it prints nothing but errors.
     """
     from bakgrab.client.backup import backup as run_backup
     from bakgrab.client.backup import read_excludes, terminal_progress

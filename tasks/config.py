@@ -62,6 +62,22 @@ class Settings:
     """Worker: upper bound of a retry delay, seconds."""
     bwlimit: str = ""
     """Worker: rsync --bwlimit (e.g. ``10M``); empty for none."""
+    sandbox: str = "landlock"
+    """Worker: ``landlock`` confines each rsync to its own name's paths (needs
+    Landlock ABI >= 2; the worker refuses to start without it); ``off`` runs
+    rsync unconfined, which lets a hostile client read backup-host files through
+    symlinks it stored (issue 11): only for kernels without Landlock, knowingly."""
+    max_jobs_per_client: int = 2
+    """Worker: grabs and restores that one client key (whatever names it has)
+    runs at once; more wait as busy and are retried, so one client cannot take
+    every worker slot (issue 11)."""
+    min_rate: str = "16K"
+    """Worker: a transfer whose rsync reads less than this many bytes a second
+    (and is not busy on the CPU) for ``min_rate_window`` seconds is stopped and
+    retried within max_retries, so a client trickling data cannot hold a worker
+    slot (issue 11); ``0`` turns it off."""
+    min_rate_window: int = 600
+    """Worker: seconds over which ``min_rate`` is judged."""
     job_timeout: int = 12 * 3600
     """Client: seconds to wait for the job's final state before giving up."""
     state_dir: str = ""
@@ -328,11 +344,21 @@ def check(settings: Settings) -> None:
             except (ConfigError, ValueError):
                 raise ConfigError(f"setting {name}: {value!r}: use auto, off or a "
                                   + ("size" if name == "name_max_bytes" else "number")) from None
-    check_monitoring(settings)
+    try:
+        parse_size(settings.min_rate)
+    except ConfigError as e:
+        raise ConfigError(f"setting min_rate: {e}") from None
+    if settings.max_jobs_per_client < 1:
+        raise ConfigError("max_jobs_per_client must be at least 1")
+    if settings.min_rate_window < 10:
+        raise ConfigError("min_rate_window must be at least 10 seconds")
+    if settings.sandbox not in ("landlock", "off"):
+        raise ConfigError(f"sandbox {settings.sandbox!r}: 'landlock' or 'off'")
     if settings.enrol not in ("registered", "first-use"):
         raise ConfigError(f"enrol {settings.enrol!r}: 'registered' or 'first-use'")
     if settings.request_window <= 0:
         raise ConfigError("request_window must be a positive number of seconds")
+    check_monitoring(settings)
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", settings.queue):
         raise ConfigError(f"queue {settings.queue!r}: letters, digits and _.:- only")
 

@@ -76,7 +76,8 @@ class NoSpace(BakgrabError):
 
 
 class Busy(BakgrabError):
-    """Another grab of the same name is running."""
+    """Another grab of the same name is running, or its client already runs
+    as many jobs as ``max_jobs_per_client`` allows."""
 
     exit_code = 7
     transient = True

@@ -37,7 +37,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -55,7 +57,7 @@ from bakgrab.tasks.config import Settings, parse_size
 from bakgrab.tasks.errors import InvalidRequest, TransferInterrupted
 from bakgrab.tasks.request import GrabRequest
 from bakgrab.tasks.result import GrabResult
-from bakgrab.worker import locks, names, retention, rsync
+from bakgrab.worker import locks, names, retention, rsync, sandbox, watchdog
 from bakgrab.worker.storage import Storage, fsync_dir, parse_snapshot, write_atomic
 
 log = logging.getLogger(__name__)
@@ -235,7 +237,9 @@ def grab(
         return GrabResult.from_dict(done)
 
     started = time.time()
-    with locks.held(storage.lock(request.name), what=f"name {request.name}"):
+    with locks.held(storage.lock(request.name), what=f"name {request.name}"), locks.one_of(
+            storage.client_slots(request.host_key, settings.max_jobs_per_client),
+            what=f"the client of {request.name}"):
         done = finished(storage, task_id, recover=True)
         if done is not None:
             return GrabResult.from_dict(done)
@@ -270,7 +274,9 @@ def grab(
                 as_root=os.geteuid() == 0,
             )
             on_progress({"phase": "pulling", "resumed": resumed})
-            outcome = run_pull(spec, on_progress)
+            outcome = run_pull(spec, on_progress, confinement(
+                settings, read=[files["key"].parent], write=(dest,),
+                link_from=(spec.link_dest,) if spec.link_dest else (), port=request.port))
             exclude_text = files["exclude"].read_text()
 
         check_room(storage, settings, outcome)
@@ -291,19 +297,52 @@ class PullOutcome:
         self.failed_paths = failed
 
 
-def run_pull(spec: rsync.PullSpec, on_progress: ProgressFn) -> PullOutcome:
+@dataclasses.dataclass(frozen=True)
+class Confinement:
+    """What the worker, never the client, imposes on one rsync child (issue 11):
+    the Landlock sandbox (None when the operator turned it off, which the
+    worker logs at start) and the slowest transfer it lets hold a slot."""
+
+    sandbox: sandbox.Sandbox | None
+    min_rate: int = 0
+    """Bytes per second below which, for ``rate_window`` seconds, rsync is stopped."""
+    rate_window: float = 600.0
+
+
+def confinement(settings: Settings, *, read: list[Path], port: int,
+                write: tuple[Path, ...] = (), link_from: tuple[Path, ...] = ()) -> Confinement:
+    """The confinement of one rsync child of a job for ``settings``."""
+    box = None
+    if settings.sandbox != "off":
+        box = sandbox.Sandbox(read=read, link_from=list(link_from), write=list(write), port=port)
+    return Confinement(box, parse_size(settings.min_rate), float(settings.min_rate_window))
+
+
+def run_pull(spec: rsync.PullSpec, on_progress: ProgressFn,
+             confined: Confinement | None = None) -> PullOutcome:
     """Run the pull, report its progress, and classify its exit."""
-    return run_rsync(rsync.pull_argv(spec), on_progress)
+    return run_rsync(rsync.pull_argv(spec), on_progress, confined)
 
 
-def run_rsync(argv: list[str], on_progress: ProgressFn) -> PullOutcome:
-    """Run rsync, report its progress, and classify its exit."""
+def run_rsync(argv: list[str], on_progress: ProgressFn,
+              confined: Confinement | None = None) -> PullOutcome:
+    """Run rsync (confined when asked: sandbox and minimum rate), report its
+    progress, and classify its exit."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C",
            "HOME": os.environ.get("HOME", "/")}
     stderr_lines: collections.deque[str] = collections.deque(maxlen=200)
     failed: list[str] = []
 
-    with process.spawn(argv, env=env) as child:
+    with contextlib.ExitStack() as stack:
+        confine = None
+        if confined is not None and confined.sandbox is not None:
+            ruleset = stack.enter_context(confined.sandbox.ruleset())
+            confine = functools.partial(sandbox.enter, ruleset)
+        child = stack.enter_context(process.spawn(argv, env=env, confine=confine))
+        # the child holds its own domain now; the ruleset fd closes with the stack
+        watch = stack.enter_context(watchdog.RateWatch(
+            child.pid, confined.min_rate if confined else 0,
+            confined.rate_window if confined else 0.0))
         assert child.stdout is not None and child.stderr is not None
         err_stream = child.stderr
 
@@ -338,6 +377,8 @@ def run_rsync(argv: list[str], on_progress: ProgressFn) -> PullOutcome:
         code = child.wait()
         reader.join(10)
     tail.append(buf.decode(errors="replace"))
+    if watch.stalled:
+        raise TransferInterrupted(watch.stalled, code)
     if code < 0:
         raise TransferInterrupted(f"rsync was killed by signal {-code}", code)
     stderr_tail = "\n".join(stderr_lines)

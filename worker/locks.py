@@ -49,3 +49,22 @@ def is_held(path: Path) -> bool:
         return True
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def one_of(paths: list[Path], *, what: str) -> Iterator[None]:
+    """Hold an exclusive flock on the first free file of ``paths`` (a pool of
+    slots); Busy at once if every one is held."""
+    for path in paths:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        try:
+            yield
+        finally:
+            os.close(fd)
+        return
+    raise Busy(f"{what}: all {len(paths)} slot(s) are busy with its other jobs")

@@ -26,7 +26,7 @@ from bakgrab.tasks import RESTORE, caps
 from bakgrab.tasks.config import Settings
 from bakgrab.tasks.errors import InvalidRequest
 from bakgrab.tasks.request import GrabRequest, RestoreRequest
-from bakgrab.worker import grab, rsync
+from bakgrab.worker import grab, locks, rsync
 from bakgrab.worker.names import check_request
 from bakgrab.worker.storage import Snapshot, Storage
 
@@ -82,7 +82,9 @@ def restore(storage: Storage, settings: Settings, request: RestoreRequest, task_
     # job_files wants a grab request: the same key and host key, no excludes
     as_grab = GrabRequest(name=request.name, address=request.address, port=request.port,
                           user=request.user, key=request.key, host_key=request.host_key)
-    with grab.job_files(storage, task_id, as_grab) as files:
+    slots = storage.client_slots(request.host_key, settings.max_jobs_per_client)
+    with locks.one_of(slots, what=f"the client of {request.name}"), \
+            grab.job_files(storage, task_id, as_grab) as files:
         spec = rsync.PullSpec(
             user=request.user, address=request.address, port=request.port,
             key_file=files["key"], known_hosts=files["known_hosts"],
@@ -91,7 +93,9 @@ def restore(storage: Storage, settings: Settings, request: RestoreRequest, task_
             connect_timeout=settings.connect_timeout,
             alive_interval=settings.server_alive_interval, bwlimit=settings.bwlimit)
         on_progress({"phase": "pushing", "snapshot": snap.dirname})
-        outcome = grab.run_rsync(rsync.push_argv(spec, Path(root), request.paths), on_progress)
+        outcome = grab.run_rsync(rsync.push_argv(spec, Path(root), request.paths), on_progress,
+                                 grab.confinement(settings, read=[files["key"].parent, Path(root)],
+                                                  port=request.port))
     log.info("restored %d path(s) of %s to %s", len(request.paths), snap.dirname,
              request.address)
     warnings = []

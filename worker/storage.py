@@ -11,6 +11,7 @@
         pins/NAME.pub                   the client's pinned sshd host key
         locks/WHAT.lock                 bakgrab's own flock(2) files (storage, trash, scheduler)
         locks/names/NAME.lock           flock(2) file of one name (issue 11)
+        locks/clients/KEYHASH.N.lock    the job slots of one client key (issue 11)
         usage/NAME.json                 cached per-name usage (what cleanup weighs)
         jobs/TASK_ID.json               finished jobs, for idempotent redelivery
                                         (kept as long as the results, then swept)
@@ -37,6 +38,7 @@ and cleanup still honours a legacy name lock an older worker holds.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -86,8 +88,8 @@ class Storage:
         """Create the state directories (0700); the storage itself must exist."""
         if not self.root.is_dir():
             raise FileNotFoundError(f"storage {self.root} is not a directory")
-        for sub in ("", "inprogress", "meta", "pins", "locks", "locks/names", "usage", "jobs",
-                    "pulls", "run", "trash"):
+        for sub in ("", "inprogress", "meta", "pins", "locks", "locks/names", "locks/clients",
+                    "usage", "jobs", "pulls", "run", "trash"):
             path = self.state / sub
             path.mkdir(mode=0o700, exist_ok=True)
             os.chmod(path, 0o700)
@@ -106,6 +108,12 @@ class Storage:
     def lock(self, name: str) -> Path:
         """The flock file of one name: one grab per name at a time."""
         return self.state / "locks" / "names" / f"{name}.lock"
+
+    def client_slots(self, key: str, count: int) -> list[Path]:
+        """The flock files of the ``count`` jobs one client key may run at once
+        (issue 11), named by the key's hash so no name can collide."""
+        digest = hashlib.sha256(key.encode()).hexdigest()[:32]
+        return [self.state / "locks" / "clients" / f"{digest}.{i}.lock" for i in range(count)]
 
     def legacy_lock(self, name: str) -> Path | None:
         """Where a worker of the old layout locks ``name``, or None when that

@@ -32,7 +32,7 @@ from bakgrab.tasks.app import make_app
 from bakgrab.tasks.config import Settings, parse_size
 from bakgrab.tasks.errors import BakgrabError, ConfigError, InvalidRequest, JobTimeout
 from bakgrab.tasks.request import redacted, validate, validate_restore
-from bakgrab.worker import grab, notify, restore, status, transport
+from bakgrab.worker import grab, notify, restore, sandbox, status, transport
 from bakgrab.worker.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -252,6 +252,11 @@ def serve(settings: Settings) -> None:
         storage.prepare()
     except (FileNotFoundError, PermissionError) as e:
         raise ConfigError(f"storage: {e}") from None
+    if sandbox.check_available(settings.sandbox) == "off":
+        log.warning("sandbox = off: rsync runs unconfined; a hostile client can make it read "
+                    "files of this host through symlinks it stored (docs/security.md)")
+    else:
+        sandbox.check_storage(storage.root)
     private = sealed.load_or_create_private(storage.request_key)
     app = make_app(settings, worker=True)
     guard_broker(app, settings, private)

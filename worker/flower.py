@@ -36,6 +36,7 @@ import os
 from bakgrab.tasks.app import make_app
 from bakgrab.tasks.config import Settings
 from bakgrab.tasks.errors import ConfigError
+from bakgrab.worker import progress
 
 log = logging.getLogger(__name__)
 
@@ -103,4 +104,5 @@ def serve(settings: Settings) -> int:
     # Only this process reads it: Flower runs here and starts no child.
     os.environ[AUTH_ENV] = settings.flower_basic_auth
     app = make_app(settings)
+    progress.install()  # issue 17: a running grab's numbers in the task view
     return int(app.start(flower_argv(settings)) or 0)

@@ -67,6 +67,9 @@ class Settings:
     Landlock ABI >= 2; the worker refuses to start without it); ``off`` runs
     rsync unconfined, which lets a hostile client read backup-host files through
     symlinks it stored (issue 11): only for kernels without Landlock, knowingly."""
+    max_names_per_client: int = 4
+    """Worker, with ``enrol = "first-use"``: names one client key may enrol by
+    itself; an operator's ``bakgrab trust`` registers more (issue 11)."""
     max_jobs_per_client: int = 2
     """Worker: grabs and restores that one client key (whatever names it has)
     runs at once; more wait as busy and are retried, so one client cannot take
@@ -348,6 +351,8 @@ def check(settings: Settings) -> None:
         parse_size(settings.min_rate)
     except ConfigError as e:
         raise ConfigError(f"setting min_rate: {e}") from None
+    if settings.max_names_per_client < 1:
+        raise ConfigError("max_names_per_client must be at least 1")
     if settings.max_jobs_per_client < 1:
         raise ConfigError("max_jobs_per_client must be at least 1")
     if settings.min_rate_window < 10:

@@ -222,7 +222,36 @@ def check_request(storage: Storage, settings: Settings, task: str, task_id: str,
             "outside it, so the backup host did not connect (`bakgrab trust NAME --key ... "
             "--from NET` on the backup host changes it)")
     check_fresh(storage, settings, task, task_id, request, now)
+    if registration is None:
+        check_enrolments(storage, settings, request.name, key)
     return registration
+
+
+def names_of(storage: Storage, key: str) -> list[str]:
+    """The names registered to ``key``."""
+    found = []
+    with contextlib.suppress(FileNotFoundError), os.scandir(storage.pin("x").parent) as it:
+        for entry in it:
+            if entry.name.endswith(".pub") and not entry.name.startswith("."):
+                name = entry.name[:-len(".pub")]
+                registration = read(storage, name)
+                if registration is not None and registration.key == key:
+                    found.append(name)
+    return sorted(found)
+
+
+def check_enrolments(storage: Storage, settings: Settings, name: str, key: str) -> None:
+    """First-use enrolment gives one client key at most ``max_names_per_client``
+    names (issue 11: names per credential), so a client cannot claim a
+    fleet's worth of names for itself."""
+    owned = names_of(storage, key)
+    if name not in owned and len(owned) >= settings.max_names_per_client:
+        log.warning("refused the first grab of %s: its key already has %d names (%s)", name,
+                    len(owned), ", ".join(owned[:10]))
+        raise InvalidRequest(
+            f"name: this client already has {len(owned)} name(s) on this backup host, "
+            f"max_names_per_client={settings.max_names_per_client}; the operator registers "
+            "more with `bakgrab trust NAME --key ...`")
 
 
 def verified(key: str, task: str, task_id: str, request: SignedRequest) -> bool:

@@ -182,6 +182,23 @@ def test_first_use_enrols_only_after_success_and_only_grabs(storage: Storage) ->
     assert names.read(storage, "victim") == names.Registration(public(CLIENT))
 
 
+def test_first_use_gives_one_key_at_most_max_names_per_client(storage: Storage) -> None:
+    """A client key enrols at most max_names_per_client names by itself; its
+    own names stay usable, another key is not affected (issue 11)."""
+    first_use = SETTINGS.replace(enrol="first-use", max_names_per_client=2)
+    for name in ("a1", "a2"):
+        names.enrol_after_pull(storage, name, public(CLIENT))
+    task_id = str(uuid.uuid4())
+    with pytest.raises(InvalidRequest, match="max_names_per_client=2"):
+        check(storage, signed(CLIENT, task_id, name="a3"), task_id, settings=first_use)
+    assert not storage.pin("a3").exists()
+    again = str(uuid.uuid4())
+    assert check(storage, signed(CLIENT, again, name="a2"), again, settings=first_use)
+    other = str(uuid.uuid4())
+    assert check(storage, signed(OTHER, other, name="b1"), other, settings=first_use) is None
+    assert names.names_of(storage, public(CLIENT)) == ["a1", "a2"]
+
+
 def test_unparsable_registration_refuses_everything(storage: Storage) -> None:
     storage.pin("victim").write_text("garbage\n")
     task_id = str(uuid.uuid4())

@@ -16,6 +16,7 @@ import email
 import email.policy
 import ipaddress
 import json
+import os
 import re
 import secrets
 import ssl
@@ -41,6 +42,7 @@ from cryptography.x509.oid import NameOID
 
 from bakgrab.worker import notify
 from tests import support
+from tests.conftest import need_root
 from tests.integration.test_flower import unreachable_backup
 
 pytestmark = pytest.mark.integration
@@ -486,6 +488,54 @@ def test_no_space_is_told_once_and_its_recovery(
         events = sink.events("/hook")
         assert conditions(events) == [("no_space", "no_space"), ("recovered", "no_space")]
         assert events[0]["exit_code"] == 6 and "min_keep" in events[0]["reason"]
+    finally:
+        worker.stop()
+
+
+@pytest.mark.root
+def test_a_partial_snapshot_is_told_once_and_a_complete_one_ends_it(
+        tmp_path: Path, shared_tmp: Path, redis_url: str, storage: Path, sink: Sink) -> None:
+    """A client that cannot read one of its files (rsync exit 23) makes
+    partial snapshots: one ``partial`` notice for two of them, naming the
+    snapshot, exit code 1; the name's ping URL gets the success ping each
+    time (the snapshot is published); once the file is readable the next,
+    complete snapshot sends ``recovered``."""
+    need_root()
+    env = support.worker_env(notify=f"{sink.url}/hook",
+                             notify_ping=f"part={sink.url}/ping/part")
+    worker = support.start_worker(storage, redis_url, tmp_path / "worker.log", env=env)
+    name = "bkn" + secrets.token_hex(3)
+    try:
+        with support.throwaway_user(name, shared_tmp / "home") as user:
+            src = shared_tmp / "src"
+            src.mkdir()
+            (src / "ok").write_text("fine\n")
+            (src / "root-only").write_text("secret\n")
+            os.chmod(src / "root-only", 0o600)
+            os.chown(src, user.pw_uid, user.pw_gid)
+            os.chown(src / "ok", user.pw_uid, user.pw_gid)
+            state = shared_tmp / "state"
+            state.mkdir()
+            os.chown(state, user.pw_uid, user.pw_gid)
+            client_env = {"PATH": os.environ["PATH"], "HOME": str(shared_tmp),
+                          "XDG_STATE_HOME": str(state)}
+            for _ in range(2):
+                done = support.run_backup(redis_url, "part", src, env=client_env, user=name)
+                assert done.returncode == 1, done.stderr
+            support.wait_for(lambda: sink.events("/hook"), 30, "the partial notice")
+            os.chmod(src / "root-only", 0o644)
+            done = support.run_backup(redis_url, "part", src, env=client_env, user=name)
+            assert done.returncode == 0, done.stderr
+            support.wait_for(lambda: len(sink.events("/hook")) >= 2
+                             and len(sink.paths("/ping/part")) >= 6, 30, "the recovery")
+            time.sleep(2)
+        events = sink.events("/hook")
+        assert conditions(events) == [("partial", "partial"), ("recovered", "partial")]
+        snaps = [p.name for p in support.snapshots(storage, "part")]
+        assert events[0]["snapshot"] == snaps[0] and events[0]["exit_code"] == 1
+        assert events[1]["snapshot"] == snaps[2] and events[1]["exit_code"] == 0
+        assert collections.Counter(sink.paths("/ping/part")) == {"/ping/part/start": 3,
+                                                                 "/ping/part": 3}
     finally:
         worker.stop()
 

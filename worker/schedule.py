@@ -64,7 +64,7 @@ def lock(storage: Storage) -> None:
     """Hold the storage's scheduler lock, or Busy (exit 7) if another has it."""
     import fcntl
 
-    path = storage.state / "locks" / "scheduler.lock"
+    path = storage.internal_lock("scheduler")  # never a backup name's lock (issue 11)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -18,6 +18,7 @@
         pulls/NAME.json                 which task filled inprogress/NAME, and
                                         whether its pull finished (issue 13)
         failures/NAME                   one JSON line per grab that failed for good
+        notify-state/NAME.json          the name's conditions already told (issue 17)
         run/                            per-job private files (key, known_hosts)
         trash/                          snapshots being deleted
 

@@ -10,7 +10,43 @@ cd "$(dirname "$0")/.."
 packages=(rsync openssh-client openssh-server redis-server acl attr util-linux
           procps iproute2 e2fsprogs libcap2-bin python3 python3-venv python3-pip)
 # The Flower browser test drives Debian's headless Chromium with its chromedriver.
-[ "${1:-}" = "--test" ] && packages+=(chromium chromium-driver systemd rsnapshot borgbackup debootstrap)
+# btrfs-progs: the btrfs backend's tests make loop-mounted btrfs images (issue 14).
+[ "${1:-}" = "--test" ] && packages+=(chromium chromium-driver systemd rsnapshot borgbackup debootstrap
+                                      btrfs-progs)
+# install_packages POLICY_RC_D PACKAGE...: apt-get install the packages without
+# starting or enabling any system service (bakgrab's tests and demo start their
+# own sshd and Redis; issue 13). Debian's policy-rc.d (exit 101: "action
+# forbidden") stops every start during the install, and the units of the
+# packages that would run a system sshd or Redis are disabled afterwards.
+install_packages() {
+    local policy=$1 own="" status=0 p
+    local -a units
+    shift
+    apt-get update -qq
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\n# bakgrab install-deps.sh: no service starts during this install\nexit 101\n' \
+            >"$policy"
+        chmod 755 "$policy"
+        own=yes
+    fi
+    DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends \
+        "$@" >/dev/null || status=$?
+    if [ -n "$own" ]; then
+        rm -f "$policy"
+    fi
+    [ "$status" -eq 0 ] || return "$status"
+    for p in "$@"; do
+        case "$p" in
+            openssh-server) units=(ssh.service ssh.socket) ;;
+            redis-server) units=(redis-server.service) ;;
+            *) continue ;;
+        esac
+        if command -v deb-systemd-helper >/dev/null 2>&1; then
+            deb-systemd-helper disable "${units[@]}" >/dev/null 2>&1 || true
+        fi
+    done
+}
+
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -21,10 +57,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
         exit 1
     fi
     echo "bakgrab: installing ${missing[*]}" >&2
-    apt-get update -qq
-    # Installing openssh-server must not start the system sshd on its own.
-    DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq --no-install-recommends \
-        "${missing[@]}" >/dev/null
+    install_packages /usr/sbin/policy-rc.d "${missing[@]}"
 fi
 
 # Debian's own interpreter: the worker and the one-shot sshd's gate may run as

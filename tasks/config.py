@@ -30,6 +30,9 @@ ENV_PREFIX = "BAKGRAB_"
 MIN_MESSAGE_BYTES = 512 << 10
 """Smallest ``max_message_bytes``: above the largest valid request (issue 11)."""
 
+COMPRESS_RE = re.compile(r"auto|off|lz4|zstd:(?:[1-9]|1[0-9])|zlib:[1-9]")
+"""The ``compress`` setting's values (issue 19)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -62,6 +65,14 @@ class Settings:
     """Worker: upper bound of a retry delay, seconds."""
     bwlimit: str = ""
     """Worker: rsync --bwlimit (e.g. ``10M``); empty for none."""
+    compress: str = "auto"
+    """Worker: rsync's compression on the wire (issue 19): ``auto`` chooses
+    per grab from what the worker measures (off for a client on this host,
+    rsync's own zstd level 3 for a link not measured yet, then zstd:1 or off
+    as the previous grab's rate says the link is fast; see docs/benchmarks.md),
+    ``off`` (no ``-z``), ``zstd:LEVEL`` (1-19), ``lz4``, ``zlib:LEVEL`` (1-9).
+    A choice the client's rsync lacks is retried at once with rsync's own
+    negotiation (``-z``) and recorded so."""
     sandbox: str = "landlock"
     """Worker: ``landlock`` confines each rsync to its own name's paths (needs
     Landlock ABI >= 2; the worker refuses to start without it); ``off`` runs
@@ -109,6 +120,35 @@ class Settings:
     """Worker: names the storage may hold (names with snapshots, an in-progress
     dir or a registration); a grab of a new name beyond it is refused (exit 4)
     before anything is written. 0: no limit."""
+    # -- keep rules by calendar (issue 16) --
+    keep_within: str = ""
+    """Worker: keep every snapshot younger than this duration (e.g. ``2d``,
+    ``36h``; ``m`` is minutes, so a month is ``31d``); empty: off. The keep
+    rules are those of ``borg prune``; with any of them set, a snapshot no
+    rule keeps is removed by ``bakgrab prune`` and before each grab of its
+    name; with none set, cleanup is by free space only."""
+    keep_last: int = 0
+    """Worker: keep the newest N snapshots of each name (0: off; for this and
+    the counts below -1 keeps every period, as in borg)."""
+    keep_hourly: int = 0
+    """Worker: keep the newest snapshot of each of the last N hours that have one (0: off)."""
+    keep_daily: int = 0
+    """Worker: keep the newest snapshot of each of the last N days that have one (0: off)."""
+    keep_weekly: int = 0
+    """Worker: keep the newest snapshot of each of the last N ISO weeks (Monday
+    to Sunday) that have one (0: off)."""
+    keep_monthly: int = 0
+    """Worker: keep the newest snapshot of each of the last N months that have one (0: off)."""
+    keep_yearly: int = 0
+    """Worker: keep the newest snapshot of each of the last N years that have one (0: off)."""
+    keep: str = ""
+    """Worker: keep rules of single names, overriding the rules above rule by
+    rule, as ``NAME:RULE=N,...`` joined by ``;`` (e.g. ``db:daily=30,within=2d;
+    web1:last=3``); in the file a table per name, ``[bakgrab.keep.db]`` with
+    ``daily = 30`` and ``within = "2d"``."""
+    timezone: str = "UTC"
+    """Worker: the time zone (IANA name, e.g. ``Europe/Berlin``) whose calendar
+    hours, days, weeks, months and years the keep rules count."""
     enrol: str = "registered"
     """Worker: who may back up a name (issue 11). ``registered``: only the
     client whose key the operator registered (``bakgrab trust NAME --key
@@ -248,9 +288,25 @@ def _join_table(value: Any, bad: ConfigError) -> str:
     return ",".join(f"{k}={v}" for k, v in value.items())
 
 
-TEXT_LISTS = {"notify": _join_list, "notify_ping": _join_table}
+def _join_keep(value: Any, bad: ConfigError) -> str:
+    """``{NAME: {RULE: N}}`` (``[bakgrab.keep.NAME]`` tables) as keep text (issue 16)."""
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise bad
+    parts = []
+    for name, rules in value.items():
+        items = []
+        for rule, n in rules.items():
+            if isinstance(n, bool) or not isinstance(n, int | str) or any(
+                    c in str(n) + str(rule) + str(name) for c in ",;:="):
+                raise bad
+            items.append(f"{rule}={n}")
+        parts.append(f"{name}:{','.join(items)}")
+    return ";".join(parts)
+
+
+TEXT_LISTS = {"notify": _join_list, "notify_ping": _join_table, "keep": _join_keep}
 """Settings kept as comma-separated text that a config file may give as a
-list (``notify``) or a table (``notify_ping``)."""
+list (``notify``) or a table (``notify_ping``, and ``keep``: a table of tables)."""
 
 
 def load(
@@ -336,6 +392,9 @@ def check(settings: Settings) -> None:
         raise ConfigError("flower_port must be from 1 to 65535")
     if settings.bwlimit and not re.fullmatch(r"\d+(\.\d+)?[KMGkmg]?", settings.bwlimit):
         raise ConfigError(f"bwlimit {settings.bwlimit!r}: use a number with an optional K, M or G")
+    if not COMPRESS_RE.fullmatch(settings.compress):  # issue 19
+        raise ConfigError(f"compress {settings.compress!r}: auto, off, zstd:LEVEL (1-19), lz4 "
+                          "or zlib:LEVEL (1-9)")
     if settings.max_names < 0:
         raise ConfigError("max_names must be 0 (no limit) or more")
     for name, parse_limit in (("name_max_bytes", parse_size), ("name_max_inodes", int)):
@@ -364,8 +423,63 @@ def check(settings: Settings) -> None:
     if settings.request_window <= 0:
         raise ConfigError("request_window must be a positive number of seconds")
     check_monitoring(settings)
+    check_keep(settings)
     if not re.fullmatch(r"[A-Za-z0-9_.:-]{1,200}", settings.queue):
         raise ConfigError(f"queue {settings.queue!r}: letters, digits and _.:- only")
+
+
+KEEP_COUNTS = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+"""The counted keep rules, in borg's order (``keep_within`` comes first)."""
+
+
+def parse_keep(text: str) -> dict[str, dict[str, int | str]]:
+    """The per-name keep rules of the ``keep`` setting: ``{NAME: {RULE: N}}``,
+    RULE one of :data:`KEEP_COUNTS` or ``within`` (a duration); an optional
+    ``keep_`` prefix is dropped. ConfigError names what is wrong."""
+    out: dict[str, dict[str, int | str]] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, sep, rules = part.partition(":")
+        name = name.strip()
+        if not sep or not name or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+            raise ConfigError(f"setting keep: {part!r}: use NAME:RULE=N,... (e.g. db:daily=7)")
+        found: dict[str, int | str] = {}
+        for item in filter(None, (i.strip() for i in rules.split(","))):
+            rule, eq, value = (x.strip() for x in item.partition("="))
+            rule = rule.removeprefix("keep_")
+            if not eq or rule not in KEEP_COUNTS + ("within",):
+                raise ConfigError(f"setting keep: {name}: {item!r}: use RULE=N with RULE one "
+                                  f"of within, {', '.join(KEEP_COUNTS)}")
+            if rule == "within":
+                if value:
+                    parse_duration(value)
+                found[rule] = value
+            else:
+                if not re.fullmatch(r"-1|\d+", value):
+                    raise ConfigError(f"setting keep: {name}: {rule}={value!r}: a count "
+                                      "(0: off, -1: every period)")
+                found[rule] = int(value)
+        out[name] = found
+    return out
+
+
+def check_keep(settings: Settings) -> None:
+    """The keep rules and their time zone (issue 16)."""
+    import zoneinfo
+
+    for rule in KEEP_COUNTS:
+        if getattr(settings, "keep_" + rule) < -1:
+            raise ConfigError(f"keep_{rule} must be 0 (off), a count, or -1 (every period)")
+    if settings.keep_within:
+        try:
+            parse_duration(settings.keep_within)
+        except ConfigError as e:
+            raise ConfigError(f"setting keep_within: {e}") from None
+    parse_keep(settings.keep)
+    try:
+        zoneinfo.ZoneInfo(settings.timezone)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"timezone {settings.timezone!r}: not a time zone this host knows "
+                          "(an IANA name like UTC or Europe/Berlin)") from None
 
 
 def check_monitoring(settings: Settings) -> None:

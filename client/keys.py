@@ -15,10 +15,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from bakgrab.tasks import keyfile
+from bakgrab.tasks.errors import ClientSetupError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +71,16 @@ def identity(state_dir: Path) -> tuple[Path, Ed25519PrivateKey]:
         # when several jobs start at once (--to), the first key made wins and
         # every one of them serves and announces that one
         keyfile.create_once(path, pair.private.encode())
-    key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        key = None
     if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{path} is not an ed25519 key")
+        # The client's identity: a new one would need a new registration on
+        # every backup host, so say what to do instead of making one (issue 13).
+        raise ClientSetupError(
+            f"{path}: not an unencrypted OpenSSH ed25519 private key (damaged?). It is this "
+            "client's identity: restore it from a backup, or move it away and let bakgrab make "
+            "a new one, then register the new key (`bakgrab key`) on every backup host with "
+            "`bakgrab trust NAME --key ...`")
     return path, key

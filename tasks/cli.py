@@ -101,9 +101,12 @@ class Commands(click.Group):
         point = installed(COMMANDS).get(cmd_name)
         if point is None:
             return None
-        loaded = point.load()
-        if not isinstance(loaded, click.Command):
-            raise TypeError(f"entry point {point.value} is not a click command")
+        try:
+            loaded = point.load()
+            if not isinstance(loaded, click.Command):
+                raise TypeError(f"entry point {point.value} is not a click command")
+        except Exception as e:  # noqa: BLE001 -- a broken install: one line, exit 70
+            fail(e, bool(ctx.obj and ctx.obj.get("debug")))
         return loaded
 
 

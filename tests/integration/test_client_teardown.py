@@ -6,9 +6,8 @@
   removed, its job revoked);
 * a tunnel whose ssh never becomes ready (an "sshd" that sends its version
   and then nothing) is given up at its deadline, with its ssh killed;
-* an error bakgrab did not expect (a corrupt host key file) is one line and
-  exit 70, never 1 (the code of a partial snapshot); the traceback only with
-  ``--debug``.
+* a corrupt host key file is a set-up error (exit 10, never 1, the code of
+  a partial snapshot) in one line; the traceback only with ``--debug``.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from bakgrab.client.tunnel import READY_GRACE, Tunnel
-from bakgrab.tasks.errors import EXIT_INTERNAL, ClientSetupError
+from bakgrab.tasks.errors import ClientSetupError
 from tests import support
 from tests.support import alive, comm, descendants
 
@@ -304,10 +303,11 @@ def test_backup_through_a_tunnel_that_never_becomes_ready(tmp_path: Path) -> Non
 
 
 @pytest.mark.parametrize("debug", [False, True], ids=["plain", "debug"])
-def test_unexpected_error_is_one_line_and_exit_70(tmp_path: Path, debug: bool) -> None:
-    """A corrupt host key file in the client's state dir is an error bakgrab
-    does not turn into one of its own: it exits EXIT_INTERNAL (70, not 1)
-    with one line naming it; the traceback appears only with --debug."""
+def test_corrupt_host_key_is_one_line_naming_the_file(tmp_path: Path, debug: bool) -> None:
+    """A corrupt host key file in the client's state dir (its identity) is a
+    set-up error (exit 10) in one line naming the file and what to do, never a
+    new key made silently; the traceback appears only with --debug. (Errors
+    bakgrab did not foresee exit 70: tests/unit/test_cli_errors.py.)"""
     state = tmp_path / "state"
     (state / "bakgrab").mkdir(parents=True)
     key = state / "bakgrab" / "ssh_host_ed25519_key"
@@ -320,10 +320,11 @@ def test_unexpected_error_is_one_line_and_exit_70(tmp_path: Path, debug: bool) -
         [support.BAKGRAB, *(["--debug"] if debug else []), "backup", "--name", "corrupt",
          "--source", str(src), "--broker", f"redis://127.0.0.1:{support.free_port()}/0"],
         capture_output=True, text=True, timeout=60, env=env)
-    assert done.returncode == EXIT_INTERNAL == 70, done.stderr
+    assert done.returncode == 10, done.stderr
     last = done.stderr.strip().splitlines()[-1]
-    assert last.startswith("bakgrab: internal error: ValueError: "), done.stderr
-    assert "--debug" in last
+    assert last.startswith(f"bakgrab: error: {key}: not an unencrypted OpenSSH ed25519"), done.stderr
+    assert "bakgrab trust NAME --key" in last
+    assert key.read_text() == "-----BEGIN OPENSSH PRIVATE KEY-----\ngarbage\n"
     if debug:
         assert "Traceback (most recent call last)" in done.stderr
     else:

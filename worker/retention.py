@@ -63,7 +63,7 @@ from bakgrab.tasks import caps, process
 from bakgrab.tasks.config import Settings, parse_size
 from bakgrab.tasks.errors import InvalidRequest, NoSpace
 from bakgrab.tasks.result import human_bytes
-from bakgrab.worker import locks
+from bakgrab.worker import keep, locks, protect
 from bakgrab.worker.storage import Snapshot, Storage, write_atomic
 
 log = logging.getLogger(__name__)
@@ -275,6 +275,8 @@ class FairQueue:
         current: str | None,
         min_keep: int,
         busy: Collection[str] = (),
+        protected: Collection[str] = (),
+        remeasure: Callable[[str, Sequence[Snapshot]], NameUsage] | None = None,
     ) -> None:
         if min_keep < 1:
             raise ValueError("min_keep must be at least 1")
@@ -284,6 +286,15 @@ class FairQueue:
         self.current = current
         self.min_keep = min_keep
         self.busy = set(busy) | ({current} if current else set())
+        # issue 16: protected snapshots are never candidates, but they count
+        # for min_keep and their usage still counts against the name's share
+        self.protected = set(protected)
+        self.remeasure = remeasure
+
+    def removable(self, name: str) -> list[Snapshot]:
+        """The name's snapshots rules 1, 2 and 4 may take, oldest first: not
+        its newest, not protected."""
+        return [s for s in self.left.get(name, [])[:-1] if s.dirname not in self.protected]
 
     def ratio(self, name: str) -> float:
         """How far ``name`` is over its share (> 1: over), by bytes or inodes."""
@@ -309,12 +320,30 @@ class FairQueue:
             limits.append(f"{used.inodes} inodes of a {self.share.inodes} share")
         return ", ".join(limits) or "no share set"
 
-    def _pop(self, name: str) -> tuple[Snapshot, tuple[int, int] | None]:
-        snap = self.left[name].pop(0)
+    def _pop(self, name: str,
+             snap: Snapshot | None = None) -> tuple[Snapshot, tuple[int, int] | None]:
+        """Take ``snap`` (default: the oldest removable) out of the model."""
+        snap = snap or self.removable(name)[0]
+        index = self.left[name].index(snap)
+        self.left[name].pop(index)
         freed = None
         if name in self.usages:
-            freed = self.usages[name].freed[0]
-            self.usages[name] = self.usages[name].without_oldest()
+            used = self.usages[name]
+            if index == 0:
+                freed = used.freed[0]
+                self.usages[name] = used.without_oldest()
+            elif self.remeasure is not None:
+                # an older, protected snapshot stays: what this one freed is
+                # no longer "its newest link" arithmetic (issue 16)
+                self.usages[name] = self.remeasure(name, self.left[name])
+            else:
+                # no walk at hand: charge what it held to its older neighbour
+                # (an upper bound: the name stays at least this far over)
+                merged = list(used.freed)
+                b, i = merged.pop(index)
+                merged[index - 1] = (merged[index - 1][0] + b, merged[index - 1][1] + i)
+                self.usages[name] = NameUsage(used.snapshots[:index] + used.snapshots[index + 1:],
+                                              tuple(merged), used.shared_bytes)
         if not self.left[name]:
             del self.left[name]
         return snap, freed
@@ -324,27 +353,30 @@ class FairQueue:
             cur = self.current
             if cur is not None and self.over(cur):
                 # rule 1: a name over its share makes room from its own snapshots only
-                if len(self.left.get(cur, ())) <= 1:
+                if not self.removable(cur):
                     return
                 rule = f"{cur} is over its share ({self.describe(cur)}): it alone pays"
                 snap, freed = self._pop(cur)
                 yield snap, rule, freed
                 continue
-            over = [n for n in self.left if self.over(n) and len(self.left[n]) > 1]
+            over = [n for n in self.left if self.over(n) and self.removable(n)]
             if not over and cur is not None:
                 # rule 3: a grab within its share takes even the only snapshot
                 # of a name whose newest alone is over its share, if no grab
-                # of that name runs (its --link-dest)
-                over = [n for n in self.left if self.over(n) and n not in self.busy]
+                # of that name runs (its --link-dest) and it is not protected
+                over = [n for n in self.left if self.over(n) and n not in self.busy
+                        and len(self.left[n]) == 1
+                        and self.left[n][0].dirname not in self.protected]
             if over:
                 # rule 2: names over their share pay first, the most over first
                 name = max(over, key=lambda n: (self.ratio(n), n))
                 rule = f"{name} is over its share ({self.describe(name)}); its oldest goes first"
-                snap, freed = self._pop(name)
+                snap, freed = self._pop(name, (self.removable(name) or self.left[name])[0])
                 yield snap, rule, freed
                 continue
             # rule 4: the classic rule, never below min_keep
-            keep = {n: s for n, s in self.left.items() if len(s) > self.min_keep}
+            keep = {n: s for n, s in self.left.items()
+                    if len(s) > self.min_keep and self.removable(n)}
             if not keep:
                 return
             name = max(keep, key=lambda n: (len(keep[n]), n))
@@ -398,11 +430,14 @@ def make_room(
     dry_run: bool = False,
     measure: Callable[[Path], Usage] = measure,
     current: str | None = None,
+    now: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Remove snapshots until the storage has what a grab of ``current`` (or
-    a prune, when None) needs; the removals, in order, each with its reason
-    and rule. NoSpace if that cannot be done."""
+    """Expire what the keep rules no longer keep (of ``current``, or of every
+    name for a prune, when None), then remove snapshots until the storage has
+    what a grab needs; the removals, in order, each with its reason and rule.
+    NoSpace if that cannot be done."""
     removed: list[dict[str, Any]] = []
+    now = time.time() if now is None else now
     if not dry_run:
         # Leftovers of a crash are deleted outside the storage lock: other
         # grabs' cleanups need not wait for a tree that is no backup anymore.
@@ -411,8 +446,37 @@ def make_room(
         if not dry_run:
             removed += remove_stale_inprogress(storage, settings)
         inventory = storage.by_name()
+        protected = protect.active(storage, now)
+        # what a dry run would have freed so far (it cannot measure again)
+        gained = [0, 0]
+
+        def take(snap: Snapshot, entry: dict[str, Any]) -> None:
+            if dry_run:
+                alone = exclusive_usage(storage.root / snap.dirname)
+                gained[0] += alone[0]
+                gained[1] += alone[1]
+            else:
+                remove_snapshot(storage, snap)
+            inventory[snap.name].remove(snap)
+            log.info("%s snapshot %s: %s (%s)", "would remove" if dry_run else "removed",
+                     snap.dirname, entry["reason"], entry["rule"])
+            removed.append(entry)
+
+        # issue 16: expiry, only where keep rules are set
+        for name in [current] if current is not None else sorted(inventory):
+            for snap in expirable(settings, inventory.get(name, []), protected, now):
+                rules = keep.rules_for(settings, name)
+                take(snap, {"snapshot": snap.dirname,
+                            "reason": f"no keep rule keeps it ({rules.describe()})",
+                            "rule": "expired"})
+
+        def usage_now() -> Usage:
+            usage = measure(storage.root)
+            return dataclasses.replace(usage, free_bytes=usage.free_bytes + gained[0],
+                                       free_inodes=usage.free_inodes + gained[1])
+
         count = sum(len(s) for s in inventory.values())
-        usage = measure(storage.root)
+        usage = usage_now()
         wanted = need(settings, usage, count)
         why = wanted.short(usage)
         if why is None:
@@ -430,17 +494,31 @@ def make_room(
                 log.info("removed in-progress dir of a failed grab of %s: %s", name, why)
                 removed.append({"snapshot": f"in-progress {name}", "reason": why,
                                 "rule": "a failed grab's partial data goes before any backup"})
-                usage = measure(storage.root)
+                usage = usage_now()
                 why = wanted.short(usage)
                 if why is None:
                     return removed
+        # issue 16: then snapshots of other names no keep rule keeps (their
+        # own next grab would expire them), oldest first
+        unkept = sorted(s for name, snaps in inventory.items()
+                        for s in expirable(settings, snaps, protected, now))
+        for snap in unkept:
+            take(snap, {"snapshot": snap.dirname, "reason": why,
+                        "rule": "no keep rule keeps it: it goes first when space is short"})
+            usage = usage_now()
+            why = wanted.short(usage)
+            if why is None:
+                return removed
+        inventory = {n: s for n, s in inventory.items() if s}
         names = set(inventory) | ({current} if current else set())
         share = shares(settings, usage, len(names))
         usages = ({name: cached_usage(storage, name, snaps) for name, snaps in inventory.items()}
                   if share.limited else {})
         queue = FairQueue(inventory, usages, share, current=current,
                           min_keep=settings.min_keep,
-                          busy={n for n in inventory if n == current or busy(storage, n)})
+                          busy={n for n in inventory if n == current or busy(storage, n)},
+                          protected=protected,
+                          remeasure=lambda n, snaps: cached_usage(storage, n, snaps))
         for snap, rule, freed in queue:
             entry = {"snapshot": snap.dirname, "reason": why, "rule": rule}
             if dry_run:
@@ -448,17 +526,13 @@ def make_room(
                 # snapshot frees (the usage walk's count, else the bytes it
                 # holds alone: no other snapshot shares them).
                 alone_bytes, alone_inodes = freed or exclusive_usage(storage.root / snap.dirname)
-                usage = dataclasses.replace(
-                    usage,
-                    free_bytes=usage.free_bytes + alone_bytes,
-                    free_inodes=usage.free_inodes + alone_inodes,
-                )
+                gained[0] += alone_bytes
+                gained[1] += alone_inodes
             else:
                 remove_snapshot(storage, snap)
-                if snap.name in usages:
-                    store_usage(storage, snap.name, usages[snap.name].without_oldest())
-                    usages[snap.name] = usages[snap.name].without_oldest()
-                usage = measure(storage.root)
+                if snap.name in queue.usages:
+                    store_usage(storage, snap.name, queue.usages[snap.name])
+            usage = usage_now()
             log.info("%s snapshot %s: %s (%s; need %s and %d inodes free)",
                      "would remove" if dry_run else "removed", snap.dirname, why, rule,
                      human_bytes(wanted.bytes), wanted.inodes)
@@ -466,8 +540,9 @@ def make_room(
             why = wanted.short(usage)
             if why is None:
                 return removed
+        held = protections_in_the_way(storage, inventory, protected, settings)
         if dry_run:
-            removed.append({"snapshot": None, "reason": why, "rule": "cannot free enough"})
+            removed.append({"snapshot": None, "reason": why + held, "rule": "cannot free enough"})
             return removed
         if current is not None and queue.over(current):
             raise NoSpace(
@@ -475,14 +550,44 @@ def make_room(
                 f"{human_bytes(wanted.bytes)} and {wanted.inodes} inodes free). {current} holds "
                 f"{queue.describe(current)}: a name over its share frees room only from its "
                 "own snapshots, and only its newest is left. Raise name_max_bytes/"
-                "name_max_inodes, add space, or lower min_free_abs/min_free_avg."
+                f"name_max_inodes, add space, or lower min_free_abs/min_free_avg.{held}"
             )
         raise NoSpace(
             f"not enough space on the storage: {why} (need {human_bytes(wanted.bytes)} and "
             f"{wanted.inodes} inodes free); every name is down to min_keep={settings.min_keep} "
             "snapshots (names over their share to their newest). Add space, lower "
-            "min_free_abs/min_free_avg, or lower min_keep."
+            f"min_free_abs/min_free_avg, or lower min_keep.{held}"
         )
+
+
+def expirable(settings: Settings, snaps: Sequence[Snapshot], protected: Collection[str],
+              now: float) -> list[Snapshot]:
+    """The snapshots of one name no keep rule keeps (issue 16), oldest first:
+    none without rules; never its newest, a protected one, or below min_keep."""
+    if not snaps:
+        return []
+    rules = keep.rules_for(settings, snaps[0].name)
+    if not rules.configured:
+        return []
+    gone = set(keep.expired([(s.dirname, s.timestamp) for s in snaps], rules,
+                            keep.timezone(settings), now, protected=protected,
+                            min_keep=settings.min_keep))
+    return [s for s in sorted(snaps) if s.dirname in gone]
+
+
+def protections_in_the_way(storage: Storage, inventory: Mapping[str, Sequence[Snapshot]],
+                           protected: Mapping[str, protect.Protection],
+                           settings: Settings) -> str:
+    """A sentence naming the protected snapshots cleanup had to leave, or ''."""
+    present = {s.dirname for snaps in inventory.values() for s in snaps}
+    held = sorted(p for p in protected if p in present)
+    if not held:
+        return ""
+    tz = keep.timezone(settings)
+    shown = "; ".join(f"{d} ({protected[d].describe(tz)})" for d in held[:10])
+    more = f" and {len(held) - 10} more" if len(held) > 10 else ""
+    return (f" Protected snapshots were kept: {shown}{more}; `bakgrab unprotect --storage "
+            f"{storage.root} SNAPSHOT` releases one.")
 
 
 def remove_snapshot(storage: Storage, snap: Snapshot) -> None:
@@ -492,6 +597,7 @@ def remove_snapshot(storage: Storage, snap: Snapshot) -> None:
         os.rename(storage.root / snap.dirname, target)
     for suffix in (".json", ".exclude"):
         storage.meta(snap.dirname, suffix).unlink(missing_ok=True)
+    protect.forget(storage, snap.dirname)  # a lapsed protection's record (issue 16)
     delete_tree(target)
 
 

@@ -193,8 +193,8 @@ class Settings:
     file; ``bakgrab worker --notify URL``, repeatable): ``https://...`` or
     ``http://...`` webhooks (a JSON POST, docs/monitoring.md), ``mailto:ADDR``
     (through ``smtp_host``). Sent once per change of state: a grab failed for
-    good, a partial snapshot, no space, a name gone stale, the worker back
-    after a crash, and each recovery."""
+    good, a partial snapshot, no space, a name gone stale, damage found by
+    ``bakgrab verify``, the worker back after a crash, and each recovery."""
     notify_ping: str = ""
     """Backup host: per-name ping URLs (healthchecks.io style: ``URL/start``
     when a grab starts, ``URL`` on success, ``URL/fail`` on a final failure),

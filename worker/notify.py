@@ -8,7 +8,7 @@ its own ``bakgrab.notify`` task, so Flower shows each delivery, its retries
 and its outcome. Invariants:
 
 * **Once per change of state.** A name's conditions (``failed``,
-  ``partial``, ``no_space``, ``stale``) live under
+  ``partial``, ``no_space``, ``stale``, ``damaged``) live under
   ``STORAGE/.bakgrab/notify-state/NAME.json``, changed under a flock: a
   notice goes out when a condition turns on, a ``recovered`` notice when it
   turns off, and nothing while it stays. Pings (healthchecks.io: ``/start``,
@@ -85,7 +85,7 @@ INTERNAL_TASKS = frozenset({NOTIFY, STALE_CHECK})
 SCHEMA = 1
 """Version of the webhook payload (docs/monitoring.md)."""
 STATE_DIR = "notify-state"
-CONDITIONS = ("failed", "partial", "no_space", "stale")
+CONDITIONS = ("failed", "partial", "no_space", "stale", "damaged")
 """A name's conditions; each turning on is a notice, turning off a recovery."""
 MAX_REASON = 300
 ADDRESS_RE = re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9.-]+")
@@ -183,6 +183,7 @@ SUMMARIES = {
     "partial": "the last grab of {name} made a partial snapshot {snapshot}: {reason}",
     "no_space": "the storage has no room for {name}: {reason}",
     "stale": "{name} has no successful snapshot within stale_after: {reason}",
+    "damaged": "bakgrab verify found damaged files of {name}: {reason}",
     "recovered": "{name} recovered ({condition} is over): {reason}",
     "worker_restarted": "the worker on {host} is back after an unclean stop: {reason}",
 }

@@ -15,6 +15,8 @@ for a silent name to be found. Invariants:
   MAC key derived from the storage's request key (only the backup host's
   user can read it), and the transport admits nothing unsigned on the
   internal queue (:mod:`bakgrab.worker.transport`).
+* The same check tells of damage ``bakgrab verify`` recorded (issue 15):
+  ``damaged`` while some snapshot of the name holds a file found bad.
 * The schedule lives in memory (``celery.beat:Scheduler``): nothing is
   written beside the storage; a restarted scheduler starts a fresh period.
 """
@@ -56,8 +58,27 @@ def check_stale(notifier: Notifier) -> str:
             reason = f"a snapshot {human_duration(s.age or 0)} old ({s.snapshot})"
         reason += f"; stale_after = {notifier.settings.stale_after}"
         notifier.outcome(s.name, {"stale": s.stale}, snapshot=s.snapshot, reason=reason)
+        bad = damaged(notifier.storage, s.name)
+        reason = (", ".join(f"{snap} ({count} file(s))" for snap, count in sorted(bad.items()))
+                  if bad else "no snapshot of it holds a file found bad any more")
+        notifier.outcome(s.name, {"damaged": bool(bad)}, snapshot=max(bad) if bad else None,
+                         reason=reason[:300])
     stale = sum(s.stale for s in statuses)
     return f"{stale} of {len(statuses)} name(s) stale"
+
+
+def damaged(storage: Storage, name: str) -> dict[str, int]:
+    """The snapshots of ``name`` holding files ``bakgrab verify`` found bad
+    (issue 15), with their counts; empty where verify is not installed."""
+    try:
+        from bakgrab.worker import damage
+    except ImportError:
+        return {}
+    try:
+        return damage.damaged_snapshots(storage, name)
+    except OSError as e:
+        log.warning("cannot read the damage record of %s: %s", name, e)
+        return {}
 
 
 def lock(storage: Storage) -> None:

@@ -192,14 +192,23 @@ def test_invalid_name_is_refused_before_anything_is_sent(
 
 
 def test_broker_unreachable_fails_clearly(tmp_path: Path) -> None:
-    """No broker at the URL: a clear error, non-zero exit, no sshd left behind."""
+    """No broker at the URL: exit 10 (ClientSetupError) with one line naming
+    the broker and the reason, no traceback, and the one-shot sshd's temp dir
+    removed (issue 13: not just any error text)."""
     src = tmp_path / "src"
     src.mkdir()
+    tmp = tmp_path / "client-tmp"
+    tmp.mkdir()
     port = support.free_port()
-    done = support.run_backup(f"redis://127.0.0.1:{port}/0", "host-e", src,
-                              "--timeout", "20", timeout=90)
-    assert done.returncode != 0
-    assert "broker" in done.stderr.lower() or "error" in done.stderr.lower()
+    url = f"redis://127.0.0.1:{port}/0"
+    done = support.run_backup(url, "host-e", src, "--timeout", "20", timeout=90,
+                              env={**os.environ, "TMPDIR": str(tmp)})
+    assert done.returncode == 10, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"bakgrab: error: cannot reach the broker {url}: "), line
+    assert "Connection refused" in line
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    assert list(tmp.iterdir()) == []
 
 
 def test_trust_re_pins_after_a_legitimate_key_change(

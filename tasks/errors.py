@@ -22,6 +22,9 @@ EXIT_WARNING = 1
 EXIT_ERROR = 2
 EXIT_STALE = 13
 """``bakgrab status``: some name's last successful snapshot is too old."""
+EXIT_DAMAGED = 14
+"""``bakgrab verify``: a stored file (or a manifest) is not what the pull
+stored: bit rot, or someone changed the storage (issue 15)."""
 EXIT_INTERNAL = 70
 """An error bakgrab did not expect (a bug, or a case not yet turned into a
 BakgrabError): never 1, which says "partial snapshot" (issue 13). 70 is

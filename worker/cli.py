@@ -1,5 +1,5 @@
 """The backup host's commands: ``worker``, ``list``, ``prune``, ``versions``,
-``trust``, ``flower``, ``status`` and ``scheduler``.
+``trust``, ``flower``, ``status``, ``scheduler`` and ``verify``.
 
 The ``bakgrab`` group (:mod:`bakgrab.tasks.cli`) finds them through the
 ``bakgrab.commands`` entry points and imports this module only when one of
@@ -101,6 +101,8 @@ def list_(ctx: click.Context, storage: str | None, fast: bool, as_json: bool) ->
         for s in snaps:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["timestamp"]))
             flag = "partial" if s["partial"] else "complete"
+            if s.get("damaged_files"):  # issue 15
+                flag += f", DAMAGED ({s['damaged_files']} bad file(s), see bakgrab verify)"
             alone = f"  {human_bytes(s['alone_bytes'])} alone" if "alone_bytes" in s else ""
             click.echo(f"  {s['snapshot']}  {when}  {flag}{alone}")
 
@@ -187,7 +189,8 @@ def versions(ctx: click.Context, storage: str | None, name: str, path: str,
         if row["present"]:
             when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(row["mtime"]))
             click.echo(f"{row['snapshot']}  {row['size']:>12}  {when}  "
-                       f"{'changed' if row['changed'] else 'same'}")
+                       f"{'changed' if row['changed'] else 'same'}"
+                       + ("  DAMAGED" if row.get("damaged") else ""))
         else:
             click.echo(f"{row['snapshot']}  {'absent':>12}")
 
@@ -335,3 +338,65 @@ def scheduler(ctx: click.Context, **flags: Any) -> None:
     from bakgrab.worker.schedule import serve
 
     serve(settings)
+
+
+# -- checked snapshots (issue 15) -----------------------------------------------------
+
+def parse_share(value: str) -> float:
+    """``5%`` (or ``5``) as the fraction 0.05; a click error otherwise."""
+    try:
+        share = float(value.strip().removesuffix("%")) / 100
+    except ValueError:
+        share = -1.0
+    if not 0 < share <= 1:
+        raise click.BadParameter(f"{value!r}: give a share of the files, e.g. 5%")
+    return share
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--storage", help="Storage directory.")
+@click.option("--name", help="Only the snapshots of this backup name.")
+@click.option("--snapshot", help="Only this snapshot (its directory name).")
+@click.option("--share", metavar="P%",
+              help="Read only P% of the files, least recently verified first "
+                   "(a nightly 5% covers every file in 20 nights).")
+@click.option("--budget", metavar="DURATION",
+              help="Read files, least recently verified first, for this long (e.g. 30m).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+@guarded
+def verify(ctx: click.Context, storage: str | None, name: str | None, snapshot: str | None,
+           share: str | None, budget: str | None, as_json: bool) -> None:
+    """Re-read stored files and compare them with their snapshots' manifests (backup host).
+
+    Each file (inode) is read once however many snapshots share it, at idle
+    I/O priority. Reports every bad file with every snapshot that holds it,
+    damaged manifests, snapshots without a manifest (unverifiable) and how
+    many files were never verified. A bad file is never linked into a new
+    snapshot: the next backup of its name stores a fresh copy from the client.
+    Exits 0 when all is good, 14 when it found damage (also damage found by an
+    earlier run that older snapshots still hold), 1 when nothing is bad but
+    some snapshot is unverifiable, 7 when another verify runs.
+    """
+    settings = settings_from(ctx, storage=storage)
+    from bakgrab.tasks.errors import EXIT_DAMAGED, EXIT_WARNING
+    from bakgrab.tasks.request import check_name
+    from bakgrab.worker import verify as verifying
+    from bakgrab.worker.storage import Storage
+
+    if not settings.storage:
+        raise config.ConfigError("give --storage DIR")
+    if share and budget:
+        raise click.UsageError("give --share or --budget, not both")
+    fraction = parse_share(share) if share else None
+    seconds = config.parse_duration(budget) if budget else None
+    report = verifying.run(Storage(settings.storage).prepare(),
+                           name=check_name(name) if name else None, snapshot=snapshot,
+                           share=fraction, budget=seconds)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(verifying.to_text(report))
+    if report.damage_found:
+        sys.exit(EXIT_DAMAGED)
+    sys.exit(EXIT_WARNING if report.unverifiable else 0)

@@ -57,7 +57,7 @@ from bakgrab.tasks.config import Settings, parse_size
 from bakgrab.tasks.errors import InvalidRequest, TransferInterrupted
 from bakgrab.tasks.request import GrabRequest
 from bakgrab.tasks.result import GrabResult
-from bakgrab.worker import locks, names, retention, rsync, sandbox, watchdog
+from bakgrab.worker import damage, locks, manifest, names, retention, rsync, sandbox, watchdog
 from bakgrab.worker.storage import Storage, fsync_dir, parse_snapshot, write_atomic
 
 log = logging.getLogger(__name__)
@@ -256,7 +256,9 @@ def grab(
             resumed = dest.is_dir()
             dest.mkdir(mode=0o700, exist_ok=True)
             os.utime(dest)  # an in-progress dir in use is never "stale"
-        with job_files(storage, task_id, request) as files:
+        # a file verify found bad is never linked again, but pulled anew (issue 15)
+        with job_files(storage, task_id, request) as files, \
+                damage.link_dest(storage, request.name, link, dest) as (link_dest, link_from):
             spec = rsync.PullSpec(
                 user=request.user,
                 address=request.address,
@@ -266,7 +268,7 @@ def grab(
                 host_alias=host_alias(request.name),
                 exclude_file=files["exclude"],
                 dest=dest,
-                link_dest=storage.root / link.dirname if link else None,
+                link_dest=link_dest,
                 timeout=settings.rsync_timeout,
                 connect_timeout=settings.connect_timeout,
                 alive_interval=settings.server_alive_interval,
@@ -276,7 +278,7 @@ def grab(
             on_progress({"phase": "pulling", "resumed": resumed})
             outcome = run_pull(spec, on_progress, confinement(
                 settings, read=[files["key"].parent], write=(dest,),
-                link_from=(spec.link_dest,) if spec.link_dest else (), port=request.port))
+                link_from=link_from, port=request.port))
             exclude_text = files["exclude"].read_text()
 
         check_room(storage, settings, outcome)
@@ -290,11 +292,14 @@ def grab(
 class PullOutcome:
     """What one rsync run left: exit code, stats, warnings, failed paths."""
 
-    def __init__(self, code: int, stdout_tail: str, stderr_tail: str, failed: list[str]) -> None:
+    def __init__(self, code: int, stdout_tail: str, stderr_tail: str, failed: list[str],
+                 wrote: list[bytes] | None = None) -> None:
         self.code = code
         self.stats = rsync.parse_stats(stdout_tail)
         self.stderr_tail = stderr_tail
         self.failed_paths = failed
+        self.wrote = wrote or []
+        """The files rsync said it wrote (escaped names, transfer order; issue 15)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,6 +337,7 @@ def run_rsync(argv: list[str], on_progress: ProgressFn,
            "HOME": os.environ.get("HOME", "/")}
     stderr_lines: collections.deque[str] = collections.deque(maxlen=200)
     failed: list[str] = []
+    wrote: list[bytes] = []  # the files rsync received, for the manifest (issue 15)
 
     with contextlib.ExitStack() as stack:
         confine = None
@@ -366,6 +372,8 @@ def run_rsync(argv: list[str], on_progress: ProgressFn,
             buf += chunk
             *lines, buf = re.split(rb"[\r\n]", buf)
             for raw in lines:
+                if raw[:2] == rsync.ITEM_WROTE:  # (a prefix test: no per-line regex)
+                    wrote.append(raw[rsync.ITEM_NAME_AT:])
                 line = raw.decode(errors="replace")
                 tail.append(line)
                 now = time.monotonic()
@@ -383,7 +391,7 @@ def run_rsync(argv: list[str], on_progress: ProgressFn,
         raise TransferInterrupted(f"rsync was killed by signal {-code}", code)
     stderr_tail = "\n".join(stderr_lines)
     rsync.classify(code, stderr_tail)
-    return PullOutcome(code, "\n".join(tail), stderr_tail, failed)
+    return PullOutcome(code, "\n".join(tail), stderr_tail, failed, wrote)
 
 
 def check_room(storage: Storage, settings: Settings, outcome: PullOutcome) -> None:
@@ -433,6 +441,17 @@ def publish(
             f"{len(outcome.failed_paths)} files could not be read (rsync exit 23); "
             "the snapshot is marked partial"
         )
+    # issue 15: the manifest is written before the snapshot appears, so every
+    # published snapshot carries one (a grab that dies here publishes nothing)
+    try:
+        built: dict[str, Any] | None = manifest.make(
+            storage, storage.inprogress(request.name), snapshot, link_dest,
+            outcome.wrote).to_dict()
+    except OSError as e:
+        built = None
+        log.error("grab of %s: no manifest could be written (%s)", request.name, e)
+        warnings.append(f"no manifest could be written ({e.strerror or e}): "
+                        "`bakgrab verify` reports this snapshot unverifiable")
     stats = outcome.stats
     result = GrabResult(
         name=request.name,
@@ -463,6 +482,7 @@ def publish(
         "client": {"address": request.address, "port": request.port, "user": request.user},
         "excludes": list(request.excludes),
         "result": result.to_dict(),
+        "manifest": built,
     }
     # rsync exited with a code that publishes: the tree is this task's finished
     # pull, which only this task's record may publish (see finished()).

@@ -2,7 +2,8 @@
 
 Fast by the hard-link identity: a path unchanged since the previous snapshot
 is the same inode there (rsync --link-dest linked it), so one lstat per
-snapshot tells the story without reading any content.
+snapshot tells the story without reading any content. A row whose inode
+``bakgrab verify`` found bad says ``damaged`` (issue 15).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 
 from bakgrab.tasks.errors import InvalidRequest
 from bakgrab.tasks.request import check_name, check_paths
+from bakgrab.worker import damage
 from bakgrab.worker.storage import Storage
 
 
@@ -23,6 +25,8 @@ def versions(root: Path, name: str, path: str) -> list[dict[str, Any]]:
     (rel,) = check_paths([path])
     storage = Storage(root)
     rows = []
+    bad = {(snap, int(rec["ino"])) for rec in damage.read(storage, name)
+           for snap in rec["where"]}
     previous: tuple[int, int] | None = None
     for snap in storage.snapshots(name):
         base = os.path.realpath(storage.root / snap.dirname)
@@ -44,6 +48,7 @@ def versions(root: Path, name: str, path: str) -> list[dict[str, Any]]:
             "mtime": st.st_mtime,
             "inode": st.st_ino,
             "changed": ident != previous,
+            "damaged": (snap.dirname, st.st_ino) in bad,
         })
         previous = ident
     return rows

@@ -1,6 +1,9 @@
 """What the storage holds, for people: ``bakgrab list``.
 
-Reads the layout only (never writes), so it is safe while grabs run.
+Reads the layout only (never writes), so it is safe while grabs run. A
+snapshot holding a file ``bakgrab verify`` found bad carries its count of
+bad files (``damaged_files``, issue 15); a protected one its protection
+(``protected``: until, note, and whether it is still in force; issue 16).
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bakgrab.worker import damage, protect
 from bakgrab.worker.retention import exclusive_usage, walk_name
 from bakgrab.worker.storage import Storage
 
@@ -29,8 +33,10 @@ def inventory(root: Path, sizes: bool = True) -> list[dict[str, Any]]:
     in_progress = set(storage.inprogress_names()) if storage.state.is_dir() else set()
     by_name = storage.by_name()
     out = []
+    held = protect.read_all(storage)
     for name in sorted(set(by_name) | in_progress):
         snaps = []
+        bad = damage.damaged_snapshots(storage, name)
         for snap in reversed(by_name.get(name, [])):
             meta = storage.read_meta(snap.dirname)
             entry: dict[str, Any] = {
@@ -39,7 +45,12 @@ def inventory(root: Path, sizes: bool = True) -> list[dict[str, Any]]:
                 "complete": True,
                 "partial": bool(meta.get("partial", False)),
                 "rsync_exit": meta.get("rsync_exit"),
+                "damaged_files": bad.get(snap.dirname, 0),
+                "protected": None,
             }
+            if snap.dirname in held:  # issue 16
+                entry["protected"] = {**held[snap.dirname].to_dict(),
+                                      "text": held[snap.dirname].describe()}
             if sizes:
                 entry["alone_bytes"], entry["alone_inodes"] = exclusive_usage(
                     storage.root / snap.dirname)
@@ -50,6 +61,7 @@ def inventory(root: Path, sizes: bool = True) -> list[dict[str, Any]]:
             "newest_age": round(time.time() - by_name[name][-1].timestamp) if snaps else None,
             "snapshots": snaps,
             "in_progress": name in in_progress,
+            "damaged_files": len(damage.read(storage, name)),
         }
         if sizes:
             freed, shared = walk_name([storage.root / s.dirname for s in by_name.get(name, [])])

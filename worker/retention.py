@@ -595,7 +595,7 @@ def remove_snapshot(storage: Storage, snap: Snapshot) -> None:
     target = storage.trash / f"{snap.dirname}.{time.time_ns()}"
     with caps.raised("dac_override"):
         os.rename(storage.root / snap.dirname, target)
-    for suffix in (".json", ".exclude"):
+    for suffix in (".json", ".exclude", ".manifest"):  # (.manifest: issue 15)
         storage.meta(snap.dirname, suffix).unlink(missing_ok=True)
     protect.forget(storage, snap.dirname)  # a lapsed protection's record (issue 16)
     delete_tree(target)

@@ -157,6 +157,9 @@ def pull_argv(spec: PullSpec) -> list[str]:
         f"--exclude-from={spec.exclude_file}",
         f"--timeout={spec.timeout}",
         "--stats", "--info=progress2", "--no-human-readable", "--outbuf=L",
+        # one line per item the pull changed; ">f" lines name the files it
+        # wrote, which the manifest reads first (issue 15, see ITEM_WROTE)
+        f"--out-format={ITEM_FORMAT}",
         "--rsh=" + " ".join(quote_for_rsh(a) for a in ssh_command(spec)),
     ]
     if not spec.as_root:
@@ -196,6 +199,19 @@ def exclude_rules(patterns: Sequence[str]) -> str:
 
 
 # -- output -----------------------------------------------------------------
+
+ITEM_FORMAT = "%i %n"
+"""rsync's itemized line of a pull: 11 change flags, a space, the name
+(unprintable bytes escaped as ``\\#ooo``, so a name never breaks a line)."""
+ITEM_WROTE = b">f"
+"""The start of the itemized line of a regular file rsync received."""
+ITEM_NAME_AT = 12
+
+
+def wrote(raw: bytes) -> bytes | None:
+    """The (escaped) name of a file the pull wrote, if ``raw`` itemizes one."""
+    return raw[ITEM_NAME_AT:] if raw[:2] == ITEM_WROTE else None
+
 
 PROGRESS_RE = re.compile(
     r"^\s*(?P<bytes>[\d,]+)\s+(?P<pct>\d+)%\s+(?P<rate>\S+)\s+(?P<eta>[\d:]+)"

@@ -4,7 +4,8 @@ Per name: its last successful snapshot (the newest complete one, partial
 included: it was published), that snapshot's age, duration and size (the
 ``total_size`` of rsync's stats, from its metadata), how many grabs of the
 name ended in a final failure, and whether it is STALE: older than the limit,
-or no successful snapshot at all.
+or no successful snapshot at all. Also (issue 15) the files ``bakgrab
+verify`` found bad in its snapshots, and when its last verify ran.
 
 Failures are an append-only record written by the worker when a grab ends
 for good (no retry left, or not retryable)::
@@ -63,6 +64,15 @@ class NameStatus:
     last_failure: float | None = None
     in_progress: bool = False
     """An in-progress dir exists: a grab runs, or one was interrupted."""
+    damaged_files: int = 0
+    """Files verify found bad that some snapshot of the name still holds (issue 15)."""
+    damaged_snapshots: int = 0
+    last_verify: float | None = None
+    """Unix time of the name's last verify run."""
+    last_verify_checked: int | None = None
+    """Files that run read."""
+    never_verified: int | None = None
+    """Files no verify has read yet, as of that run."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -142,7 +152,8 @@ def collect(storage: Storage, stale_after: float, now: float | None = None) -> l
         failures, last_failure = read_failures(storage, name)
         common: dict[str, Any] = {"name": name, "failures": failures,
                                   "last_failure": last_failure,
-                                  "in_progress": name in in_progress}
+                                  "in_progress": name in in_progress,
+                                  **verify_fields(storage, name)}
         snaps = by_name.get(name)
         if not snaps:
             out.append(NameStatus(stale=True, **common))
@@ -170,6 +181,20 @@ def collect(storage: Storage, stale_after: float, now: float | None = None) -> l
             **common,
         ))
     return out
+
+
+def verify_fields(storage: Storage, name: str) -> dict[str, Any]:
+    """Damage and last verify of ``name`` (issue 15): reads, never writes."""
+    from bakgrab.worker import damage, verify
+
+    bad = damage.damaged_snapshots(storage, name)
+    run = verify.last_run(storage, name) or {}
+    return {"damaged_files": len(damage.read(storage, name)), "damaged_snapshots": len(bad),
+            "last_verify": _number(run.get("time")),
+            "last_verify_checked": run.get("checked") if isinstance(run.get("checked"), int)
+            else None,
+            "never_verified": run.get("never_verified")
+            if isinstance(run.get("never_verified"), int) else None}
 
 
 def _number(value: Any) -> float | None:
@@ -202,6 +227,9 @@ def to_text(statuses: list[NameStatus], stale_after: float) -> str:
             notes.insert(0, "no successful snapshot")
         if s.in_progress:
             notes.append("a grab in progress or interrupted")
+        if s.damaged_files:
+            notes.append(f"DAMAGED: {s.damaged_files} bad file(s) in "
+                         f"{s.damaged_snapshots} snapshot(s), see bakgrab verify")
         state = ("STALE" if s.stale else "ok") + (f" ({'; '.join(notes)})" if notes else "")
         if s.snapshot is None:
             rows.append((s.name, "-", "-", "-", "-", str(s.failures), state))
@@ -239,6 +267,12 @@ METRICS = (
      "Grabs of the name that ended in a final failure.", "failures"),
     ("bakgrab_stale", "gauge",
      "1 if the name's last success is older than the stale limit or missing, else 0.", "stale"),
+    ("bakgrab_damaged_files", "gauge",
+     "Files verify found bad that a snapshot of the name still holds.", "damaged_files"),
+    ("bakgrab_last_verify_timestamp_seconds", "gauge",
+     "Unix time the last verify of the name ran.", "last_verify"),
+    ("bakgrab_last_verify_files", "gauge",
+     "Files the last verify of the name read.", "last_verify_checked"),
 )
 
 

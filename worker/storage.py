@@ -49,7 +49,7 @@ from typing import Any
 
 SNAPSHOT_RE = re.compile(r"^(?P<name>[^.].*)\.(?P<date>\d{4}-\d{2}-\d{2})\.(?P<ts>\d+)\Z")
 STATE = ".bakgrab"
-INTERNAL_LOCKS = ("storage", "trash", "scheduler")
+INTERNAL_LOCKS = ("storage", "trash", "scheduler", "verify")  # (verify: issue 15)
 """bakgrab's own flock files, ``.bakgrab/locks/WHAT.lock``; names' locks are
 in ``locks/names/`` (issue 11), so no backup name can hold one of these."""
 

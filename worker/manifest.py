@@ -1,0 +1,359 @@
+"""The manifest of a snapshot: what every regular file in it must read as (issue 15).
+
+::
+
+    STORAGE/.bakgrab/meta/SNAPSHOT.manifest     one per snapshot, beside its
+                                                SNAPSHOT.json, never inside it
+
+A manifest is JSON lines: a header, one ``[path, size, mtime_ns, inode,
+sha256]`` line per regular file (paths relative to the snapshot root, as
+``os.fsdecode`` gives them: a non-UTF-8 byte survives as a surrogate escape),
+and a trailer holding the count of entries and the SHA-256 of every byte
+before it. So a damaged manifest (a bad trailer, a line that does not parse)
+is told apart from damaged data: :func:`load` raises :class:`Damaged` and
+never returns a half-read manifest.
+
+Building one (:func:`build`) hashes only what the pull changed. On the
+hard-link backend an unchanged file is the very inode of the previous
+snapshot (``rsync --link-dest`` linked it), so its entry is taken from the
+previous manifest when inode, size and mtime agree; every other inode is read
+once, however many paths it has. rsync's itemized list of the files it wrote
+(``>f`` lines, in transfer order) sets the order: the files it wrote last
+are read right after the pull, while they are likely in the page cache.
+Identity is decided by the inode, never by the itemized names alone: rsync
+escapes unusual names in what it prints, and a resumed pull does not list
+the files an earlier attempt wrote.
+
+A second backend (copy-on-write) can reuse all of this with its own notion
+of "the same file": :func:`build` takes the previous entries keyed by inode,
+which a CoW snapshot keeps too (a subvolume snapshot keeps inode numbers).
+
+Invariants: a manifest appears by one rename, after it was fsynced; a file
+is opened with ``O_NOFOLLOW`` and read only when it is still the regular
+file (same inode) the walk saw, so a path never leads a read elsewhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from bakgrab.tasks import caps
+from bakgrab.worker.storage import Storage, fsync_dir
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+SUFFIX = ".manifest"
+HASH = "sha256"
+CHUNK = 1 << 20
+"""Bytes per read when hashing: large reads, few syscalls."""
+
+
+class Damaged(Exception):
+    """A manifest that exists but cannot be trusted (checksum or format)."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Entry:
+    """One regular file of a snapshot."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    ino: int
+    sha256: str
+
+
+@dataclasses.dataclass
+class Manifest:
+    """A loaded, checksum-verified manifest."""
+
+    snapshot: str
+    entries: list[Entry]
+    created: float = 0.0
+    info: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def by_ino(self) -> dict[int, Entry]:
+        """One entry per inode (the first path of a hard-linked file)."""
+        out: dict[int, Entry] = {}
+        for e in self.entries:
+            out.setdefault(e.ino, e)
+        return out
+
+
+def path_of(storage: Storage, snapshot: str) -> Path:
+    return storage.meta(snapshot, SUFFIX)
+
+
+# -- reading and writing -------------------------------------------------------
+
+def dump_lines(snapshot: str, entries: Iterable[Entry], info: dict[str, Any] | None = None,
+               created: float | None = None) -> Iterator[bytes]:
+    """The manifest's lines, trailer last (its checksum covers every line before)."""
+    digest = hashlib.sha256()
+    header = {"bakgrab_manifest": VERSION, "snapshot": snapshot, "hash": HASH,
+              "created": time.time() if created is None else created, "info": info or {}}
+    count = 0
+    line = (json.dumps(header, sort_keys=True) + "\n").encode()
+    digest.update(line)
+    yield line
+    for e in entries:
+        line = (json.dumps([e.path, e.size, e.mtime_ns, e.ino, e.sha256]) + "\n").encode()
+        digest.update(line)
+        count += 1
+        yield line
+    yield (json.dumps({"end": count, "sha256": digest.hexdigest()}) + "\n").encode()
+
+
+def write(path: Path, snapshot: str, entries: Iterable[Entry],
+          info: dict[str, Any] | None = None) -> None:
+    """Write a manifest by a rename, so a reader sees all of it or none."""
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb", buffering=1 << 20) as f:
+        for line in dump_lines(snapshot, entries, info):
+            f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+    fsync_dir(path.parent)
+
+
+def parse(data: bytes, snapshot: str | None = None) -> Manifest:
+    """A manifest from its bytes; :class:`Damaged` unless every check holds."""
+    lines = data.split(b"\n")
+    if len(lines) < 3 or lines[-1] != b"":
+        raise Damaged("truncated (no trailer line)")
+    body, trailer_line = lines[:-2], lines[-2]
+    try:
+        trailer = json.loads(trailer_line)
+        expected, count = str(trailer["sha256"]), int(trailer["end"])
+    except (ValueError, KeyError, TypeError):
+        raise Damaged("its trailer does not parse") from None
+    digest = hashlib.sha256()
+    for line in body:
+        digest.update(line + b"\n")
+    if digest.hexdigest() != expected:
+        raise Damaged("its checksum does not match its content")
+    if count != len(body) - 1:
+        raise Damaged(f"its trailer counts {count} entries, it holds {len(body) - 1}")
+    try:
+        header = json.loads(body[0])
+        if header.get("bakgrab_manifest") != VERSION or header.get("hash") != HASH:
+            raise Damaged(f"unknown manifest version or hash: {header!r:.200}")
+        entries = []
+        for line in body[1:]:
+            p, size, mtime_ns, ino, sha = json.loads(line)
+            entries.append(Entry(str(p), int(size), int(mtime_ns), int(ino), str(sha)))
+    except (ValueError, TypeError, AttributeError) as e:
+        raise Damaged(f"a line does not parse: {e}") from None
+    name = str(header.get("snapshot"))
+    if snapshot is not None and name != snapshot:
+        raise Damaged(f"it is the manifest of {name!r}, not of {snapshot!r}")
+    info = header.get("info")
+    return Manifest(name, entries, float(header.get("created", 0)),
+                    info if isinstance(info, dict) else {})
+
+
+def load(storage: Storage, snapshot: str) -> Manifest | None:
+    """The manifest of ``snapshot``; None when it has none (made before
+    manifests existed, or its grab died before writing it); Damaged when it
+    cannot be trusted."""
+    try:
+        data = path_of(storage, snapshot).read_bytes()
+    except FileNotFoundError:
+        return None
+    return parse(data, snapshot)
+
+
+# -- hashing -------------------------------------------------------------------
+
+def open_regular(root: Path, rel: str, ino: int | None = None) -> int:
+    """An fd reading the regular file ``rel`` under ``root``: opened without
+    following a final symlink, non-blocking (a fifo put in its place cannot
+    hang us), and checked to be a regular file and, given ``ino``, that very
+    inode (a symlinked parent leads elsewhere, and fails the check).
+
+    ``O_NOATIME`` where permitted: a verify must not rewrite every inode."""
+    path = os.path.join(root, rel)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags | os.O_NOATIME)
+    except PermissionError:
+        fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{rel!r} is no longer a regular file")
+        if ino is not None and st.st_ino != ino:
+            raise FileNotFoundError(f"{rel!r} is no longer the inode its manifest names")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def hash_fd(fd: int, *, drop_cache: bool = False) -> tuple[str, int]:
+    """SHA-256 and byte count of what ``fd`` reads from its start.
+
+    ``drop_cache``: tell the kernel the pages are not needed afterwards (a
+    verify reads cold data; it should not evict the hot)."""
+    digest = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
+    total = 0
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    while True:
+        n = os.readv(fd, [buf])
+        if not n:
+            break
+        digest.update(view[:n])
+        total += n
+    if drop_cache:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    return digest.hexdigest(), total
+
+
+# -- building ------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Seen:
+    """A regular file as the walk found it."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    ino: int
+
+
+def walk(root: Path) -> Iterator[Seen]:
+    """Every regular file under ``root`` (not following symlinks), by directory."""
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        with os.scandir(os.path.join(root, rel) if rel else root) as it:
+            for entry in it:
+                sub = f"{rel}/{entry.name}" if rel else entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(sub)
+                elif entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    yield Seen(sub, st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def unescape(name: bytes) -> str:
+    """A name as rsync printed it (``%n``): it writes an unprintable byte as
+    ``\\#ooo``. A name that itself holds such text is misread, which costs
+    nothing: the itemized list only orders the reading."""
+    if b"\\#" in name:
+        parts = name.split(b"\\#")
+        out = bytearray(parts[0])
+        for part in parts[1:]:
+            code = part[:3]
+            if len(code) == 3 and all(48 <= c <= 55 for c in code):
+                out.append(int(code, 8) & 0xFF)
+                out += part[3:]
+            else:
+                out += b"\\#" + part
+        name = bytes(out)
+    return os.fsdecode(name)
+
+
+@dataclasses.dataclass
+class BuildStats:
+    files: int = 0
+    inodes: int = 0
+    reused: int = 0
+    hashed: int = 0
+    bytes_hashed: int = 0
+    seconds: float = 0.0
+    vanished: int = 0
+    """Files that were no longer the walked inode when read (none after a
+    finished pull: nothing else writes the tree)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def build(root: Path, previous: Manifest | None, changed: Iterable[bytes] = ()
+          ) -> tuple[list[Entry], BuildStats]:
+    """The entries of the tree at ``root``: an inode the previous manifest
+    names with the same size and mtime keeps its hash, every other inode is
+    read once (first those of ``changed``, rsync's itemized names, in its
+    order; then the rest in walk order)."""
+    started = time.monotonic()
+    stats = BuildStats()
+    known = previous.by_ino() if previous is not None else {}
+    with caps.raised("dac_override"):  # client-owned 0700 dirs and 0600 files
+        seen = list(walk(root))
+        stats.files = len(seen)
+        # what rsync wrote is read whatever the previous manifest says: on a
+        # copy-on-write backend a file rewritten in place keeps its inode
+        wrote = {unescape(raw) for raw in changed}
+        order: list[Seen] = []
+        digests: dict[int, str] = {}
+        todo: dict[int, Seen] = {}
+        for s in seen:
+            if s.ino in digests or s.ino in todo:
+                continue
+            old = known.get(s.ino)
+            if s.path not in wrote and old is not None and old.size == s.size \
+                    and old.mtime_ns == s.mtime_ns:
+                digests[s.ino] = old.sha256
+                stats.reused += 1
+            else:
+                todo[s.ino] = s
+        stats.inodes = len(digests) + len(todo)
+        by_path = {s.path: s for s in todo.values()} if changed else {}
+        for raw in changed:
+            hit = by_path.pop(unescape(raw), None)
+            if hit is not None:
+                order.append(hit)
+        picked = {s.ino for s in order}
+        order += [s for s in todo.values() if s.ino not in picked]
+        for s in order:
+            try:
+                fd = open_regular(root, s.path, s.ino)
+            except OSError as e:
+                log.warning("manifest: %r not hashed: %s", s.path, e)
+                stats.vanished += 1
+                continue
+            try:
+                digests[s.ino], n = hash_fd(fd)
+            finally:
+                os.close(fd)
+            stats.hashed += 1
+            stats.bytes_hashed += n
+    entries = [Entry(s.path, s.size, s.mtime_ns, s.ino, digests[s.ino])
+               for s in seen if s.ino in digests]
+    stats.seconds = round(time.monotonic() - started, 3)
+    return entries, stats
+
+
+def make(storage: Storage, tree: Path, snapshot: str, previous_snapshot: str | None,
+         changed: Iterable[bytes] = ()) -> BuildStats:
+    """Build and write the manifest of ``tree``, to be published as ``snapshot``
+    (its previous snapshot's manifest, if good, gives the unchanged entries)."""
+    previous = None
+    if previous_snapshot is not None:
+        try:
+            previous = load(storage, previous_snapshot)
+        except Damaged as e:
+            log.warning("manifest of %s is damaged (%s): hashing every file anew",
+                        previous_snapshot, e)
+    entries, stats = build(tree, previous, changed)
+    write(path_of(storage, snapshot), snapshot, entries, {"build": stats.to_dict()})
+    log.info("manifest of %s: %d files, %d hashed (%d bytes), %d kept, %.1fs", snapshot,
+             stats.files, stats.hashed, stats.bytes_hashed, stats.reused, stats.seconds)
+    return stats

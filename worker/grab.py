@@ -51,12 +51,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bakgrab.tasks import GRAB, caps, process
+from bakgrab.tasks import GRAB, process
 from bakgrab.tasks.app import RESULT_EXPIRES
 from bakgrab.tasks.config import Settings, parse_size
 from bakgrab.tasks.errors import InvalidRequest, TransferInterrupted
 from bakgrab.tasks.request import GrabRequest
 from bakgrab.tasks.result import GrabResult
+from bakgrab.worker import backend as backends
 from bakgrab.worker import damage, locks, manifest, names, retention, rsync, sandbox, watchdog
 from bakgrab.worker.storage import Storage, fsync_dir, parse_snapshot, write_atomic
 
@@ -139,10 +140,7 @@ def promote(storage: Storage, name: str, task_id: str, snapshot: str,
             record: dict[str, Any]) -> None:
     """Rename the in-progress tree of ``task_id``'s finished pull to ``snapshot``,
     then mark its record published and drop the pull mark."""
-    # Moving a directory to another parent rewrites its "..": that needs write
-    # access to the (client-owned) directory itself.
-    with caps.raised("dac_override"):
-        os.rename(storage.inprogress(name), storage.root / snapshot)
+    backends.for_storage(storage).publish(storage, name, snapshot)  # (issue 14)
     fsync_dir(storage.root)
     write_atomic(storage.job(task_id), json.dumps({**record, "published": True}))
     storage.pull_mark(name).unlink(missing_ok=True)
@@ -252,13 +250,13 @@ def grab(
         # From here the tree is this task's unfinished pull, whoever filled it
         # before: no earlier task's record may publish it any more (issue 13).
         mark_pull(storage, request.name, task_id, done=False)
-        with caps.raised("dac_override", "fowner"):
-            resumed = dest.is_dir()
-            dest.mkdir(mode=0o700, exist_ok=True)
-            os.utime(dest)  # an in-progress dir in use is never "stale"
+        # a plain dir, or on btrfs a writable snapshot of the newest (issue 14)
+        store = backends.for_storage(storage)
+        resumed = store.begin(storage, request.name, link)
         # a file verify found bad is never linked again, but pulled anew (issue 15)
         with job_files(storage, task_id, request) as files, \
-                damage.link_dest(storage, request.name, link, dest) as (link_dest, link_from):
+                damage.link_dest(storage, request.name, link if store.links else None,
+                                 dest) as (link_dest, link_from):
             spec = rsync.PullSpec(
                 user=request.user,
                 address=request.address,
@@ -274,6 +272,7 @@ def grab(
                 alive_interval=settings.server_alive_interval,
                 bwlimit=settings.bwlimit,
                 as_root=os.geteuid() == 0,
+                backend_options=store.pull_options,
             )
             on_progress({"phase": "pulling", "resumed": resumed})
             outcome = run_pull(spec, on_progress, confinement(

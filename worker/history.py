@@ -4,6 +4,12 @@ Fast by the hard-link identity: a path unchanged since the previous snapshot
 is the same inode there (rsync --link-dest linked it), so one lstat per
 snapshot tells the story without reading any content. A row whose inode
 ``bakgrab verify`` found bad says ``damaged`` (issue 15).
+
+On btrfs (issue 14) each snapshot is a subvolume with its own ``st_dev``; a
+snapshot keeps every file's inode number and ctime, and rsync ``--inplace``
+changing a file (content or metadata) moves its ctime. So the identity is
+the inode number with its ctime, which on hard-linked trees says the same
+as (device, inode): one inode has one ctime.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ def versions(root: Path, name: str, path: str) -> list[dict[str, Any]]:
             rows.append({"snapshot": snap.dirname, "present": False})
             previous = None
             continue
-        ident = (st.st_dev, st.st_ino)
+        ident = (st.st_ino, st.st_ctime_ns)  # (not st_dev: see the module docstring)
         rows.append({
             "snapshot": snap.dirname,
             "present": True,

@@ -63,7 +63,7 @@ from bakgrab.tasks import caps, process
 from bakgrab.tasks.config import Settings, parse_size
 from bakgrab.tasks.errors import InvalidRequest, NoSpace
 from bakgrab.tasks.result import human_bytes
-from bakgrab.worker import keep, locks, protect
+from bakgrab.worker import backend, btrfs, keep, locks, protect
 from bakgrab.worker.storage import Snapshot, Storage, write_atomic
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class Usage:
 
 
 def measure(path: Path) -> Usage:
+    backend.settle(path)  # a deleted btrfs subvolume frees its blocks later (issue 14)
     st = os.statvfs(path)
     return Usage(
         free_bytes=st.f_bavail * st.f_frsize,
@@ -198,6 +199,8 @@ def walk_name(roots: Sequence[Path]) -> tuple[list[tuple[int, int]], int]:
     (bytes, inodes) each frees when removed in that order, and the bytes of
     inodes linked from outside them. Directories count too (they are never
     hard-linked); symlinks are not followed."""
+    if roots and btrfs.is_subvolume(roots[0]):  # by extent, not by link (issue 14)
+        return btrfs.walk_name(list(roots))
     freed = [[0, 0] for _ in roots]
     # (dev, inode) -> [index of its newest snapshot, links seen, bytes, st_nlink]
     linked: dict[tuple[int, int], list[int]] = {}
@@ -593,6 +596,7 @@ def protections_in_the_way(storage: Storage, inventory: Mapping[str, Sequence[Sn
 def remove_snapshot(storage: Storage, snap: Snapshot) -> None:
     """Take ``snap`` out of the layout at once, then delete its tree."""
     target = storage.trash / f"{snap.dirname}.{time.time_ns()}"
+    backend.for_storage(storage).unfreeze(storage.root / snap.dirname)  # (issue 14)
     with caps.raised("dac_override"):
         os.rename(storage.root / snap.dirname, target)
     for suffix in (".json", ".exclude", ".manifest"):  # (.manifest: issue 15)
@@ -602,7 +606,10 @@ def remove_snapshot(storage: Storage, snap: Snapshot) -> None:
 
 
 def delete_tree(path: Path) -> None:
-    """rm -rf at idle I/O priority, staying on this filesystem."""
+    """rm -rf at idle I/O priority, staying on this filesystem; a btrfs
+    subvolume is deleted whole instead, in constant time (issue 14)."""
+    if backend.for_path(path).delete(path):
+        return
     process.run(
         ["ionice", "-c", "3", "-t", "rm", "-rf", "--one-file-system", "--", str(path)],
         timeout=None,
@@ -645,6 +652,8 @@ def remove_stale_inprogress(storage: Storage, settings: Settings) -> list[dict[s
 def exclusive_usage(path: Path) -> tuple[int, int]:
     """Bytes and inodes under ``path`` that no other directory links to
     (files whose every link is inside this tree), counted once per inode."""
+    if btrfs.is_subvolume(path):  # unshared extents, or the quota group (issue 14)
+        return btrfs.alone(path)
     seen: dict[tuple[int, int], int] = {}
     nbytes = inodes = 0
     for dirpath, dirnames, filenames in os.walk(path):

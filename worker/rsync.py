@@ -92,6 +92,8 @@ class PullSpec:
     bwlimit: str = ""
     as_root: bool = True
     """Whether the receiving rsync runs as root (else with capabilities only)."""
+    backend_options: tuple[str, ...] = ()
+    """The storage backend's own options (btrfs: ``--inplace --no-whole-file``, issue 14)."""
 
 
 XATTR_FILTERS = [
@@ -166,6 +168,7 @@ def pull_argv(spec: PullSpec) -> list[str]:
         argv += XATTR_FILTERS
     if spec.link_dest is not None:
         argv.append(f"--link-dest={spec.link_dest}")
+    argv += spec.backend_options
     if spec.bwlimit:
         argv.append(f"--bwlimit={spec.bwlimit}")
     host = f"[{spec.address}]" if ":" in spec.address else spec.address

@@ -1,0 +1,160 @@
+"""Storage backends: how a snapshot is begun, published and removed (issue 14).
+
+The backend follows the storage's filesystem (``statfs`` ``f_type``), never
+a setting, so a user who points ``--storage`` at btrfs gets snapshots with
+no other change:
+
+* :class:`HardLinks` (ext4, xfs, everything but btrfs): the in-progress dir
+  is a plain dir, rsync hard-links unchanged files from the name's newest
+  snapshot (``--link-dest``), and publishing is one rename;
+* :class:`Subvolumes` (btrfs): the in-progress dir is a writable subvolume,
+  a snapshot of the name's newest one (an empty new subvolume for a first
+  backup), which rsync updates in place (``--inplace --no-whole-file``, no
+  ``--link-dest``): unchanged files cost nothing and a changed block of a
+  large file costs one block. Publishing snapshots it read-only *into*
+  place (``NAME.YYYY-mm-dd.UNIXTIME`` appears whole and read-only at once),
+  then deletes the in-progress subvolume; a removal deletes the subvolume,
+  in constant time whatever its size.
+
+Why publishing is a read-only snapshot and not a rename (measured, see
+:mod:`bakgrab.worker.btrfs`): a read-only subvolume cannot be moved to
+another directory (EROFS: the move rewrites its ``..``), and a rename first
+then the flag would leave a published snapshot writable for a moment.
+
+Both backends keep the layout of :mod:`bakgrab.worker.storage`: the names,
+the in-progress place (kept on failure: the next grab resumes into it) and
+the metadata are the same. A storage that holds plain-dir snapshots (made
+before it was btrfs-aware) keeps working: a new subvolume is started empty
+and filled by a full pull, the old snapshots are removed by ``rm`` as ever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from bakgrab.tasks import caps
+from bakgrab.worker import btrfs
+from bakgrab.worker.storage import Snapshot, Storage
+
+log = logging.getLogger(__name__)
+
+
+class HardLinks:
+    """Hard-linked trees: the original design."""
+
+    name = "hardlink"
+    pull_options: tuple[str, ...] = ()
+    links = True
+    """Whether rsync links unchanged files from the newest snapshot (``--link-dest``)."""
+
+    def begin(self, storage: Storage, name: str, newest: Snapshot | None) -> bool:
+        """Make ``storage.inprogress(name)`` ready for a pull; whether it
+        already held an earlier attempt's files (a resume)."""
+        dest = storage.inprogress(name)
+        with caps.raised("dac_override", "fowner"):
+            resumed = dest.is_dir()
+            dest.mkdir(mode=0o700, exist_ok=True)
+            os.utime(dest)  # an in-progress dir in use is never "stale"
+        return resumed
+
+    def publish(self, storage: Storage, name: str, snapshot: str) -> None:
+        """Make the finished pull of ``name`` appear as ``snapshot``, atomically."""
+        # Moving a directory to another parent rewrites its "..": that needs write
+        # access to the (client-owned) directory itself.
+        with caps.raised("dac_override"):
+            os.rename(storage.inprogress(name), storage.root / snapshot)
+
+    def unfreeze(self, path: Path) -> None:
+        """Make a published snapshot movable before a removal (nothing to do)."""
+
+    def delete(self, path: Path) -> bool:
+        """Delete ``path`` if this backend deletes it specially; False: the
+        caller removes the tree (``rm -rf``)."""
+        return False
+
+
+class Subvolumes(HardLinks):
+    """btrfs: a read-only subvolume per snapshot."""
+
+    name = "btrfs"
+    # --inplace: rewrite only the changed blocks of the snapshot's own copy, so
+    # the rest stays shared with the previous snapshot; --no-whole-file: the
+    # delta algorithm even where rsync would pick whole files (issue 14).
+    pull_options = ("--inplace", "--no-whole-file")
+    links = False
+
+    def begin(self, storage: Storage, name: str, newest: Snapshot | None) -> bool:
+        dest = storage.inprogress(name)
+        with caps.raised("dac_override", "fowner"):
+            if btrfs.is_subvolume(dest):
+                os.utime(dest)
+                return True  # an earlier attempt's subvolume: resume into it
+            if os.path.lexists(dest):
+                # a plain dir of a hard-link era pull: it cannot become a
+                # subvolume, so it goes and the pull starts over
+                log.warning("in-progress dir of %s is no subvolume: starting anew", name)
+                from bakgrab.worker import retention
+
+                retention.delete_tree(dest)
+            source = storage.root / newest.dirname if newest is not None else None
+            if source is not None and btrfs.is_subvolume(source):
+                btrfs.snapshot(source, dest)
+            else:
+                btrfs.create(dest)
+            os.chmod(dest, 0o700)  # (rsync sets the client's mode on it)
+            os.utime(dest)
+        return False
+
+    def publish(self, storage: Storage, name: str, snapshot: str) -> None:
+        dest = storage.inprogress(name)
+        with caps.raised("dac_override", "fowner"):
+            btrfs.snapshot(dest, storage.root / snapshot, readonly=True)
+            # A crash here leaves the in-progress subvolume too: the snapshot
+            # is published, and the next grab resumes into the copy.
+            self.delete(dest)
+
+    def unfreeze(self, path: Path) -> None:
+        # a read-only subvolume cannot move to the trash (EROFS)
+        if btrfs.is_subvolume(path):
+            with caps.raised("fowner"):
+                btrfs.set_readonly(path, False)
+
+    def delete(self, path: Path) -> bool:
+        if not btrfs.is_subvolume(path):
+            return False
+        with caps.raised("dac_override", "fowner"):
+            btrfs.delete(path)
+        global _deleted
+        _deleted = True
+        return True
+
+
+_deleted = False
+"""Whether this process deleted a subvolume whose space may not be back yet."""
+
+
+def for_path(path: Path) -> HardLinks:
+    """The backend of the filesystem holding ``path``."""
+    try:
+        return Subvolumes() if btrfs.on_btrfs(path) else HardLinks()
+    except OSError:
+        return HardLinks()
+
+
+def for_storage(storage: Storage) -> HardLinks:
+    return for_path(storage.root)
+
+
+def settle(path: Path) -> None:
+    """Before free space is measured: if this process deleted subvolumes,
+    wait until btrfs's cleaner gave their blocks back (statvfs alone would
+    show them used for up to a commit interval, and cleanup would remove
+    more snapshots than needed)."""
+    global _deleted
+    if not _deleted:
+        return
+    _deleted = False
+    with caps.raised("dac_override"):
+        btrfs.settle(path)

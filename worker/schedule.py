@@ -35,7 +35,7 @@ from bakgrab.tasks import sealed
 from bakgrab.tasks.app import make_app
 from bakgrab.tasks.config import Settings, parse_duration, parse_size
 from bakgrab.tasks.errors import Busy, ConfigError
-from bakgrab.worker import status, transport
+from bakgrab.worker import damage, status, transport
 from bakgrab.worker.notify import STALE_CHECK, Notifier, internal_queue, signer
 from bakgrab.worker.status import human_duration
 from bakgrab.worker.storage import Storage
@@ -69,11 +69,7 @@ def check_stale(notifier: Notifier) -> str:
 
 def damaged(storage: Storage, name: str) -> dict[str, int]:
     """The snapshots of ``name`` holding files ``bakgrab verify`` found bad
-    (issue 15), with their counts; empty where verify is not installed."""
-    try:
-        from bakgrab.worker import damage
-    except ImportError:
-        return {}
+    (issue 15), with their counts."""
     try:
         return damage.damaged_snapshots(storage, name)
     except OSError as e:

@@ -433,6 +433,38 @@ def test_beat_finds_a_stale_name_without_any_client_and_metrics_show_it(
         worker.stop()
 
 
+def test_damage_found_by_verify_is_told_once_by_the_scheduled_check(
+        tmp_path: Path, redis_url: str, storage: Path, sink: Sink) -> None:
+    """A stored file changed behind bakgrab's back, found by a real `bakgrab
+    verify` (exit 14), is told once as ``damaged`` by the beat-driven check,
+    naming the snapshot; later checks send nothing more."""
+    env = support.worker_env(notify=f"{sink.url}/hook", stale_check_every="1s")
+    worker = support.start_worker(storage, redis_url, tmp_path / "worker.log", "--beat",
+                                  env=env)
+    try:
+        ok = support.run_backup(redis_url, "alpha", source_tree(tmp_path))
+        assert ok.returncode == 0, ok.stderr
+        [snap] = support.snapshots(storage, "alpha")
+        stored = snap / "data.bin"
+        data = bytearray(stored.read_bytes())
+        data[100] ^= 0xFF
+        with open(stored, "r+b") as f:  # same inode, same size: only a re-read can tell
+            f.write(data)
+        verify = subprocess.run([support.BAKGRAB, "verify", "--storage", str(storage)],
+                                capture_output=True, text=True, timeout=120, env=env)
+        assert verify.returncode == 14, verify.stdout + verify.stderr
+        support.wait_for(lambda: sink.events("/hook"), 30, "the damage notice")
+        checks = worker.text().count(notify.STALE_CHECK)
+        support.wait_for(lambda: worker.text().count(notify.STALE_CHECK) >= checks + 4, 30,
+                         "more checks")
+        [event] = sink.events("/hook")
+        assert (event["event"], event["name"], event["snapshot"]) == ("damaged", "alpha",
+                                                                      snap.name)
+        assert f"{snap.name} (1 file(s))" in event["reason"]
+    finally:
+        worker.stop()
+
+
 def test_worker_beat_embedded_tells_of_a_name_that_never_succeeded(
         tmp_path: Path, redis_url: str, storage: Path, sink: Sink) -> None:
     """`bakgrab worker --beat` runs the schedule itself: a name whose only

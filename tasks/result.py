@@ -26,6 +26,8 @@ class GrabResult:
     warnings: list[str] = dataclasses.field(default_factory=list)
     removed: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     attempts: int = 1
+    compress: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The pull's compression, why it was chosen, and the link it measured (issue 19)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

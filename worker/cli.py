@@ -42,6 +42,8 @@ from bakgrab.tasks.cli import CONTEXT, guarded, settings_from
 @click.option("--max-retries", type=int, help="Retries of a transient failure (default: 3).")
 @click.option("--rsync-timeout", type=int, help="rsync --timeout in seconds (default: 300).")
 @click.option("--bwlimit", help="rsync --bwlimit, e.g. 10M (default: none).")
+@click.option("--compress", help="Compression on the wire: auto, off, zstd:LEVEL, lz4 or "
+              "zlib:LEVEL (default: auto, chosen per grab from the link; docs/benchmarks.md).")
 @click.option("--notify", "notify_to", multiple=True, metavar="URL",
               help="Send notices there: https://..., http://... or mailto:ADDR; repeatable "
                    "(replaces the notify setting; docs/monitoring.md).")

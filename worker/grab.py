@@ -54,11 +54,21 @@ from typing import Any
 from bakgrab.tasks import GRAB, process
 from bakgrab.tasks.app import RESULT_EXPIRES
 from bakgrab.tasks.config import Settings, parse_size
-from bakgrab.tasks.errors import InvalidRequest, TransferInterrupted
+from bakgrab.tasks.errors import InvalidRequest, TransferFailed, TransferInterrupted
 from bakgrab.tasks.request import GrabRequest
 from bakgrab.tasks.result import GrabResult
 from bakgrab.worker import backend as backends
-from bakgrab.worker import damage, locks, manifest, names, retention, rsync, sandbox, watchdog
+from bakgrab.worker import (
+    compress,
+    damage,
+    locks,
+    manifest,
+    names,
+    retention,
+    rsync,
+    sandbox,
+    watchdog,
+)
 from bakgrab.worker.storage import Storage, fsync_dir, parse_snapshot, write_atomic
 
 log = logging.getLogger(__name__)
@@ -246,6 +256,8 @@ def grab(
         on_progress({"phase": "cleanup"})
         removed = retention.make_room(storage, settings, current=request.name)
         link = storage.newest(request.name)
+        previous = storage.read_meta(link.dirname) if link else None
+        choice = compress.decide(settings.compress, request.address, previous)  # issue 19
         dest = storage.inprogress(request.name)
         # From here the tree is this task's unfinished pull, whoever filled it
         # before: no earlier task's record may publish it any more (issue 13).
@@ -272,12 +284,25 @@ def grab(
                 alive_interval=settings.server_alive_interval,
                 bwlimit=settings.bwlimit,
                 as_root=os.geteuid() == 0,
+                compress=choice.used,
                 backend_options=store.pull_options,
             )
             on_progress({"phase": "pulling", "resumed": resumed})
-            outcome = run_pull(spec, on_progress, confinement(
+            confined = confinement(
                 settings, read=[files["key"].parent], write=(dest,),
-                link_from=link_from, port=request.port))
+                link_from=link_from, port=request.port)
+            pulling = time.monotonic()
+            try:
+                outcome = run_pull(spec, on_progress, confined)
+            except rsync.CompressRefused as e:
+                if choice.used in (compress.OFF, compress.ANY):
+                    raise TransferFailed(*e.args) from None  # not ours: the client's words
+                # issue 19: the client's rsync lacks the choice: plain -z, at once, once
+                choice = choice.fall_back(compress.refused(str(e)) or "")
+                log.warning("grab of %s: %s", request.name, choice.fallback)
+                spec = dataclasses.replace(spec, compress=choice.used)
+                outcome = run_pull(spec, on_progress, confined)
+            pull_seconds = time.monotonic() - pulling
             exclude_text = files["exclude"].read_text()
 
         check_room(storage, settings, outcome)
@@ -285,7 +310,9 @@ def grab(
         if registered is None:  # first-use enrolment: only after a successful pull
             names.enrol_after_pull(storage, request.name, request.host_key)
         return publish(storage, request, task_id, outcome, exclude_text, removed, started,
-                       link.dirname if link else None, attempt)
+                       link.dirname if link else None, attempt,
+                       compression=compress.record(choice, outcome.stats, pull_seconds,
+                                                   compress.previous_link(previous)))
 
 
 class PullOutcome:
@@ -428,6 +455,7 @@ def publish(
     started: float,
     link_dest: str | None,
     attempt: int,
+    compression: dict[str, Any] | None = None,
 ) -> GrabResult:
     """Record the run beside the snapshot, then make the snapshot appear."""
     now = int(time.time())
@@ -465,6 +493,7 @@ def publish(
         warnings=warnings,
         removed=removed,
         attempts=attempt,
+        compress=compression or {},
     )
     meta = {
         "snapshot": snapshot,
@@ -480,6 +509,8 @@ def publish(
         "host_key_fingerprint": request.host_key_fingerprint,
         "client": {"address": request.address, "port": request.port, "user": request.user},
         "excludes": list(request.excludes),
+        # issue 19: the choice and the link it measured, read by the next grab's auto
+        "compress": compression or {},
         "result": result.to_dict(),
         "manifest": built,
     }

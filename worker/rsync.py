@@ -1,6 +1,7 @@
 """Everything bakgrab knows about rsync: its argv, its output, its exit codes.
 
-The pull runs ``rsync -HaAXz`` with the original design's flags over ``ssh``
+The pull runs ``rsync -HaAX`` with the original design's flags over ``ssh``
+(``-z`` as the worker chose, issue 19: :mod:`bakgrab.worker.compress`)
 to the client's one-shot sshd, whose gate runs ``rrsync -ro``. This module
 builds that argv from validated values only, parses ``--info=progress2`` and
 ``--stats`` output, and maps exit codes to outcomes:
@@ -17,6 +18,9 @@ builds that argv from validated values only, parses ``--info=progress2`` and
   rsync's protocol started gets one message, whatever ssh said (refused,
   timed out, not an sshd): the client must not learn open from closed ports
   (issue 11, attack 10); the worker's log keeps ssh's words;
+* the client's rsync lacking the chosen compression (it says so, and exits
+  before any data): :class:`CompressRefused`, which the grab answers with one
+  more run at once under rsync's own negotiation (issue 19);
 * everything else: permanent (:class:`TransferFailed`).
 """
 
@@ -29,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bakgrab.tasks.errors import HostKeyMismatch, NoSpace, TransferFailed, TransferInterrupted
+from bakgrab.worker import compress
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +97,10 @@ class PullSpec:
     bwlimit: str = ""
     as_root: bool = True
     """Whether the receiving rsync runs as root (else with capabilities only)."""
+    compress: str = compress.ANY
+    """What :func:`bakgrab.worker.compress.rsync_options` maps: ``off``,
+    ``zstd:N``, ``lz4``, ``zlib:N``, or ``any`` (plain ``-z``, the original
+    design's flag; issue 19)."""
     backend_options: tuple[str, ...] = ()
     """The storage backend's own options (btrfs: ``--inplace --no-whole-file``, issue 14)."""
 
@@ -147,7 +156,9 @@ def quote_for_rsh(arg: str) -> str:
 def pull_argv(spec: PullSpec) -> list[str]:
     """The rsync argv of one pull from the client's gate into ``spec.dest``."""
     argv = [
-        "rsync", "-HaAXz", "--sparse", "--numeric-ids", "--super",
+        # -z and its choice apart from -HaAX: ``off`` sends no -z at all (issue 19)
+        "rsync", "-HaAX", *compress.rsync_options(spec.compress),
+        "--sparse", "--numeric-ids", "--super",
         f"--skip-compress={SKIP_COMPRESS}",
         # A resumed pull writes into the dir of an earlier attempt: files that
         # are gone from the client, or excluded now, must not stay behind.
@@ -181,7 +192,8 @@ def push_argv(spec: PullSpec, root: Path, paths: Sequence[str]) -> list[str]:
     with their parent dirs (``--relative`` from ``root/./``), to the client's
     write-only gate."""
     argv = [
-        "rsync", "-HaAXz", "--sparse", "--numeric-ids", "--relative",
+        "rsync", "-HaAX", *compress.rsync_options(spec.compress),
+        "--sparse", "--numeric-ids", "--relative",
         # (no --modify-window=-1 here: rrsync -wo refuses its negative value)
         f"--skip-compress={SKIP_COMPRESS}",
         f"--timeout={spec.timeout}",
@@ -327,6 +339,12 @@ def no_space(code: int, stderr_tail: str) -> NoSpace:
     )
 
 
+class CompressRefused(TransferFailed):
+    """The client's rsync (or its rrsync) lacks the compression the pull chose
+    (issue 19); the grab runs again with plain ``-z``, so this never leaves
+    the worker from a pull."""
+
+
 def classify(code: int, stderr_tail: str) -> None:
     """Raise the exception for a failed exit ``code``; return for 0, 23, 24.
 
@@ -342,6 +360,13 @@ def classify(code: int, stderr_tail: str) -> None:
         return
     if out_of_space(stderr_tail) is not None:
         raise no_space(code, stderr_tail)
+    # (before any data: rsync checks its options first; a later line naming
+    # the words is some file's)
+    said = (compress.refused(stderr_tail)
+            if code != SSH_ERROR and NOTHING_RECEIVED in stderr_tail else None)
+    if said is not None:
+        raise CompressRefused(f"rsync exit {code}: the client's rsync refused the chosen "
+                              f"compression: {said}", code)
     if code == SSH_ERROR and HOST_KEY_FAILED in stderr_tail:
         # ssh says so only when the key it was shown is not the pinned one:
         # someone else answers at the client's address.

@@ -32,7 +32,7 @@ from bakgrab.tasks.app import make_app
 from bakgrab.tasks.config import Settings, parse_size
 from bakgrab.tasks.errors import BakgrabError, ConfigError, InvalidRequest, JobTimeout
 from bakgrab.tasks.request import redacted, validate, validate_restore
-from bakgrab.worker import grab, notify, restore, sandbox, status, transport
+from bakgrab.worker import compress, grab, notify, restore, sandbox, status, transport
 from bakgrab.worker.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -247,6 +247,7 @@ def serve(settings: Settings) -> None:
     if not settings.storage:
         raise ConfigError("the worker needs a storage directory: --storage DIR")
     check_privileges()
+    compress.check_available(settings.compress)  # issue 19: the worker's own rsync has it
     storage = Storage(settings.storage)
     try:
         storage.prepare()

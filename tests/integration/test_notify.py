@@ -437,8 +437,11 @@ def test_damage_found_by_verify_is_told_once_by_the_scheduled_check(
         tmp_path: Path, redis_url: str, storage: Path, sink: Sink) -> None:
     """A stored file changed behind bakgrab's back, found by a real `bakgrab
     verify` (exit 14), is told once as ``damaged`` by the beat-driven check,
-    naming the snapshot; later checks send nothing more."""
-    env = support.worker_env(notify=f"{sink.url}/hook", stale_check_every="1s")
+    naming the snapshot; later checks send nothing more; /metrics shows the
+    bad file and the verify's time (status's own metrics, issue 15)."""
+    port = support.free_port()
+    env = support.worker_env(notify=f"{sink.url}/hook", stale_check_every="1s",
+                             metrics_listen=f"127.0.0.1:{port}")
     worker = support.start_worker(storage, redis_url, tmp_path / "worker.log", "--beat",
                                   env=env)
     try:
@@ -461,6 +464,9 @@ def test_damage_found_by_verify_is_told_once_by_the_scheduled_check(
         assert (event["event"], event["name"], event["snapshot"]) == ("damaged", "alpha",
                                                                       snap.name)
         assert f"{snap.name} (1 file(s))" in event["reason"]
+        metrics = scrape(port)
+        assert metrics['bakgrab_damaged_files{name="alpha"}'] == 1
+        assert metrics['bakgrab_last_verify_timestamp_seconds{name="alpha"}'] > time.time() - 300
     finally:
         worker.stop()
 

@@ -144,3 +144,47 @@ def test_metrics_listen_only_on_loopback(text: str) -> None:
     with pytest.raises(ConfigError, match="loopback"):
         metrics.listen_address(text)
     assert metrics.listen_address("[::1]:9464") == ("::1", 9464)
+
+
+class Recorder:
+    """Stands in for the Celery app: records what the notifier would queue."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    def send_task(self, name: str, kwargs: dict[str, Any], queue: str) -> None:
+        assert (name, queue) == (notify.NOTIFY, "bakgrab@internal")
+        self.sent.append(kwargs)
+
+
+class Grab:
+    name = "bakgrab.grab"
+
+
+def test_handlers_tell_outcomes_but_not_refused_requests(tmp_path: Path) -> None:
+    """A refused request (InvalidRequest) sends nothing, not even a ping; a
+    final failure sends the notice and /fail, NoSpace its own condition; a
+    success the recovery of both; the queued message names the target by id."""
+    from bakgrab.tasks.errors import NoSpace, RequestRefused, TransferInterrupted
+
+    s = settings(storage=str(tmp_path), notify="https://hooks.example.com/T0KEN",
+                 notify_ping="web1=https://hc.example/p")
+    Storage(tmp_path).state.mkdir()
+    app = Recorder()
+    notifier = notify.Notifier(app, s)  # type: ignore[arg-type]
+    fields = {"name": "web1", "key": "SEALED-KEY"}
+    notifier.on_failure(sender=Grab(), exception=RequestRefused("no"), kwargs=fields)
+    assert app.sent == []
+    notifier.on_prerun(sender=Grab(), kwargs=fields)
+    notifier.on_failure(sender=Grab(), exception=TransferInterrupted("down", 255), kwargs=fields)
+    notifier.on_failure(sender=Grab(), exception=NoSpace("full"), kwargs=fields)
+    notifier.on_success(sender=Grab(), result={"name": "web1", "snapshot": "web1.x",
+                                               "partial": False})
+    hook, ping = notify.targets(s)[0], notify.pings(s)["web1"]
+    told = [(m["event"]["event"], m["event"]["condition"]) for m in app.sent
+            if m["target"] == hook.id]
+    assert told == [("failed", "failed"), ("no_space", "no_space"),
+                    ("recovered", "failed"), ("recovered", "no_space")]
+    assert [m["event"]["event"] for m in app.sent if m["target"] == ping.id] == [
+        "start", "fail", "fail", "success"]
+    assert "T0KEN" not in json.dumps(app.sent) and "SEALED-KEY" not in json.dumps(app.sent)

@@ -178,3 +178,156 @@ def test_snapshots_are_read_only_subvolumes_sharing_extents(shared_tmp: Path,
         assert second["files_transferred"] <= 3, second
         assert (s2 / "secret" / "shadow").stat().st_uid == 0
         assert not list((storage / ".bakgrab" / "inprogress").iterdir())
+
+
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def test_cleanup_removes_the_oldest_subvolume_and_waits_for_its_space(
+        shared_tmp: Path, redis_url: str) -> None:
+    """Three snapshots each holding 150 MiB alone; a grab that needs about
+    half a snapshot's worth more free space removes exactly the oldest, as
+    the unprivileged worker (subvolume delete under user_subvol_rm_allowed),
+    and not a second one: btrfs frees a deleted subvolume's blocks only
+    after its cleaner ran, and cleanup waits for that before it measures
+    again. The space is back, the subvolume and the trash are gone."""
+    with btrfs_mount() as mnt, worker_user(shared_tmp) as (wuser, cuser):
+        storage = storage_for(mnt, wuser)
+        src = shared_tmp / "src"
+        src.mkdir()
+        env = client_env(shared_tmp, cuser)
+        worker = support.start_worker(storage, redis_url, shared_tmp / "worker.log",
+                                      user=wuser, caps=WORKER_CAPS)
+        try:
+            for _ in range(3):
+                (src / "blob").write_bytes(os.urandom(150 * MiB))
+                backup(redis_url, "cl", src, env, cuser)
+        finally:
+            worker.stop()
+        old = support.snapshots(storage, "cl")
+        assert len(old) == 3
+        free = btrfs.settle(mnt)
+        need = free + 75 * MiB
+        worker = support.start_worker(
+            storage, redis_url, shared_tmp / "worker2.log", user=wuser, caps=WORKER_CAPS,
+            env=support.worker_env(min_free_abs=str(need), min_keep="1", name_max_bytes="off"))
+        try:
+            t0 = time.monotonic()
+            result = backup(redis_url, "cl", src, env, cuser)
+            took = time.monotonic() - t0
+        finally:
+            worker.stop()
+        assert [r["snapshot"] for r in result["removed"]] == [old[0].name], result["removed"]
+        now = support.snapshots(storage, "cl")
+        assert [p.name for p in now[:2]] == [old[1].name, old[2].name] and len(now) == 3
+        assert not old[0].exists()
+        assert not list((storage / ".bakgrab" / "trash").iterdir())
+        assert free_bytes(mnt) >= need, (free_bytes(mnt), need)
+        assert took < 60
+
+
+def test_killed_rsync_resumes_into_the_inprogress_subvolume(tmp_path: Path,
+                                                            redis_url: str) -> None:
+    """A second grab (its in-progress place a writable snapshot of the first)
+    whose rsync is SIGKILLed mid-pull is retried: the retry finds the same
+    subvolume and resumes into it, sending fewer files than the tree holds;
+    the published snapshot is identical to the source and read-only, the
+    first snapshot still holds the old contents."""
+    from tests.integration.test_faults import finish, make_source, start_client
+
+    with btrfs_mount() as mnt:
+        storage = mnt / "storage"
+        src = make_source(tmp_path / "src")
+        worker = support.start_worker(storage, redis_url, tmp_path / "w1.log",
+                                      env=support.worker_env(**FAST))
+        try:
+            assert support.run_backup(redis_url, "rz", src, timeout=120).returncode == 0
+        finally:
+            worker.stop()
+        first = support.snapshots(storage, "rz")[0]
+        before = {p.name: sha(p) for p in first.iterdir()}
+        for p in src.iterdir():
+            p.write_bytes(os.urandom(100_000))
+        worker = support.start_worker(storage, redis_url, tmp_path / "w2.log",
+                                      "--concurrency", "1",
+                                      env=support.worker_env(**FAST, bwlimit="400K"))
+        inprogress = storage / ".bakgrab" / "inprogress" / "rz"
+        try:
+            client = start_client(redis_url, "rz", src)
+            try:
+                def changed() -> int | None:
+                    pids = rsync_pids(worker)
+                    if not pids or not btrfs.is_subvolume(inprogress):
+                        return None
+                    fresh = sum(1 for p in inprogress.iterdir()
+                                if sha(p) == sha(src / p.name))
+                    return pids[0] if fresh >= 4 else None
+
+                pid = int(support.wait_for(changed, 60, "the pull to be under way", 0.05))
+                assert btrfs.is_subvolume(inprogress) and not btrfs.readonly(inprogress)
+                os.kill(pid, signal.SIGKILL)
+                code, result, err = finish(client, timeout=180)
+            finally:
+                client.kill()
+        finally:
+            worker.stop()
+        assert code == 0, err + worker.text()[-3000:]
+        assert result["attempts"] >= 2, result
+        assert result["files_transferred"] <= 24 - 4, result
+        second = support.snapshots(storage, "rz")[-1]
+        assert support.rsync_diff(src, second) == []
+        assert btrfs.readonly(second)
+        assert {p.name: sha(p) for p in first.iterdir()} == before
+        assert not inprogress.exists()
+
+
+def test_versions_and_restore_on_subvolumes(tmp_path: Path, redis_url: str) -> None:
+    """`bakgrab versions` tells same from changed across subvolume snapshots
+    (each its own st_dev): unchanged, new content, a chmod only; `bakgrab
+    list` gives each snapshot the space it holds alone; a restore from an
+    older snapshot brings its content back."""
+    from tests.integration.test_restore import register, restore
+
+    with btrfs_mount() as mnt:
+        storage = mnt / "storage"
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "file").write_bytes(b"one\n" * 1000)
+        (src / "other").write_bytes(os.urandom(3 * MiB))
+        worker = support.start_worker(storage, redis_url, tmp_path / "worker.log")
+        try:
+            register(tmp_path, storage, "vr")
+
+            def grab() -> None:
+                done = support.run_backup(redis_url, "vr", src, timeout=120)
+                assert done.returncode == 0, done.stderr
+                time.sleep(1.1)  # one snapshot name per second
+
+            grab()
+            grab()  # unchanged
+            (src / "file").write_bytes(b"two\n" * 1000)
+            (src / "other").write_bytes(os.urandom(3 * MiB))
+            grab()  # new content
+            os.chmod(src / "file", 0o600)
+            grab()  # metadata only
+            rows = json.loads(subprocess.run(
+                [support.BAKGRAB, "versions", "--storage", str(storage), "--name", "vr", "file",
+                 "--json"], capture_output=True, text=True, check=True, timeout=60).stdout)
+            assert [r["changed"] for r in rows] == [True, False, True, True], rows
+            listing = json.loads(subprocess.run(
+                [support.BAKGRAB, "list", "--storage", str(storage), "--json"],
+                capture_output=True, text=True, check=True, timeout=60).stdout)
+            snaps = {s["snapshot"]: s for s in listing[0]["snapshots"]}
+            names = [p.name for p in support.snapshots(storage, "vr")]
+            # the 3 MiB of "other" of the first content: shared by snapshots 1 and 2
+            assert snaps[names[0]]["alone_bytes"] < 1 * MiB
+            assert snaps[names[2]]["alone_bytes"] < 1 * MiB  # shared with snapshot 4
+            assert listing[0]["alone_bytes"] >= 6 * MiB, listing[0]
+            into = tmp_path / "into"
+            done = restore(redis_url, "vr", into, "file", snapshot=names[1])
+            assert done.returncode == 0, done.stderr
+            assert (into / "file").read_bytes() == b"one\n" * 1000
+        finally:
+            worker.stop()

@@ -113,4 +113,4 @@ def test_both_sides_installed_lists_every_command() -> None:
     assert done.returncode == 0, done.stderr
     assert commands_listed(done.stdout) == [
         "backup", "doctor", "flower", "key", "list", "prune", "restore", "scheduler", "status",
-        "trust", "versions", "worker"]
+        "trust", "verify", "versions", "worker"]

@@ -1,0 +1,221 @@
+"""Manifests (issue 15): their checksum, the inode reuse that hashes only what
+changed, rsync's itemized names, and verify's share rotation on a plain tree."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from bakgrab.worker import damage, manifest, rsync, verify
+from bakgrab.worker.storage import Storage
+
+
+def tree(root: Path, files: int = 5) -> None:
+    (root / "a" / "b").mkdir(parents=True)
+    for i in range(files):
+        (root / "a" / f"f{i}").write_bytes(f"file {i}\n".encode() * (i + 1))
+    (root / "a" / "b" / "deep").write_bytes(b"deep\n")
+    os.link(root / "a" / "b" / "deep", root / "linked")
+    os.symlink("/etc/passwd", root / "a" / "sym")
+    os.mkfifo(root / "a" / "fifo")
+    (root / os.fsdecode(b"odd-\xff-name")).write_bytes(b"odd")
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_build_hashes_every_regular_file_once_per_inode(tmp_path: Path) -> None:
+    """A first manifest holds every regular file (not symlinks nor fifos), one
+    read per inode, with the content's SHA-256; a non-UTF-8 name round-trips."""
+    tree(tmp_path / "t")
+    entries, stats = manifest.build(tmp_path / "t", None)
+    by_path = {e.path: e for e in entries}
+    assert set(by_path) == {"a/f0", "a/f1", "a/f2", "a/f3", "a/f4", "a/b/deep", "linked",
+                            os.fsdecode(b"odd-\xff-name")}
+    assert by_path["a/f2"].sha256 == sha(b"file 2\n" * 3)
+    assert by_path["linked"].ino == by_path["a/b/deep"].ino
+    assert stats.files == 8 and stats.inodes == 7 and stats.hashed == 7 and stats.reused == 0
+    path = tmp_path / "m"
+    manifest.write(path, "n.2026-01-01.1", entries)
+    loaded = manifest.parse(path.read_bytes(), "n.2026-01-01.1")
+    assert loaded.entries == entries
+    assert os.fsencode(next(e.path for e in loaded.entries if e.path.startswith("odd"))) \
+        == b"odd-\xff-name"
+
+
+def test_build_keeps_entries_of_unchanged_inodes(tmp_path: Path) -> None:
+    """A tree made by `rsync --link-dest` from the previous one: only the
+    changed file is read; the linked ones keep their previous hash, even when
+    their bytes rotted since (the manifest says what the pull stored)."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    tree(old)
+    previous, _ = manifest.build(old, None)
+    prev = manifest.Manifest("old", previous)
+    src = tmp_path / "src"
+    subprocess.run(["rsync", "-aH", f"{old}/", f"{src}/"], check=True)
+    (src / "a" / "f1").write_bytes(b"changed")
+    with open(old / "a" / "f3", "r+b") as f:  # rot that must not leak into the new manifest
+        f.write(b"X")
+    st = (src / "a" / "f3").stat()
+    os.utime(old / "a" / "f3", ns=(st.st_atime_ns, st.st_mtime_ns))
+    subprocess.run(["rsync", "-aH", "--modify-window=-1", f"--link-dest={old}",
+                    f"{src}/", f"{new}/"], check=True)
+    entries, stats = manifest.build(new, prev, [b"a/f1"])
+    assert stats.hashed == 1 and stats.reused == 6
+    by_path = {e.path: e for e in entries}
+    assert by_path["a/f1"].sha256 == sha(b"changed")
+    assert by_path["a/f3"].sha256 == sha(b"file 3\n" * 4)
+
+
+def test_an_itemized_file_is_read_even_with_its_old_inode(tmp_path: Path) -> None:
+    """A file rsync says it wrote is read again even if inode, size and mtime
+    match the previous manifest (a copy-on-write backend rewrites in place)."""
+    tree(tmp_path / "t")
+    entries, _ = manifest.build(tmp_path / "t", None)
+    target = tmp_path / "t" / "a" / "f0"
+    st = target.stat()
+    target.write_bytes(b"FILE 0\n")  # same size
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again, stats = manifest.build(tmp_path / "t", manifest.Manifest("x", entries), [b"a/f0"])
+    assert stats.hashed == 1
+    assert next(e for e in again if e.path == "a/f0").sha256 == sha(b"FILE 0\n")
+
+
+def test_a_damaged_manifest_is_told_apart(tmp_path: Path) -> None:
+    """Any changed byte, a lost line or a lost trailer makes the manifest
+    Damaged, never a shorter manifest."""
+    tree(tmp_path / "t")
+    entries, _ = manifest.build(tmp_path / "t", None)
+    data = b"".join(manifest.dump_lines("s", entries))
+    manifest.parse(data, "s")
+    lines = data.split(b"\n")
+    flipped = bytearray(data)
+    flipped[data.index(b"f3")] = ord("g")
+    for bad in (bytes(flipped), b"\n".join(lines[:2] + lines[3:]), b"\n".join(lines[:-2]) + b"\n",
+                data[:-1], b""):
+        with pytest.raises(manifest.Damaged):
+            manifest.parse(bad, "s")
+    with pytest.raises(manifest.Damaged, match="not of"):
+        manifest.parse(data, "other")
+
+
+def test_itemized_names_are_unescaped() -> None:
+    """rsync's `\\#ooo` escapes give back the name's bytes; ">f" lines only."""
+    assert manifest.unescape(b"we ird\\#012name") == "we ird\nname"
+    assert manifest.unescape(b"odd-\\#377") == os.fsdecode(b"odd-\xff")
+    assert manifest.unescape(b"plain\\#x") == "plain\\#x"
+    assert rsync.wrote(b">f+++++++++ a/b") == b"a/b"
+    assert rsync.wrote(b"cd+++++++++ a/") is None
+    assert rsync.wrote(b"   1,234  50%  1.00MB/s    0:00:01") is None
+
+
+def test_rsync_itemizes_what_it_wrote_in_the_pull_format(tmp_path: Path) -> None:
+    """The pull's --out-format makes rsync print one ">f" line per file it
+    received, and none for a file it hard-linked from --link-dest."""
+    src, old, new = tmp_path / "src", tmp_path / "old", tmp_path / "new"
+    tree(src)
+    subprocess.run(["rsync", "-aH", f"{src}/", f"{old}/"], check=True)
+    (src / "a" / "f1").write_bytes(b"changed")
+    out = subprocess.run(["rsync", "-aH", "--modify-window=-1", f"--link-dest={old}",
+                          f"--out-format={rsync.ITEM_FORMAT}", f"{src}/", f"{new}/"],
+                         capture_output=True, check=True).stdout
+    assert [n for line in out.splitlines() if (n := rsync.wrote(line))] == [b"a/f1"]
+
+
+def snapshot_storage(tmp_path: Path, files: int) -> tuple[Storage, Path]:
+    storage = Storage(tmp_path / "storage")
+    (tmp_path / "storage").mkdir()
+    storage.prepare()
+    snap = "n.2026-01-01.1767225600"
+    tree(storage.root / snap, files)
+    entries, _ = manifest.build(storage.root / snap, None)
+    manifest.write(manifest.path_of(storage, snap), snap, entries)
+    return storage, storage.root / snap
+
+
+def test_share_rotation_reads_least_recently_verified_first(tmp_path: Path) -> None:
+    """`share` 0.25 reads ceil(25%) of the 15 inodes a run, least recently
+    verified (never verified first): every run reads only inodes no more
+    recently verified than any it leaves, four runs cover all 15, and the
+    never-verified count falls to 0."""
+    storage, _ = snapshot_storage(tmp_path, files=13)  # 13 + deep + odd = 15 inodes
+    state = storage.state / "verified" / "n.json"
+    keys = {f"{e.ino}:{e.sha256[:16]}" for e in manifest.load(storage, next(
+        s.dirname for s in storage.snapshots("n"))).entries}  # type: ignore[union-attr]
+    assert len(keys) == 15
+    before: dict[str, float] = {}
+    never = []
+    for run in range(6):
+        now = 1000.0 + run
+        report = verify.run(storage, share=0.25, now=now)
+        assert report.files == 15 and report.checked == 4 and report.good == 4
+        never.append(report.never_verified)
+        after = json.loads(state.read_text())["inodes"]
+        read = {k for k, t in after.items() if t == now}
+        assert len(read) == 4
+        left = keys - read
+        assert max(before.get(k, 0.0) for k in read) <= min(before.get(k, 0.0) for k in left)
+        before = after
+    assert never == [11, 7, 3, 0, 0, 0]
+    assert set(before) == keys
+
+
+def test_verify_records_damage_and_a_good_read_clears_it(tmp_path: Path) -> None:
+    """A rotted byte: a damage record naming the snapshot and both paths of the
+    inode; once the bytes are good again, the next full run drops it."""
+    storage, snap = snapshot_storage(tmp_path, files=3)
+    victim = snap / "a" / "b" / "deep"
+    st = victim.stat()
+    victim.write_bytes(b"DEEP\n")
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    report = verify.run(storage)
+    assert report.damage_found and len(report.bad) == 1
+    (rec,) = damage.read(storage, "n")
+    assert rec["where"] == {snap.name: ["a/b/deep", "linked"]} or \
+        sorted(rec["where"][snap.name]) == ["a/b/deep", "linked"]
+    assert damage.damaged_snapshots(storage, "n") == {snap.name: 1}
+    assert sorted(damage.bad_paths(storage, "n", snap.name)) == ["a/b/deep", "linked"]
+    victim.write_bytes(b"deep\n")
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    report = verify.run(storage)
+    assert not report.damage_found and damage.read(storage, "n") == []
+
+
+def test_heal_tree_leaves_out_only_the_bad_paths(tmp_path: Path) -> None:
+    """The heal tree reaches every file of the snapshot but the bad ones: a
+    hard link for a sibling file, a symlink for a sibling directory."""
+    real = tmp_path / "real"
+    tree(real)
+    (real / "a" / "b" / "other").write_bytes(b"x")
+    shadow = tmp_path / "shadow"
+    damage.build_heal_tree(real, shadow, ["a/b/deep"])
+    assert not (shadow / "a" / "b" / "deep").exists()
+    assert (shadow / "a" / "b" / "other").stat().st_ino == (real / "a" / "b" / "other").stat().st_ino
+    assert (shadow / "linked").stat().st_ino == (real / "linked").stat().st_ino
+    assert (shadow / "a" / "f1").stat().st_ino == (real / "a" / "f1").stat().st_ino
+    assert os.readlink(shadow / "a" / "sym") == "/etc/passwd"
+    assert not (shadow / "a").is_symlink() and not (shadow / "a" / "b").is_symlink()
+
+
+def test_unlink_beneath_never_follows_a_symlink(tmp_path: Path) -> None:
+    """A client symlink on the way to a bad path in the in-progress tree does
+    not lead the unlink elsewhere."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "f").write_bytes(b"keep")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    os.symlink(elsewhere, dest / "a")
+    ino = (elsewhere / "f").stat().st_ino
+    assert damage.unlink_beneath(dest, "a/f", {ino}) is False
+    assert (elsewhere / "f").read_bytes() == b"keep"
+    (dest / "b").mkdir()
+    os.link(elsewhere / "f", dest / "b" / "f")
+    assert damage.unlink_beneath(dest, "b/f", {ino}) is True
+    assert not (dest / "b" / "f").exists()

@@ -224,3 +224,48 @@ def test_verify_runs_while_a_grab_of_another_name_runs(
         assert code == 0 and report["checked"] == 1
     finally:
         worker.stop()
+
+
+@pytest.mark.root
+def test_manifest_and_verify_as_an_unprivileged_worker(shared_tmp: Path, redis_url: str) -> None:
+    """A worker user holding only the storage capabilities writes a manifest
+    naming every regular file, root-owned 0600 ones in 0700 dirs included,
+    and `bakgrab verify` run as that user with those capabilities reads them
+    all and finds them good."""
+    need_root()
+    import secrets
+
+    from bakgrab.tasks.caps import WORKER_CAPS
+    from bakgrab.worker import manifest
+    from bakgrab.worker.storage import Storage
+
+    tag = secrets.token_hex(3)
+    with support.throwaway_user(f"bkgv{tag}", shared_tmp / "whome") as w:
+        src = shared_tmp / "src"
+        support.build_fidelity_tree(src)
+        storage = shared_tmp / "storage"
+        storage.mkdir()
+        os.chown(storage, w.pw_uid, w.pw_gid)
+        worker = support.start_worker(storage, redis_url, shared_tmp / "worker.log",
+                                      user=w.pw_name, caps=WORKER_CAPS)
+        try:
+            done = support.run_backup(redis_url, "nrv", src, "--json")
+        finally:
+            worker.stop()
+        assert done.returncode == 0, done.stderr
+        (snap,) = support.snapshots(storage, "nrv")
+        files = {str(p.relative_to(snap)) for p in snap.rglob("*")
+                 if p.is_file() and not p.is_symlink()}
+        found = manifest.load(Storage(storage), snap.name)
+        assert found is not None
+        assert {e.path for e in found.entries} == files
+        assert "secret/shadow" in files
+        argv = support.as_user(w.pw_name, [support.BAKGRAB, "verify", "--storage", str(storage),
+                                           "--json"], caps=WORKER_CAPS)
+        ran = subprocess.run(argv, capture_output=True, text=True, timeout=120,
+                             env={"PATH": os.environ["PATH"], "HOME": str(shared_tmp),
+                                  "BAKGRAB_CONFIG": os.devnull})
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        report = json.loads(ran.stdout)
+        assert report["checked"] == report["files"] == len({
+            (snap / f).stat().st_ino for f in files})

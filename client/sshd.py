@@ -22,6 +22,10 @@ listening sshd; in inetd mode it is ours to do). So a local user opening
 connections can neither use up the job's sessions nor block the backup
 host's. When the server closes, every sshd it started is killed and its
 files removed; a failed start removes them too.
+A client killed by SIGKILL cannot remove its ``bakgrab-sshd-*`` dir; the
+next server of the same user removes it (:func:`sweep_stale`). A dir's owner
+holds an flock on its ``owner.lock`` for as long as the dir is in use, so a
+dir is stale exactly when that lock can be taken: no pid guessing, no age.
 Invariant: sshd children are started from the accept thread, which lives
 until :meth:`OneShotServer.close` (their parent-death signal is tied to it).
 """
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import ipaddress
 import logging
 import os
@@ -57,6 +62,9 @@ MAX_SILENT = 64
 """Silent connections kept at once; one more drops the oldest."""
 MAX_AUTHENTICATING = 8
 """sshd children still authenticating at once; one more cuts the oldest."""
+WORKDIR_PREFIX = "bakgrab-sshd-"
+OWNER_LOCK = "owner.lock"
+"""In each workdir: flocked by the live server that owns the dir (issue 13)."""
 
 
 def authenticated(log: bytes, user: str) -> bool:
@@ -182,8 +190,9 @@ class OneShotServer:
         self._thread: threading.Thread | None = None
         self.sock: socket.socket | None = None
         self._wake_r, self._wake_w = os.pipe()  # wakes the accept loop at close
+        sweep_stale(Path(tempfile.gettempdir()))
         # Last: nothing after it can fail and leave the dir behind (issue 13).
-        self.workdir = Path(tempfile.mkdtemp(prefix="bakgrab-sshd-"))
+        self.workdir, self._owner_lock = make_workdir()
 
     @property
     def sessions(self) -> int:
@@ -398,6 +407,7 @@ class OneShotServer:
         self._kill_sessions()
         self._report_gate_refusals()
         shutil.rmtree(self.workdir, ignore_errors=True)
+        os.close(self._owner_lock)  # after the rmtree: a sweep finds nothing of ours
 
     def _kill_sessions(self) -> None:
         """Kill the process group of every command the gate let through."""
@@ -440,3 +450,75 @@ def write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(text)
+
+
+def make_workdir() -> tuple[Path, int]:
+    """A fresh private ``bakgrab-sshd-*`` dir in the temp dir, and the fd of
+    its ``owner.lock``, flocked. The lock file is locked under another name
+    and then renamed into place, so no sweep ever sees it unlocked; on any
+    failure the dir is removed (issue 13)."""
+    workdir = Path(tempfile.mkdtemp(prefix=WORKDIR_PREFIX))
+    try:
+        fd = os.open(workdir / f"{OWNER_LOCK}.new",
+                     os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(workdir / f"{OWNER_LOCK}.new", workdir / OWNER_LOCK)
+        except BaseException:
+            os.close(fd)
+            raise
+    except BaseException:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise
+    return workdir, fd
+
+
+def sweep_stale(tmp: Path) -> list[Path]:
+    """Remove the ``bakgrab-sshd-*`` dirs in ``tmp`` whose server is gone
+    (a client killed by SIGKILL, issue 13); the removed dirs.
+
+    Only a real directory (not a symlink) owned by this user, whose
+    ``owner.lock`` this process can flock, is removed, while holding that
+    lock: a live server holds its lock, so its dir is never touched; another
+    user's dir, or one without a lock (being made right now, or left by a
+    bakgrab before this sweep existed), is left alone. Never raises: a
+    sweep that cannot look is no reason to refuse a backup.
+    """
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(tmp))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(WORKDIR_PREFIX):
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+            if not entry.is_dir(follow_symlinks=False) or st.st_uid != os.geteuid():
+                continue
+            dir_fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            try:
+                fd = os.open(OWNER_LOCK, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=dir_fd)
+            except OSError:
+                continue  # no lock: not ours to judge
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue  # its server lives
+            try:
+                # Same dir still at that name (not swapped meanwhile)?
+                if os.stat(entry.path, follow_symlinks=False).st_ino == st.st_ino:
+                    shutil.rmtree(entry.path, ignore_errors=True)
+                    removed.append(Path(entry.path))
+            finally:
+                os.close(fd)
+        finally:
+            os.close(dir_fd)
+    for path in removed:
+        log.info("removed %s, left by a client that was killed", path)
+    return removed

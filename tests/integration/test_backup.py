@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import shutil
 import stat
 import subprocess
@@ -232,3 +233,87 @@ def test_trust_re_pins_after_a_legitimate_key_change(
     assert snaps[0] == first[0] and len(snaps) == 2
     pinned = (storage / ".bakgrab" / "pins" / "host-t.pub").read_text().split()
     assert " ".join(pinned[:2]) == key  # the client made a new key, now registered
+
+
+def test_the_next_client_removes_what_a_killed_one_left(
+    tmp_path: Path, redis_url: str, storage: Path, worker: support.Proc
+) -> None:
+    """A client killed by SIGKILL while its job is queued leaves its one-shot
+    sshd's `bakgrab-sshd-*` dir in TMPDIR; the next client run removes it,
+    and only it (issue 13): not the dir of a client still running (which
+    holds its owner.lock), not another user's, not one without a lock, not
+    a symlink of that name nor what it points to. The running client's dir
+    is gone once it ends."""
+    from tests.integration.test_client_teardown import stopped_worker
+
+    need_root()  # the other user's dir is made by chown
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    tmp = tmp_path / "client-tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    clients: list[subprocess.Popen[bytes]] = []
+
+    def start_client(name: str) -> tuple[subprocess.Popen[bytes], Path]:
+        """A client whose job stays queued (the worker is stopped); its dir."""
+        before = set(tmp.glob("bakgrab-sshd-*"))
+        err = tmp_path / f"{name}.err"
+        with open(err, "wb") as out:
+            proc = subprocess.Popen([support.BAKGRAB, "--debug", "backup", "--broker", redis_url,
+                                     "--name", name, "--source", str(src), "--timeout", "60"],
+                                    stdout=subprocess.DEVNULL, stderr=out,
+                                    start_new_session=True, env=env)
+        clients.append(proc)
+        support.wait_for(lambda: "sent bakgrab.grab" in err.read_text(errors="replace")
+                         or proc.poll() is not None, 30, f"{name}'s job sent")
+        assert proc.poll() is None, err.read_text()
+        [made] = set(tmp.glob("bakgrab-sshd-*")) - before
+        return proc, made
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    others = {}
+    for kind in ("other-user", "no-lock", "link-target"):
+        path = tmp / f"bakgrab-sshd-{kind}"
+        path.mkdir(mode=0o700)
+        if kind != "no-lock":
+            (path / "owner.lock").write_text("")
+        (path / "keep").write_text(kind)
+        others[kind] = path
+    os.chown(others["other-user"], nobody, nobody)
+    os.chown(others["other-user"] / "owner.lock", nobody, nobody)
+    target = tmp_path / "elsewhere"
+    shutil.move(others.pop("link-target"), target)
+    link = tmp / "bakgrab-sshd-link"
+    link.symlink_to(target)
+
+    try:
+        with stopped_worker(worker):
+            killed, killed_dir = start_client("killed")
+            live, live_dir = start_client("live")
+            os.killpg(killed.pid, 9)
+            killed.wait(10)
+            assert (killed_dir / "sshd_config").is_file()  # what SIGKILL leaves
+            live_inode = live_dir.stat().st_ino
+
+            # the next client run (its broker unreachable: it ends at once)
+            nxt = support.run_backup(f"redis://127.0.0.1:{support.free_port()}/0", "next",
+                                     src, env=env, timeout=60)
+            assert nxt.returncode == 10, nxt.stderr
+            assert not killed_dir.exists() and not os.path.lexists(killed_dir)
+            assert live.poll() is None
+            assert live_dir.stat().st_ino == live_inode
+            assert (live_dir / "owner.lock").is_file() and (live_dir / "sshd_config").is_file()
+            for kind, path in others.items():
+                assert (path / "keep").read_text() == kind
+            assert link.is_symlink() and (target / "keep").read_text() == "link-target"
+
+            live.terminate()
+            live.wait(30)
+        assert sorted(p.name for p in tmp.iterdir()) == [
+            "bakgrab-sshd-link", "bakgrab-sshd-no-lock", "bakgrab-sshd-other-user"]
+    finally:
+        for proc in clients:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, 9)
+            proc.wait(10)

@@ -114,6 +114,40 @@ def test_second_backup_hard_links_unchanged_files(
     assert meta["stats"]["files_transferred"] == 1
 
 
+def test_a_file_rewritten_within_the_same_second_is_not_linked(
+    tmp_path: Path, redis_url: str, storage: Path, worker: support.Proc
+) -> None:
+    """A file rewritten at the same size within the same second as the
+    previous backup saw it (mtimes 0.1 s and 0.6 s into one second, set to
+    the nanosecond so the test does not depend on how fast it runs) is copied
+    anew, not hard-linked with its old content: rsync compares mtimes to the
+    nanosecond (--modify-window=-1, issue 13). An unchanged file beside it is
+    still linked, so the comparison is the only difference."""
+    src = tmp_path / "src"
+    src.mkdir()
+    second = 1_700_000_000 * 10**9
+    rewritten, same = src / "rewritten", src / "same"
+    rewritten.write_bytes(b"A" * 4096)
+    same.write_bytes(b"S" * 4096)
+    os.utime(rewritten, ns=(second + 100_000_000, second + 100_000_000))
+    os.utime(same, ns=(second, second))
+    first = support.run_backup(redis_url, "host-w", src)
+    assert first.returncode == 0, first.stderr
+    [old] = support.snapshots(storage, "host-w")
+    assert (old / "rewritten").stat().st_mtime_ns == second + 100_000_000
+
+    rewritten.write_bytes(b"B" * 4096)
+    os.utime(rewritten, ns=(second + 600_000_000, second + 600_000_000))
+    again = support.run_backup(redis_url, "host-w", src)
+    assert again.returncode == 0, again.stderr
+    old, new = support.snapshots(storage, "host-w")
+    assert (new / "rewritten").read_bytes() == b"B" * 4096
+    assert (old / "rewritten").read_bytes() == b"A" * 4096
+    assert (new / "rewritten").stat().st_ino != (old / "rewritten").stat().st_ino
+    assert (new / "rewritten").stat().st_mtime_ns == second + 600_000_000
+    assert (new / "same").stat().st_ino == (old / "same").stat().st_ino
+
+
 def test_private_key_never_shown_in_log_backend_or_events(
     tmp_path: Path, redis_url: str, storage: Path, worker: support.Proc
 ) -> None:

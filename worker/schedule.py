@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from typing import Any
 
 from celery import Celery
@@ -51,6 +52,8 @@ def check_stale(notifier: Notifier) -> str:
     limit = parse_duration(notifier.settings.stale_after)
     statuses = status.collect(notifier.storage, limit)
     for s in statuses:
+        if s.stale and first_grab_under_way(notifier.storage, s, limit):
+            continue  # a new name is not stale while its first grab runs
         if s.stale:
             reason = ("no successful snapshot at all" if s.age is None else
                       f"last success {human_duration(s.age)} ago ({s.snapshot})")
@@ -65,6 +68,18 @@ def check_stale(notifier: Notifier) -> str:
                          reason=reason[:300])
     stale = sum(s.stale for s in statuses)
     return f"{stale} of {len(statuses)} name(s) stale"
+
+
+def first_grab_under_way(storage: Storage, s: status.NameStatus, limit: float) -> bool:
+    """``s`` never succeeded nor failed, and its in-progress dir is younger
+    than ``limit``: its first grab runs (or was interrupted and will resume)."""
+    if s.snapshot is not None or not s.in_progress or s.failures:
+        return False
+    try:
+        age = time.time() - storage.inprogress(s.name).stat().st_mtime
+    except OSError:
+        return False
+    return age < limit
 
 
 def damaged(storage: Storage, name: str) -> dict[str, int]:

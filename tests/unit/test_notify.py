@@ -188,3 +188,19 @@ def test_handlers_tell_outcomes_but_not_refused_requests(tmp_path: Path) -> None
     assert [m["event"]["event"] for m in app.sent if m["target"] == ping.id] == [
         "start", "fail", "fail", "success"]
     assert "T0KEN" not in json.dumps(app.sent) and "SEALED-KEY" not in json.dumps(app.sent)
+
+
+def test_a_new_name_is_not_stale_while_its_first_grab_runs(tmp_path: Path) -> None:
+    """No snapshot, no failure and a young in-progress dir: the first grab
+    runs; an old one, or one after a failure, is stale."""
+    from bakgrab.worker import schedule, status
+
+    storage = Storage(tmp_path).prepare()
+    storage.inprogress("new").mkdir()
+    first = status.NameStatus(name="new", stale=True, in_progress=True)
+    assert schedule.first_grab_under_way(storage, first, 3600)
+    assert not schedule.first_grab_under_way(storage, first, 0.0)
+    failed = status.NameStatus(name="new", stale=True, in_progress=True, failures=1)
+    assert not schedule.first_grab_under_way(storage, failed, 3600)
+    os.utime(storage.inprogress("new"), (1, 1))
+    assert not schedule.first_grab_under_way(storage, first, 3600)

@@ -236,6 +236,12 @@ class Settings:
     metrics_listen: str = ""
     """Scheduler: ``127.0.0.1:PORT`` serves Prometheus ``/metrics`` over HTTP
     (loopback addresses only); empty: off."""
+    verify_pull: str = "off"
+    """Worker: ``on`` re-reads every file a pull wrote from the disk (its
+    cached pages flushed and dropped first) and compares it with the SHA-256
+    taken right after the pull, before the snapshot appears (issue 15). Costs
+    one more read of the changed bytes; a mismatch fails the attempt, which
+    is retried and pulls those files again."""
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -497,6 +503,8 @@ def check_monitoring(settings: Settings) -> None:
         raise ConfigError(f"smtp_security {settings.smtp_security!r}: starttls, tls or none")
     if settings.beat not in ("on", "off"):
         raise ConfigError(f"beat {settings.beat!r}: 'on' or 'off'")
+    if settings.verify_pull not in ("on", "off"):  # issue 15
+        raise ConfigError(f"verify_pull {settings.verify_pull!r}: 'on' or 'off'")
     try:
         parse_duration(settings.stale_check_every)
     except ConfigError as e:

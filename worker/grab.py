@@ -312,7 +312,8 @@ def grab(
         return publish(storage, request, task_id, outcome, exclude_text, removed, started,
                        link.dirname if link else None, attempt,
                        compression=compress.record(choice, outcome.stats, pull_seconds,
-                                                   compress.previous_link(previous)))
+                                                   compress.previous_link(previous)),
+                       reread=settings.verify_pull == "on")  # issue 15
 
 
 class PullOutcome:
@@ -456,8 +457,10 @@ def publish(
     link_dest: str | None,
     attempt: int,
     compression: dict[str, Any] | None = None,
+    reread: bool = False,
 ) -> GrabResult:
-    """Record the run beside the snapshot, then make the snapshot appear."""
+    """Record the run beside the snapshot, then make the snapshot appear
+    (``reread``: the ``verify_pull`` setting, issue 15)."""
     now = int(time.time())
     snapshot = storage.next_dirname(request.name, now)
     warnings = []
@@ -473,7 +476,7 @@ def publish(
     try:
         built: dict[str, Any] | None = manifest.make(
             storage, storage.inprogress(request.name), snapshot, link_dest,
-            outcome.wrote).to_dict()
+            outcome.wrote, reread=reread).to_dict()
     except OSError as e:
         built = None
         log.error("grab of %s: no manifest could be written (%s)", request.name, e)

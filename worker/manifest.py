@@ -35,6 +35,7 @@ file (same inode) the walk saw, so a path never leads a read elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -47,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from bakgrab.tasks import caps
+from bakgrab.tasks.errors import TransferInterrupted
 from bakgrab.worker.storage import Storage, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -281,17 +283,23 @@ class BuildStats:
     vanished: int = 0
     """Files that were no longer the walked inode when read (none after a
     finished pull: nothing else writes the tree)."""
+    reread: int = 0
+    """Files read a second time from the disk (``verify_pull``)."""
+    reread_seconds: float = 0.0
+    reread_bad: list[str] = dataclasses.field(default_factory=list)
+    """Files whose second read differed from the first."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def build(root: Path, previous: Manifest | None, changed: Iterable[bytes] = ()
-          ) -> tuple[list[Entry], BuildStats]:
+def build(root: Path, previous: Manifest | None, changed: Iterable[bytes] = (),
+          *, reread: bool = False) -> tuple[list[Entry], BuildStats]:
     """The entries of the tree at ``root``: an inode the previous manifest
     names with the same size and mtime keeps its hash, every other inode is
     read once (first those of ``changed``, rsync's itemized names, in its
-    order; then the rest in walk order)."""
+    order; then the rest in walk order). With ``reread``, every inode read is
+    then read again from the disk (:func:`reread_from_disk`)."""
     started = time.monotonic()
     stats = BuildStats()
     known = previous.by_ino() if previous is not None else {}
@@ -335,16 +343,44 @@ def build(root: Path, previous: Manifest | None, changed: Iterable[bytes] = ()
                 os.close(fd)
             stats.hashed += 1
             stats.bytes_hashed += n
+        if reread:
+            t = time.monotonic()
+            for s in order:
+                if s.ino in digests and reread_from_disk(root, s) != digests[s.ino]:
+                    stats.reread_bad.append(s.path)
+                stats.reread += 1
+            stats.reread_seconds = round(time.monotonic() - t, 3)
     entries = [Entry(s.path, s.size, s.mtime_ns, s.ino, digests[s.ino])
                for s in seen if s.ino in digests]
     stats.seconds = round(time.monotonic() - started, 3)
     return entries, stats
 
 
+def reread_from_disk(root: Path, s: Seen) -> str | None:
+    """The SHA-256 of ``s`` as the disk holds it: its dirty pages written
+    out, its cached pages dropped, then read (the kernel may keep a page it
+    cannot drop, e.g. one mapped by another process: best effort)."""
+    try:
+        fd = open_regular(root, s.path, s.ino)
+    except OSError:
+        return None
+    try:
+        os.fdatasync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return hash_fd(fd, drop_cache=True)[0]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
 def make(storage: Storage, tree: Path, snapshot: str, previous_snapshot: str | None,
-         changed: Iterable[bytes] = ()) -> BuildStats:
+         changed: Iterable[bytes] = (), *, reread: bool = False) -> BuildStats:
     """Build and write the manifest of ``tree``, to be published as ``snapshot``
-    (its previous snapshot's manifest, if good, gives the unchanged entries)."""
+    (its previous snapshot's manifest, if good, gives the unchanged entries).
+    With ``reread`` (``verify_pull``), a file whose second read from the disk
+    differs is removed from ``tree`` (a retry pulls it again) and nothing is
+    written: :class:`bakgrab.tasks.errors.TransferInterrupted`."""
     previous = None
     if previous_snapshot is not None:
         try:
@@ -352,7 +388,16 @@ def make(storage: Storage, tree: Path, snapshot: str, previous_snapshot: str | N
         except Damaged as e:
             log.warning("manifest of %s is damaged (%s): hashing every file anew",
                         previous_snapshot, e)
-    entries, stats = build(tree, previous, changed)
+    entries, stats = build(tree, previous, changed, reread=reread)
+    if stats.reread_bad:
+        with caps.raised("dac_override"):
+            for p in stats.reread_bad:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(tree, p))
+        raise TransferInterrupted(
+            f"{len(stats.reread_bad)} file(s) read back from the storage differ from what "
+            f"the pull wrote (verify_pull), e.g. {stats.reread_bad[0]!r}: is the storage's "
+            "disk failing? They are pulled again")
     write(path_of(storage, snapshot), snapshot, entries, {"build": stats.to_dict()})
     log.info("manifest of %s: %d files, %d hashed (%d bytes), %d kept, %.1fs", snapshot,
              stats.files, stats.hashed, stats.bytes_hashed, stats.reused, stats.seconds)

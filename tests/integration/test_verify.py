@@ -269,3 +269,28 @@ def test_manifest_and_verify_as_an_unprivileged_worker(shared_tmp: Path, redis_u
         report = json.loads(ran.stdout)
         assert report["checked"] == report["files"] == len({
             (snap / f).stat().st_ino for f in files})
+
+
+def test_verify_pull_reads_back_what_the_pull_wrote(
+    tmp_path: Path, redis_url: str, storage: Path
+) -> None:
+    """With `verify_pull = "on"` the worker reads every file the pull wrote
+    back from the disk before publishing: the run's metadata counts one
+    re-read per file written, and a linked file is not read again."""
+    worker = support.start_worker(storage, redis_url, tmp_path / "worker.log",
+                                  env=support.worker_env(verify_pull="on"))
+    try:
+        src = tmp_path / "src"
+        make_tree(src, files=5)
+        backup(redis_url, "host-p", src)
+        (src / "changes").write_text("two\n")
+        backup(redis_url, "host-p", src)
+    finally:
+        worker.stop()
+    first, second = support.snapshots(storage, "host-p")
+    metas = [json.loads((storage / ".bakgrab" / "meta" / f"{s.name}.json").read_text())
+             for s in (first, second)]
+    assert [m["manifest"]["reread"] for m in metas] == [7, 1]
+    assert [m["manifest"]["hashed"] for m in metas] == [7, 1]
+    assert [m["manifest"]["reread_bad"] for m in metas] == [[], []]
+    assert verify(storage)[0] == 0

@@ -219,3 +219,28 @@ def test_unlink_beneath_never_follows_a_symlink(tmp_path: Path) -> None:
     os.link(elsewhere / "f", dest / "b" / "f")
     assert damage.unlink_beneath(dest, "b/f", {ino}) is True
     assert not (dest / "b" / "f").exists()
+
+
+def test_verify_pull_refuses_a_file_the_disk_gives_back_otherwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With `verify_pull`, every file read is read again from the disk; a
+    clean tree passes (each re-read counted), and a file whose second read
+    differs is removed from the in-progress tree (a retry pulls it again)
+    and no manifest is written: a retried TransferInterrupted."""
+    from bakgrab.tasks.errors import TransferInterrupted
+
+    storage = Storage(tmp_path / "storage")
+    (tmp_path / "storage").mkdir()
+    storage.prepare()
+    tree(storage.inprogress("n"))
+    stats = manifest.make(storage, storage.inprogress("n"), "n.2026-01-01.1", None, reread=True)
+    assert stats.reread == stats.hashed == 7 and stats.reread_bad == []
+    real = manifest.reread_from_disk
+    monkeypatch.setattr(manifest, "reread_from_disk",
+                        lambda root, s: "0" * 64 if s.path == "a/f2" else real(root, s))
+    with pytest.raises(TransferInterrupted, match="differ"):
+        manifest.make(storage, storage.inprogress("n"), "n.2026-01-01.2", None, reread=True)
+    assert not (storage.inprogress("n") / "a" / "f2").exists()
+    assert (storage.inprogress("n") / "a" / "f1").exists()
+    assert not manifest.path_of(storage, "n.2026-01-01.2").exists()

@@ -30,12 +30,16 @@ and filled by a full pull, the old snapshots are removed by ``rm`` as ever.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import stat
+from collections.abc import Iterator
 from pathlib import Path
 
 from bakgrab.tasks import caps
-from bakgrab.worker import btrfs
+from bakgrab.worker import btrfs, damage
 from bakgrab.worker.storage import Snapshot, Storage
 
 log = logging.getLogger(__name__)
@@ -129,6 +133,55 @@ class Subvolumes(HardLinks):
         global _deleted
         _deleted = True
         return True
+
+
+LINK_LIMIT_SUFFIX = ".link-limit"
+"""``.bakgrab/heal/NAME.link-limit``: the --link-dest tree of a pull again
+without the files at the link limit (beside issue 15's heal trees)."""
+
+
+@contextlib.contextmanager
+def without_linked(dest: Path, link_dest: Path, leaders: list[str]) -> Iterator[tuple[Path, int]]:
+    """The hard-link backend at the link limit (issue 14): the inodes rsync
+    could not link to (``leaders``, paths in ``dest`` linked from
+    ``link_dest``) are unlinked from ``dest`` wherever this pull linked them,
+    and a --link-dest tree without any of their paths is made, so the next
+    rsync run copies those files (one new inode per hard-link group) and
+    links everything else as before. Yields that tree and how many paths it
+    leaves out; removes it afterwards. One walk of each tree, only when the
+    limit was hit."""
+    inos: set[int] = set()
+    with caps.raised("dac_override"):
+        for rel in leaders:
+            parts = Path(rel).parts
+            if not parts or Path(rel).is_absolute() or ".." in parts:
+                continue
+            # (rsync's own words; a symlink on the way only finds an inode
+            # that no path of the two trees has)
+            with contextlib.suppress(OSError):
+                st = os.lstat(dest / rel)
+                if stat.S_ISREG(st.st_mode):
+                    inos.add(st.st_ino)
+        omit = list(_paths_with(link_dest, inos))
+        for rel in list(_paths_with(dest, inos)):
+            damage.unlink_beneath(dest, rel, inos)
+    shadow = dest.parent.parent / damage.HEAL_DIR / f"{dest.name}{LINK_LIMIT_SUFFIX}"
+    try:
+        damage.build_heal_tree(link_dest, shadow, omit)
+        yield shadow, len(omit)
+    finally:
+        shutil.rmtree(shadow, ignore_errors=True)
+
+
+def _paths_with(root: Path, inos: set[int]) -> Iterator[str]:
+    """Paths under ``root`` (relative) of regular files that are one of
+    ``inos`` (os.walk follows no symlink)."""
+    for dirpath, _dirs, files in os.walk(root):
+        for fn in files:
+            path = os.path.join(dirpath, fn)
+            with contextlib.suppress(OSError):
+                if os.lstat(path).st_ino in inos:
+                    yield os.path.relpath(path, root)
 
 
 _deleted = False

@@ -327,6 +327,8 @@ class PullOutcome:
         self.failed_paths = failed
         self.wrote = wrote or []
         """The files rsync said it wrote (escaped names, transfer order; issue 15)."""
+        self.notes: tuple[str, ...] = ()
+        """Warnings its exit code does not tell (issue 14: files at the link limit)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,7 +355,44 @@ def confinement(settings: Settings, *, read: list[Path], port: int,
 def run_pull(spec: rsync.PullSpec, on_progress: ProgressFn,
              confined: Confinement | None = None) -> PullOutcome:
     """Run the pull, report its progress, and classify its exit."""
-    return run_rsync(rsync.pull_argv(spec), on_progress, confined)
+    try:
+        return run_rsync(rsync.pull_argv(spec), on_progress, confined)
+    except rsync.LinkLimit as e:
+        if spec.link_dest is None or not e.paths:
+            raise
+        return pull_past_link_limit(spec, on_progress, confined, e.paths)
+
+
+LINK_LIMIT_PASSES = 3
+
+
+def pull_past_link_limit(spec: rsync.PullSpec, on_progress: ProgressFn,
+                         confined: Confinement | None, leaders: list[str]) -> PullOutcome:
+    """Pull again, the files whose inode reached the link limit (issue 14)
+    copied instead of linked, with a warning: never a failed or partial
+    snapshot for it (see :func:`bakgrab.worker.backend.without_linked`)."""
+    assert spec.link_dest is not None
+    omitted = 0
+    for attempt in range(LINK_LIMIT_PASSES):
+        with backends.without_linked(spec.dest, spec.link_dest, leaders) as (tree, count):
+            omitted += count
+            log.warning("%d file(s) at the link limit of %s: copied, not linked (pass %d)",
+                        count, spec.dest, attempt + 2)
+            again = dataclasses.replace(spec, link_dest=tree)
+            box = confined.sandbox if confined is not None else None
+            if confined is not None and box is not None:
+                confined = dataclasses.replace(confined, sandbox=dataclasses.replace(
+                    box, link_from=[tree, *box.link_from]))
+            try:
+                outcome = run_rsync(rsync.pull_argv(again), on_progress, confined)
+            except rsync.LinkLimit as e:
+                leaders = e.paths
+                continue
+        outcome.notes = (f"{omitted} file(s) had reached the filesystem's hard-link limit "
+                         "in the previous snapshot: stored as new copies, not links",)
+        return outcome
+    raise rsync.LinkLimit(f"files still at the link limit after {LINK_LIMIT_PASSES} passes: "
+                          f"{', '.join(leaders[:5])}", 2, leaders)
 
 
 def run_rsync(argv: list[str], on_progress: ProgressFn,
@@ -471,6 +510,7 @@ def publish(
             f"{len(outcome.failed_paths)} files could not be read (rsync exit 23); "
             "the snapshot is marked partial"
         )
+    warnings.extend(outcome.notes)  # (issue 14)
     # issue 15: the manifest is written before the snapshot appears, so every
     # published snapshot carries one (a grab that dies here publishes nothing)
     try:

@@ -339,6 +339,37 @@ def no_space(code: int, stderr_tail: str) -> NoSpace:
     )
 
 
+EMLINK = "Too many links (31)"
+LINK_LIMIT_RE = re.compile(
+    r'^rsync: \[(?:generator|receiver)\] link "(?P<new>.*)" => (?P<old>.*) failed: '
+    + re.escape(EMLINK) + "$")
+
+
+def at_link_limit(stderr_tail: str) -> list[str]:
+    """The paths (relative to the in-progress dir) of the files rsync could
+    not hard-link more files to: their inode is at the filesystem's link limit
+    (ext4: 65,000). rsync 3.4-3.5 then stops with exit 2 ("File-list index ...
+    not in ... (finish_hard_link)") after linking part of the group: measured
+    with a source file of 33,000 links backed up twice (issue 14). A lone file
+    whose --link-dest inode is at the limit is copied by rsync without a word."""
+    found = []
+    for line in stderr_tail.splitlines():
+        m = LINK_LIMIT_RE.match(line)
+        if m and m.group("old") not in found:
+            found.append(m.group("old"))
+    return found
+
+
+class LinkLimit(TransferFailed):
+    """rsync stopped because some files' inode is at the link limit (issue 14);
+    the grab pulls them again as copies, so this never leaves the worker
+    from a pull unless that fails too."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.paths = list(args[2]) if len(args) > 2 and isinstance(args[2], list) else []
+
+
 class CompressRefused(TransferFailed):
     """The client's rsync (or its rrsync) lacks the compression the pull chose
     (issue 19); the grab runs again with plain ``-z``, so this never leaves
@@ -383,5 +414,9 @@ def classify(code: int, stderr_tail: str) -> None:
         raise TransferInterrupted(f"ssh exit {SSH_ERROR}: {UNREACHABLE}", SSH_ERROR)
     if code in TRANSIENT_CODES:
         raise TransferInterrupted(f"rsync exit {code}: {TRANSIENT_CODES[code]}: {tail}", code)
+    limit = at_link_limit(stderr_tail)
+    if limit:
+        raise LinkLimit(f"rsync exit {code}: {len(limit)} file(s) at the link limit: {tail}",
+                        code, limit)
     why = PERMANENT_CODES.get(code, "unexpected exit code")
     raise TransferFailed(f"rsync exit {code}: {why}: {tail}", code)

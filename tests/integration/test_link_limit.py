@@ -1,0 +1,95 @@
+"""The hard-link backend at ext4's link limit (issue 14), on a real loop-mounted ext4.
+
+A source file with 33,000 hard links, backed up twice: the second grab's
+``--link-dest`` would give the first snapshot's inode 66,000 links, past
+ext4's 65,000. rsync 3.4-3.5 then fails the pull (exit 2, after linking part
+of the group); bakgrab must store those files as a new copy instead, warn,
+and publish a complete snapshot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests import support
+from tests.conftest import need_root
+
+pytestmark = [pytest.mark.integration, pytest.mark.root]
+
+LINKS = 33_000
+
+
+@contextlib.contextmanager
+def ext4_mount(size: int = 256 << 20) -> Iterator[Path]:
+    """A fresh ext4 in a loop image, mounted; unmounted and removed after,
+    also when setting it up fails half way."""
+    need_root()
+    base = Path(tempfile.mkdtemp(prefix="bakgrab-ext4-"))
+    image, mnt = base / "img", base / "mnt"
+    mounted = False
+    try:
+        with open(image, "wb") as f:
+            f.truncate(size)
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True,
+                       timeout=60)
+        mnt.mkdir()
+        subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True, timeout=60)
+        mounted = True
+        yield mnt
+    finally:
+        if mounted:
+            done = subprocess.run(["umount", str(mnt)], capture_output=True, timeout=60)
+            if done.returncode != 0:  # a process of a failed test may still hold it
+                subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_file_past_the_link_limit_is_copied_with_a_warning(tmp_path: Path,
+                                                           redis_url: str) -> None:
+    """The second backup of a 33,000-link file succeeds (exit 0, not partial),
+    warns that files at the link limit were stored as copies, and is
+    identical to the source by `rsync -naHAX --checksum`: the group is one
+    new inode with its 33,000 links, the first snapshot's inode keeps its
+    own 33,000 (no stray link of the failed pass), and the other files are
+    still hard-linked to the first snapshot."""
+    with ext4_mount() as mnt:
+        assert os.pathconf(mnt, "PC_LINK_MAX") == 65_000
+        src = mnt / "src"
+        (src / "d").mkdir(parents=True)
+        (src / "d" / "f0").write_bytes(b"linked many times\n" * 100)
+        for i in range(1, LINKS):
+            os.link(src / "d" / "f0", src / "d" / f"f{i}")
+        (src / "plain").write_bytes(b"plain\n")
+        storage = mnt / "storage"
+        worker = support.start_worker(storage, redis_url, tmp_path / "worker.log")
+        try:
+            results = []
+            for _ in range(2):
+                done = support.run_backup(redis_url, "ll", src, "--json", timeout=300)
+                assert done.returncode == 0, done.stderr + worker.text()[-3000:]
+                results.append(json.loads(done.stdout))
+        finally:
+            worker.stop()
+        s1, s2 = support.snapshots(storage, "ll")
+        assert results[0]["warnings"] == []
+        second = results[1]
+        assert second["partial"] is False and second["rsync_exit"] == 0, second
+        assert any("hard-link limit" in w for w in second["warnings"]), second["warnings"]
+        assert support.rsync_diff(src, s2) == []
+        old, new = (s / "d" / "f0" for s in (s1, s2))
+        assert old.stat().st_nlink == LINKS and new.stat().st_nlink == LINKS
+        assert old.stat().st_ino != new.stat().st_ino
+        assert {(s2 / "d" / f"f{i}").stat().st_ino for i in range(0, LINKS, 997)} == {
+            new.stat().st_ino}
+        assert (s2 / "plain").stat().st_ino == (s1 / "plain").stat().st_ino
+        assert not list((storage / ".bakgrab" / "inprogress").iterdir())
+        assert not (storage / ".bakgrab" / "heal" / "ll.link-limit").exists()

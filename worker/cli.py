@@ -1,5 +1,5 @@
-"""The backup host's commands: ``worker``, ``list``, ``prune``, ``versions``,
-``trust``, ``flower``, ``status``, ``scheduler`` and ``verify``.
+"""The backup host's commands: ``worker``, ``list``, ``prune``, ``protect``,
+``unprotect``, ``versions``, ``trust``, ``flower``, ``status``, ``scheduler`` and ``verify``.
 
 The ``bakgrab`` group (:mod:`bakgrab.tasks.cli`) finds them through the
 ``bakgrab.commands`` entry points and imports this module only when one of
@@ -21,6 +21,21 @@ from bakgrab.tasks import config
 from bakgrab.tasks.cli import CONTEXT, guarded, settings_from
 
 
+def keep_options(command: Any) -> Any:
+    """The keep rules' flags (issue 16), shared by ``worker`` and ``prune``."""
+    for rule, what in reversed((("hourly", "hours"), ("daily", "days"), ("weekly", "ISO weeks"),
+                                ("monthly", "months"), ("yearly", "years"))):
+        command = click.option(f"--keep-{rule}", type=int, metavar="N",
+                               help=f"Keep the newest snapshot of each of the last N {what} "
+                                    "(-1: all; 0: off).")(command)
+    command = click.option("--keep-last", type=int, metavar="N",
+                           help="Keep the newest N snapshots of each name.")(command)
+    command = click.option("--keep-within", metavar="DURATION",
+                           help="Keep every snapshot younger than this (e.g. 2d, 36h).")(command)
+    return click.option("--timezone", metavar="ZONE",
+                        help="Time zone of the keep rules' calendar (default: UTC).")(command)
+
+
 @click.command(context_settings=CONTEXT)
 @click.option("--storage", help="Storage directory for snapshots (must exist).")
 @click.option("--broker", help="Broker URL, e.g. redis://127.0.0.1:6379/0.")
@@ -39,6 +54,7 @@ from bakgrab.tasks.cli import CONTEXT, guarded, settings_from
               help="Each name's share of the inodes: auto, a number, or off.")
 @click.option("--max-names", type=int,
               help="Names the storage may hold; a new one beyond is refused (default: 100).")
+@keep_options
 @click.option("--max-retries", type=int, help="Retries of a transient failure (default: 3).")
 @click.option("--rsync-timeout", type=int, help="rsync --timeout in seconds (default: 300).")
 @click.option("--bwlimit", help="rsync --bwlimit, e.g. 10M (default: none).")
@@ -105,6 +121,8 @@ def list_(ctx: click.Context, storage: str | None, fast: bool, as_json: bool) ->
             flag = "partial" if s["partial"] else "complete"
             if s.get("damaged_files"):  # issue 15
                 flag += f", DAMAGED ({s['damaged_files']} bad file(s), see bakgrab verify)"
+            if s.get("protected"):  # issue 16
+                flag += f", {s['protected']['text']}"
             alone = f"  {human_bytes(s['alone_bytes'])} alone" if "alone_bytes" in s else ""
             click.echo(f"  {s['snapshot']}  {when}  {flag}{alone}")
 
@@ -125,22 +143,39 @@ def human_age(seconds: float) -> str:
 @click.option("--min-keep", type=int, help="Snapshots per name never removed.")
 @click.option("--name-max-bytes", help="Each name's share of the bytes: auto, a size, or off.")
 @click.option("--name-max-inodes", help="Each name's share of the inodes: auto, a number, or off.")
+@keep_options
+@click.option("--simulate", "simulate_days", type=float, metavar="DAYS",
+              help="Remove nothing: show which snapshots DAYS of backups would leave under "
+                   "the keep rules (no storage needed).")
+@click.option("--every", metavar="DURATION",
+              help="With --simulate: a backup this often (default: 1d).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @guarded
-def prune(ctx: click.Context, dry_run: bool, as_json: bool, **flags: Any) -> None:
-    """Run the free-space cleanup now (backup host).
+def prune(ctx: click.Context, dry_run: bool, as_json: bool, simulate_days: float | None,
+          every: str | None, **flags: Any) -> None:
+    """Expire snapshots no keep rule keeps, then run the free-space cleanup (backup host).
 
-    The same rule as before every grab: while free space (or inodes) is below
-    the need, remove the oldest snapshot of the name most over its share, down
-    to its newest, then of the name that has the most, never below --min-keep
-    per name. Prints, in order, what it removes (or would) and why; exits 6 if
-    it cannot free enough.
+    The same as before every grab, for every name. With keep rules
+    (--keep-daily 7 and the like, as in borg prune; per name in the config
+    file), a snapshot no rule keeps is removed, never a name's newest nor a
+    protected one. Then, while free space (or inodes) is below the need:
+    snapshots no rule keeps of any name, then the oldest of the name most
+    over its share, down to its newest, then of the name that has the most,
+    never below --min-keep per name. Prints, in order, what it removes (or
+    would) and each one's rule; exits 6 if it cannot free enough.
+    --simulate DAYS [--every 1d] shows instead which snapshots the rules
+    would leave after DAYS of backups (and, given a storage, their space).
     """
     settings = settings_from(ctx, **flags)
     from bakgrab.worker.retention import make_room
     from bakgrab.worker.storage import Storage
 
+    if simulate_days is not None:
+        simulate(settings, simulate_days, every or "1d", as_json)
+        return
+    if every:
+        raise click.UsageError("--every goes with --simulate DAYS")
     if not settings.storage:
         raise config.ConfigError("give --storage DIR")
     storage = Storage(settings.storage)
@@ -159,7 +194,100 @@ def prune(ctx: click.Context, dry_run: bool, as_json: bool, **flags: Any) -> Non
         else:
             click.echo(f"{verb} {entry['snapshot']}: {entry['reason']} ({entry['rule']})")
     if not removed:
-        click.echo("enough free space; nothing to remove")
+        click.echo("nothing to remove: the keep rules keep every snapshot and free space "
+                   "is enough")
+
+
+def simulate(settings: config.Settings, days: float, every: str, as_json: bool) -> None:
+    """``prune --simulate``: the snapshots DAYS of backups leave (issue 16)."""
+    from bakgrab.tasks.result import human_bytes
+    from bakgrab.worker import keep
+    from bakgrab.worker.retention import cached_usage
+    from bakgrab.worker.storage import Storage
+
+    tz = keep.timezone(settings)
+    rules = keep.rules_for(settings, "")
+    sim = keep.simulate(days, config.parse_duration(every), rules, tz, time.time(),
+                        min_keep=settings.min_keep)
+    data = sim.to_dict(tz)
+    data["timezone"] = settings.timezone
+    average = None
+    if settings.storage:
+        storage = Storage(settings.storage)
+        inventory = storage.by_name()
+        count = sum(len(s) for s in inventory.values())
+        if count:
+            held = sum(cached_usage(storage, n, s).bytes for n, s in inventory.items())
+            average = held // count
+    data["average_snapshot_bytes"] = average
+    data["space_bytes"] = None if average is None else average * len(sim.left)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    click.echo(f"after {days:g} days of backups every {every} ({sim.made} made), with "
+               f"{rules.describe()} (time zone {settings.timezone}):")
+    counts = ", ".join(f"{rule} {n}" for rule, n in data["per_rule"].items())
+    click.echo(f"{len(sim.left)} snapshot(s) left: {counts}")
+    for entry in data["snapshots"]:
+        number = f" #{entry['number']}" if entry["number"] else ""
+        click.echo(f"  {human_age(entry['age_seconds']):>8} old  {entry['time']}  "
+                   f"{entry['rule']}{number}")
+    if average is not None:
+        click.echo(f"space: {len(sim.left)} x {human_bytes(average)} (the average snapshot "
+                   f"now) = {human_bytes(average * len(sim.left))}")
+    elif settings.storage:
+        click.echo("space: no snapshot yet to take an average size from")
+
+
+@click.command("protect", context_settings=CONTEXT)
+@click.option("--storage", help="Storage directory.")
+@click.option("--until", metavar="DATE",
+              help="Protect until then: a date (through its end) or a date and time, in the "
+                   "keep rules' time zone (default: until unprotect).")
+@click.option("--note", metavar="TEXT", help="Why, e.g. 'legal hold 2026-17'.")
+@click.argument("snapshot")
+@click.pass_context
+@guarded
+def protect_(ctx: click.Context, storage: str | None, until: str | None, note: str | None,
+             snapshot: str) -> None:
+    """Protect SNAPSHOT from every cleanup rule (backup host).
+
+    A protected snapshot is never removed by the keep rules, the fair shares
+    or the free-space rule; `list` marks it. The mark lives under
+    STORAGE/.bakgrab/protected, never in the snapshot. A grab that cannot
+    free enough space because of protections fails (exit 6) naming them.
+    """
+    settings = settings_from(ctx, storage=storage)
+    from bakgrab.worker import keep, locks, protect
+    from bakgrab.worker.retention import STORAGE_LOCK_WAIT
+    from bakgrab.worker.storage import Storage
+
+    if not settings.storage:
+        raise config.ConfigError("give --storage DIR")
+    store = Storage(settings.storage).prepare()
+    tz = keep.timezone(settings)
+    when = protect.parse_until(until, tz) if until else None
+    # under the cleanup's lock: once this returns, no cleanup removes it
+    with locks.held(store.storage_lock, wait=STORAGE_LOCK_WAIT, what="storage"):
+        found = protect.protect(store, snapshot, when, note or "")
+    click.echo(f"{found.snapshot}: {found.describe(tz)}")
+
+
+@click.command(context_settings=CONTEXT)
+@click.option("--storage", help="Storage directory.")
+@click.argument("snapshot")
+@click.pass_context
+@guarded
+def unprotect(ctx: click.Context, storage: str | None, snapshot: str) -> None:
+    """Remove SNAPSHOT's protection: the cleanup rules apply to it again (backup host)."""
+    settings = settings_from(ctx, storage=storage)
+    from bakgrab.worker import protect
+    from bakgrab.worker.storage import Storage
+
+    if not settings.storage:
+        raise config.ConfigError("give --storage DIR")
+    old = protect.unprotect(Storage(settings.storage).prepare(), snapshot)
+    click.echo(f"{snapshot}: protection removed" if old else f"{snapshot}: was not protected")
 
 
 @click.command(context_settings=CONTEXT)

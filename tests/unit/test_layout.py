@@ -112,5 +112,5 @@ def test_both_sides_installed_lists_every_command() -> None:
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert commands_listed(done.stdout) == [
-        "backup", "doctor", "flower", "key", "list", "prune", "restore", "scheduler", "status",
-        "trust", "verify", "versions", "worker"]
+        "backup", "doctor", "flower", "key", "list", "protect", "prune", "restore", "scheduler",
+        "status", "trust", "unprotect", "verify", "versions", "worker"]

@@ -12,6 +12,35 @@ import pytest
 from tests import support
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """TMPDIR of the whole run, and of every process it starts: a fresh
+    ``bakgrab-test-tmp-*`` dir, removed at the end (issue 13: a full run
+    left ``pymp-*`` dirs, billiard's, from workers the tests SIGKILL, and
+    ``bakgrab-sshd-*`` dirs, from killed clients, in /tmp). Mode 1777 like
+    /tmp, so the tests' throwaway users can use it too; removed with
+    ``rm --one-file-system``, never into a mount a test left."""
+    import subprocess
+    import tempfile
+
+    tmp_path_factory.getbasetemp()  # pytest's own dirs stay where they were
+    path = Path(tempfile.mkdtemp(prefix="bakgrab-test-tmp-"))
+    path.chmod(0o1777)
+    saved_env, saved_dir = os.environ.get("TMPDIR"), tempfile.tempdir
+    os.environ["TMPDIR"] = str(path)
+    tempfile.tempdir = str(path)  # this process's own temp files too
+    try:
+        yield path
+    finally:
+        tempfile.tempdir = saved_dir
+        if saved_env is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = saved_env
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", str(path)], check=False,
+                       timeout=300)
+
+
 @pytest.fixture(autouse=True)
 def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No BAKGRAB_* setting leaks in; client state lives in tmp_path."""

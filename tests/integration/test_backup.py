@@ -351,3 +351,43 @@ def test_the_next_client_removes_what_a_killed_one_left(
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, 9)
             proc.wait(10)
+
+
+def test_what_killed_processes_leave_in_tmp_is_the_runs_own(
+    session_tmpdir: Path, tmp_path: Path, redis_url: str, storage: Path
+) -> None:
+    """The processes the tests start use the run's own TMPDIR (tests/conftest.py,
+    removed when the run ends), not /tmp (issue 13): a worker killed by
+    SIGKILL leaves its pool's pymp-* dir there, and so does a killed client
+    its bakgrab-sshd-* dir. (Whether /tmp got any is not checked: other runs
+    on the machine may write there meanwhile.)"""
+    assert session_tmpdir.parent == Path("/tmp") and os.environ["TMPDIR"] == str(session_tmpdir)
+    mine = set(os.listdir(session_tmpdir))
+    worker = support.start_worker(storage, redis_url, tmp_path / "worker.log")
+    try:
+        environ = Path(f"/proc/{worker.pid}/environ").read_bytes().split(b"\0")
+        assert f"TMPDIR={session_tmpdir}".encode() in environ
+        src = tmp_path / "src"
+        src.mkdir()
+        with open(tmp_path / "client.err", "wb") as err:
+            client = subprocess.Popen([support.BAKGRAB, "backup", "--broker", redis_url, "--name",
+                                       "killed", "--source", str(src)], stdout=subprocess.DEVNULL,
+                                      stderr=err, start_new_session=True)
+        try:
+            support.wait_for(lambda: list(session_tmpdir.glob("bakgrab-sshd-*/owner.lock")),
+                             30, "the client's sshd dir")
+            support.wait_for(lambda: list(session_tmpdir.glob("pymp-*")), 30, "the pool's dir")
+            client_environ = Path(f"/proc/{client.pid}/environ").read_bytes().split(b"\0")
+            assert f"TMPDIR={session_tmpdir}".encode() in client_environ
+            os.killpg(client.pid, 9)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(client.pid, 9)
+            client.wait(10)
+        os.killpg(worker.pid, 9)
+        worker.popen.wait(10)
+    finally:
+        worker.stop()
+    left = set(os.listdir(session_tmpdir)) - mine
+    assert {n.split("-")[0] for n in left if n.startswith(("pymp-", "bakgrab-sshd-"))} == {
+        "pymp", "bakgrab"}, left

@@ -8,9 +8,12 @@ those for each grab from what the worker measures:
   route get`` says ``local``) means nothing crosses a wire, so ``off``;
 * the previous grab of the name: its rates (bytes on the wire and file data
   per second of the pull, recorded in the snapshot's metadata by
-  :func:`record`, and carried forward by grabs too small to measure). Data
-  at 150 MiB/s or more (a link, or a CPU, faster than compression pays on):
-  ``off``; at 4 MiB/s or more on the wire: ``zstd:1``; slower: ``zstd:3``;
+  :func:`record`, and carried forward by grabs too small to measure). The
+  wire's rate is a lower bound of the link's (compressible data leaves the
+  link idle), so: 150 MiB/s or more on the wire, a link faster than zstd
+  compresses on one core: ``off``; 4 MiB/s or more on the wire, or data at
+  64 MiB/s or more (the CPU, not the link, set the pace): ``zstd:1``;
+  slower: ``zstd:3``;
 * with no measurement yet: ``zstd:3``, what rsync's own ``-z`` negotiates
   between two rsyncs >= 3.2, safe for the slow link the original design
   compressed for; the first grab measures the link for the next;
@@ -59,16 +62,20 @@ FAST = "zstd:1"
 SLOW = "zstd:3"
 """``auto`` below :data:`SLOW_WIRE`: each byte saved is worth more CPU."""
 
-OFF_DATA_RATE = 150 << 20
-"""Bytes of file data a second at or above which ``auto`` turns compression
-off: measured on this project's 2-core benchmark host, zstd:1 in rsync's
-sender compresses roughly 200-250 MiB/s on one core, so compression stops
-paying near that rate (and over loopback, where both ends share the CPUs, it
-costs 30-40 % of a full backup's time; docs/benchmarks.md)."""
+OFF_WIRE = 150 << 20
+"""Bytes on the wire a second at or above which ``auto`` turns compression
+off: on this project's 2-core benchmark host rsync's sender compresses
+roughly 200-250 MiB/s with zstd:1 on one core, so a link that carried this
+much gains little from it (and over loopback, where both ends share the
+CPUs, compression only costs; docs/benchmarks.md)."""
 SLOW_WIRE = 4 << 20
 """Bytes on the wire a second (32 Mbit/s) below which ``auto`` uses
-:data:`SLOW`: zstd:3 sends about 8 % fewer bytes than zstd:1 on the
-benchmark's tree, which matters only where the wire is the bottleneck."""
+:data:`SLOW` (unless the data moved at :data:`CPU_BOUND_DATA`): zstd:3
+sends about 8 % fewer bytes than zstd:1 on the benchmark's tree, which
+matters where the wire is the bottleneck."""
+CPU_BOUND_DATA = 64 << 20
+"""Bytes of file data a second at or above which the link was not what
+limited the pull, whatever the wire's rate: the cheapest level then."""
 MIN_MEASURED = 16 << 20
 """File data a grab must move for its rates to count (an incremental grab that
 moves little spends its time on the file list, not on the wire)."""
@@ -218,15 +225,16 @@ def choose(setting: str, *, link: str, cpus: int, previous: Mapping[str, Any] | 
     if previous is None:
         used, why = UNMEASURED, ("link not measured yet: rsync's own -z level, for a slow link; "
                                  "this grab measures it for the next")
-    elif previous["data_rate"] >= OFF_DATA_RATE:
-        used, why = OFF, (f"the previous grab moved {previous['data_rate'] / (1 << 20):.0f} MiB/s "
-                          "of data: faster than compression pays on")
-    elif previous["wire_rate"] >= SLOW_WIRE:
-        used, why = FAST, (f"the previous grab moved {previous['wire_rate'] / (1 << 20):.1f} MiB/s "
-                           "on the wire: a fast link, the cheapest zstd level")
     else:
-        used, why = SLOW, (f"the previous grab moved {previous['wire_rate'] / (1 << 20):.1f} MiB/s "
-                           "on the wire: a slow link, where fewer bytes pay for more CPU")
+        wire, data = previous["wire_rate"], previous["data_rate"]
+        rates = (f"the previous grab moved {wire / (1 << 20):.1f} MiB/s on the wire, "
+                 f"{data / (1 << 20):.1f} MiB/s of data")
+        if wire >= OFF_WIRE:
+            used, why = OFF, f"{rates}: a link faster than compression pays on"
+        elif wire >= SLOW_WIRE or data >= CPU_BOUND_DATA:
+            used, why = FAST, f"{rates}: a fast link, or the CPU set the pace: the cheapest level"
+        else:
+            used, why = SLOW, f"{rates}: a slow link, where fewer bytes pay for more CPU"
     algo = used.partition(":")[0]
     if used != OFF and algo not in available:
         return Choice(setting, ANY, f"{why}; this host's rsync lacks {algo}: rsync's own "

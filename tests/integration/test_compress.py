@@ -10,15 +10,20 @@ metadata and the grab's result.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
+import secrets
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from bakgrab.worker import compress
 from tests import support
+from tests.conftest import need_root
 
 pytestmark = pytest.mark.integration
 
@@ -121,3 +126,94 @@ def test_auto_on_loopback_chooses_off_and_says_why(tmp_path: Path) -> None:
     assert chosen["measured"]["link"] == "loopback"
     assert chosen["measured"]["cpus"] == os.cpu_count()
     assert result["compress"] == chosen
+
+
+class Peer:
+    """A client host in a network namespace of its own, wired to this host by
+    a veth pair (198.19.X.Y/30 addresses, made and removed here): the worker
+    reaches it on-link, not over loopback."""
+
+    def __init__(self) -> None:
+        tag = secrets.token_hex(3)
+        self.ns = f"bkgc{tag}"
+        self.here_dev = f"bkgc{tag}h"
+        third = int(tag[:2], 16)
+        fourth = (int(tag[2:4], 16) % 64) * 4
+        self.here = f"198.19.{third}.{fourth + 1}"
+        self.there = f"198.19.{third}.{fourth + 2}"
+        subprocess.run(["ip", "netns", "add", self.ns], check=True, capture_output=True)
+        try:
+            for argv in (
+                ["link", "add", self.here_dev, "type", "veth", "peer", "name", "eth0",
+                 "netns", self.ns],
+                ["addr", "add", f"{self.here}/30", "dev", self.here_dev],
+                ["link", "set", self.here_dev, "up"],
+                ["-n", self.ns, "addr", "add", f"{self.there}/30", "dev", "eth0"],
+                ["-n", self.ns, "link", "set", "eth0", "up"],
+                ["-n", self.ns, "link", "set", "lo", "up"],
+            ):
+                subprocess.run(["ip", *argv], check=True, capture_output=True, timeout=10)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        subprocess.run(["ip", "link", "del", self.here_dev], capture_output=True, timeout=10)
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=10)
+
+
+@pytest.mark.root
+def test_auto_over_a_link_measures_it_for_the_next_grab(tmp_path: Path) -> None:
+    """A client on another host (a network namespace, on-link): the first
+    ``auto`` grab has no measurement and uses zstd:3 (rsync's own -z level),
+    records the link's rates in the snapshot's metadata, and the next grab
+    chooses from exactly those, saying so; both snapshots equal the source."""
+    need_root()
+    peer = Peer()
+    redis_proc = worker = None
+    try:
+        redis_proc, url = support.start_redis(tmp_path / "redis",
+                                              # reachable from the peer's namespace only
+                                              ["--bind", "127.0.0.1", peer.here,
+                                               "--protected-mode", "no"])
+        storage = tmp_path / "storage"
+        worker = support.start_worker(storage, url, tmp_path / "worker.log", "--loglevel", "DEBUG")
+        url = url.replace("127.0.0.1", peer.here)  # the client's way to the broker
+        src = tmp_path / "src"
+        src.mkdir()
+        # 64 MiB of base64 text: enough data and time for a measurement
+        for i in range(4):
+            (src / f"part{i}.txt").write_bytes(base64.b64encode(os.urandom(12 << 20)))
+        metas = []
+        for _ in range(2):
+            done = subprocess.run(
+                ["ip", "netns", "exec", peer.ns, support.BAKGRAB, "backup", "--broker", url,
+                 "--name", "far", "--source", str(src), "--json"],
+                capture_output=True, text=True, timeout=180, env=dict(os.environ))
+            assert done.returncode == 0, done.stderr + worker.text()[-3000:]
+            snap = support.snapshots(storage, "far")[-1]
+            assert support.rsync_diff(src, snap) == []
+            metas.append(json.loads(
+                (storage / ".bakgrab" / "meta" / f"{snap.name}.json").read_text()))
+            assert json.loads(done.stdout)["compress"] == metas[-1]["compress"]
+        assert worker.alive()
+    finally:
+        if worker is not None:
+            worker.stop()
+        if redis_proc is not None:
+            redis_proc.stop()
+        peer.close()
+    first, second = (m["compress"] for m in metas)
+    assert first["measured"]["link"] == "on-link", first
+    assert first["used"] == "zstd:3" and "not measured" in first["why"]
+    assert metas[0]["client"]["address"] == peer.there
+    link = first["link"]
+    assert link["data_rate"] > 0 and link["wire_rate"] > 0 and link["used"] == "zstd:3"
+    # the wire carried fewer bytes than the data: zstd really ran
+    assert metas[0]["stats"]["bytes_received"] < metas[0]["stats"]["total_size"]
+    seen = compress.previous_link(metas[0])
+    expected = compress.choose("auto", link="on-link", cpus=os.cpu_count() or 1,
+                               previous=seen, available=compress.worker_list())
+    assert (second["used"], second["why"]) == (expected.used, expected.why)
+    assert "previous grab moved" in second["why"]
+    assert second["measured"]["previous"]["from"] == metas[0]["snapshot"]

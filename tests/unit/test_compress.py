@@ -211,9 +211,12 @@ def prev(wire: float, data: float, **extra: Any) -> dict[str, Any]:
     ("on-link", None, "zstd:3"),
     ("routed", None, "zstd:3"),
     ("unknown", None, "zstd:3"),
-    ("on-link", prev(200 * MIB, 300 * MIB), "off"),
-    ("on-link", prev(60 * MIB, 100 * MIB), "zstd:1"),
-    ("routed", prev(2.4 * MIB, 3.5 * MIB), "zstd:3"),
+    ("on-link", prev(160 * MIB, 250 * MIB), "off"),
+    ("on-link", prev(100 * MIB, 100 * MIB), "zstd:1"),  # gigabit, uncompressed
+    ("on-link", prev(5 * MIB, 7 * MIB), "zstd:1"),
+    ("routed", prev(1.5 * MIB, 200 * MIB), "zstd:1"),  # text, CPU-bound: not the link
+    ("routed", prev(2.4 * MIB, 3.5 * MIB), "zstd:3"),  # 20 Mbit/s
+    ("routed", prev(2.4 * MIB, 40 * MIB), "zstd:3"),  # compressible, slow link
     ("routed", prev(0, 0, client_refused=True), "any"),
 ])
 def test_auto_chooses_from_the_link(link: str, previous: dict[str, Any] | None,

@@ -51,6 +51,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from celery.utils.dispatch import Signal
+
 from bakgrab.tasks import GRAB, process
 from bakgrab.tasks.app import RESULT_EXPIRES
 from bakgrab.tasks.config import Settings, parse_size
@@ -79,6 +81,10 @@ PROGRESS_EVERY = 1.0
 MAX_FAILED_PATHS = 1000
 
 ProgressFn = Callable[[dict[str, Any]], None]
+
+grab_accepted = Signal(name="bakgrab_grab_accepted", providing_args={"task_id"})
+"""Sent (sender: the backup name) once a grab's request passed every check of
+its name's registration, before anything is pulled."""
 
 
 def check_task_id(task_id: Any) -> str:
@@ -238,6 +244,9 @@ def grab(
     retention.admit(storage, settings, request.name)  # max_names: reads only (issue 11)
     # before anything else touches the storage for this name (issue 11)
     registered = check_pin(storage, settings, task_id, request)
+    # Only now is the grab the name's own client's: monitoring may hear of it
+    # (a /start ping before the check could be forged for any name; issue 17).
+    grab_accepted.send(sender=request.name, task_id=task_id)
     sweep_job_records(storage)
     done = finished(storage, task_id)  # (a recovery waits for the name's lock)
     if done is not None:

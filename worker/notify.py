@@ -1,7 +1,9 @@
 """Notices from the backup host: webhooks, mail and ping URLs (issue 17).
 
-The worker learns each grab's outcome from Celery's signals (``task_prerun``,
-``task_success``, ``task_failure``), connected by :func:`install`, and the
+The worker learns each grab's outcome from Celery's signals (``task_success``,
+``task_failure``) and that a grab was accepted from
+:data:`bakgrab.worker.grab.grab_accepted` (only then a ``/start`` ping: a
+request that fails its name's checks pings nothing), connected by :func:`install`, and the
 stale check (:mod:`bakgrab.worker.schedule`) tells it which names went stale.
 Each change of a name's state becomes a notice, delivered to every target by
 its own ``bakgrab.notify`` task, so Flower shows each delivery, its retries
@@ -62,7 +64,6 @@ from celery.signals import (
     before_task_publish,
     celeryd_after_setup,
     task_failure,
-    task_prerun,
     task_success,
     worker_ready,
     worker_shutdown,
@@ -73,6 +74,7 @@ from bakgrab.tasks.config import Settings
 from bakgrab.tasks.errors import BakgrabError, ConfigError, InvalidRequest, NoSpace, exit_code_for
 from bakgrab.tasks.request import check_name
 from bakgrab.worker import transport
+from bakgrab.worker.grab import grab_accepted
 from bakgrab.worker.storage import Storage, write_atomic
 
 log = logging.getLogger(__name__)
@@ -385,11 +387,11 @@ class Notifier:
             log.warning("could not record the notice state of %s", name, exc_info=True)
 
     # -- Celery signal receivers (in the pool process that ran the grab) --
-    def on_prerun(self, sender: Task | None = None, kwargs: Any = None, **_: Any) -> None:
-        if getattr(sender, "name", None) != GRAB or not isinstance(kwargs, dict):
-            return
+    def on_accepted(self, sender: str | None = None, **_: Any) -> None:
+        """A grab passed its name's checks (worker.grab.grab_accepted): only then
+        the /start ping, so a forged request cannot start anybody's check."""
         with contextlib.suppress(InvalidRequest):
-            self.ping(check_name(kwargs.get("name")), "start")
+            self.ping(check_name(sender), "start")
 
     def on_success(self, sender: Task | None = None, result: Any = None, **_: Any) -> None:
         if getattr(sender, "name", None) != GRAB or not isinstance(result, dict):
@@ -518,7 +520,7 @@ def install(app: Celery, settings: Settings) -> Notifier:
         instance.app.amqp.queues.select_add(notifier.queue)
 
     celeryd_after_setup.connect(add_queue, weak=False)
-    task_prerun.connect(notifier.on_prerun, weak=False)
+    grab_accepted.connect(notifier.on_accepted, weak=False)
     task_success.connect(notifier.on_success, weak=False)
     task_failure.connect(notifier.on_failure, weak=False)
     worker_ready.connect(notifier.on_ready, weak=False)

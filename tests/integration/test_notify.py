@@ -276,8 +276,8 @@ def test_a_failure_is_told_once_by_webhook_mail_and_ping_then_its_recovery(
         tmp_path: Path, redis_url: str, storage: Path, sink: Sink, relay: Relay) -> None:
     """Two failed grabs of a name make one ``failed`` notice (webhook and
     mail), its next success one ``recovered``; the name's ping URL gets
-    /start for every grab, /fail for each failure and the bare URL for the
-    success. The payload has the documented fields; the mail came through
+    /start for every accepted grab (not for another client's refused one),
+    /fail for each failure and the bare URL for the success. The payload has the documented fields; the mail came through
     STARTTLS with the relay's login; and the SMTP password (from a 0600
     file) and the client's one-time key appear in no payload, mail, log,
     argv or broker key."""
@@ -303,6 +303,11 @@ def test_a_failure_is_told_once_by_webhook_mail_and_ping_then_its_recovery(
         support.wait_for(lambda: sink.paths("/ping/alpha").count("/ping/alpha") >= 1
                          and len(sink.events("/hook")) >= 2 and len(relay.mails) >= 2,
                          30, "the recovery notice, mail and success ping")
+        # another client's request for the name, now registered: refused,
+        # and it neither pings /start nor counts as a failure (issue 11)
+        intruder = {**os.environ, "XDG_STATE_HOME": str(tmp_path / "intruder")}
+        forged = support.run_backup(redis_url, "alpha", src, env=intruder)
+        assert forged.returncode == 4, forged.stderr
         time.sleep(3)  # anything more would have been queued by now
         events = sink.events("/hook")
         assert conditions(events) == [("failed", "failed"), ("recovered", "failed")], events

@@ -162,7 +162,8 @@ class Grab:
 
 
 def test_handlers_tell_outcomes_but_not_refused_requests(tmp_path: Path) -> None:
-    """A refused request (InvalidRequest) sends nothing, not even a ping; a
+    """A refused request (InvalidRequest) sends nothing, not even a ping (the
+    /start ping waits for grab_accepted, sent after the name's checks); a
     final failure sends the notice and /fail, NoSpace its own condition; a
     success the recovery of both; the queued message names the target by id."""
     from bakgrab.tasks.errors import NoSpace, RequestRefused, TransferInterrupted
@@ -175,7 +176,7 @@ def test_handlers_tell_outcomes_but_not_refused_requests(tmp_path: Path) -> None
     fields = {"name": "web1", "key": "SEALED-KEY"}
     notifier.on_failure(sender=Grab(), exception=RequestRefused("no"), kwargs=fields)
     assert app.sent == []
-    notifier.on_prerun(sender=Grab(), kwargs=fields)
+    notifier.on_accepted(sender="web1", task_id="t1")  # what grab() sends once checked
     notifier.on_failure(sender=Grab(), exception=TransferInterrupted("down", 255), kwargs=fields)
     notifier.on_failure(sender=Grab(), exception=NoSpace("full"), kwargs=fields)
     notifier.on_success(sender=Grab(), result={"name": "web1", "snapshot": "web1.x",

@@ -93,8 +93,11 @@ class Subvolumes(HardLinks):
         dest = storage.inprogress(name)
         with caps.raised("dac_override", "fowner"):
             if btrfs.is_subvolume(dest):
+                # an earlier attempt's subvolume: resume into it (the links
+                # that attempt made are found by a walk)
+                self.unshare(dest, None)
                 os.utime(dest)
-                return True  # an earlier attempt's subvolume: resume into it
+                return True
             if os.path.lexists(dest):
                 # a plain dir of a hard-link era pull: it cannot become a
                 # subvolume, so it goes and the pull starts over
@@ -102,14 +105,35 @@ class Subvolumes(HardLinks):
                 from bakgrab.worker import retention
 
                 retention.delete_tree(dest)
-            source = storage.root / newest.dirname if newest is not None else None
-            if source is not None and btrfs.is_subvolume(source):
-                btrfs.snapshot(source, dest)
+            if newest is not None and btrfs.is_subvolume(storage.root / newest.dirname):
+                btrfs.snapshot(storage.root / newest.dirname, dest)
+                self.unshare(dest, linked_in(storage, newest))
             else:
                 btrfs.create(dest)
             os.chmod(dest, 0o700)  # (rsync sets the client's mode on it)
             os.utime(dest)
         return False
+
+    @staticmethod
+    def unshare(dest: Path, groups: dict[int, list[str]] | None) -> None:
+        """Give every path of each hard-linked inode in ``dest`` its own inode
+        before rsync ``--inplace`` writes there (see
+        :func:`bakgrab.worker.btrfs.unshare`); rsync's ``-H`` then links again
+        what the client still links. ``groups`` (inode: paths) from the
+        previous snapshot's manifest spares a walk; None walks."""
+        count = 0
+        # a clone of another's file keeps its owner, setuid bits and file
+        # capabilities: the capabilities rsync --super uses for the same
+        with caps.raised("chown", "dac_override", "fowner", "fsetid", "setfcap"):
+            if groups is None:
+                groups = btrfs.linked_files(dest)
+            for ino, paths in groups.items():
+                for rel in paths[1:]:
+                    with contextlib.suppress(FileNotFoundError, ValueError):
+                        count += btrfs.unshare(dest, rel, ino)
+        if count:
+            log.info("%s: %d hard link(s) given their own inode before an in-place pull",
+                     dest, count)
 
     def publish(self, storage: Storage, name: str, snapshot: str) -> None:
         dest = storage.inprogress(name)
@@ -182,6 +206,23 @@ def _paths_with(root: Path, inos: set[int]) -> Iterator[str]:
             with contextlib.suppress(OSError):
                 if os.lstat(path).st_ino in inos:
                     yield os.path.relpath(path, root)
+
+
+def linked_in(storage: Storage, snap: Snapshot) -> dict[int, list[str]] | None:
+    """The hard-linked files of ``snap`` (inode: paths) by its manifest
+    (issue 15), or None when it has no trustworthy one (then a walk)."""
+    from bakgrab.worker import manifest
+
+    try:
+        found = manifest.load(storage, snap.dirname)
+    except manifest.Damaged:
+        return None
+    if found is None:
+        return None
+    paths: dict[int, list[str]] = {}
+    for entry in found.entries:
+        paths.setdefault(entry.ino, []).append(entry.path)
+    return {ino: p for ino, p in paths.items() if len(p) > 1}
 
 
 _deleted = False

@@ -252,6 +252,89 @@ def settle(path: Path, enough: int | None = None, *, timeout: float = SETTLE_MAX
         time.sleep(SETTLE_POLL)
 
 
+# -- hard links and rsync --inplace ---------------------------------------------------
+
+FICLONE = 0x40049409
+
+
+def _open_parent(root: Path, rel: str) -> tuple[int, str]:
+    """An fd of the dir holding ``root/rel`` reached without following any
+    symlink (``root`` is a client-written tree), and the last name."""
+    parts = rel.split("/")
+    if not rel or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"not a relative path: {rel!r}")
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(root, flags)
+    try:
+        for part in parts[:-1]:
+            nxt = os.open(part, flags, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, parts[-1]
+
+
+def unshare(root: Path, rel: str, ino: int) -> bool:
+    """Give ``root/rel``, a link of the multiply-linked inode ``ino``, an
+    inode of its own: a reflink clone (no data is copied) with the same
+    owner, mode, xattrs (ACLs and file capabilities among them) and times,
+    renamed over it. False when the path is not that inode any more.
+
+    Why (measured, issue 14): ``rsync --inplace`` writes into the existing
+    inode, so with two paths linked in the previous snapshot that the client
+    no longer links, writing the second one changes the first too: the new
+    snapshot silently held one file's content at another's path."""
+    import stat as stat_
+
+    dfd, name = _open_parent(root, rel)
+    try:
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if st.st_ino != ino or not stat_.S_ISREG(st.st_mode) or st.st_nlink < 2:
+            return False
+        src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                      dir_fd=dfd)
+        tmp = f".bakgrab-unshare.{ino}.{os.getpid()}"
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dfd)
+        try:
+            new = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                          0o600, dir_fd=dfd)
+            try:
+                fcntl.ioctl(new, FICLONE, src)
+                # chown first: it clears setuid bits and file capabilities
+                os.fchown(new, st.st_uid, st.st_gid)
+                os.fchmod(new, stat_.S_IMODE(st.st_mode))
+                for attr in os.listxattr(src):
+                    os.setxattr(new, attr, os.getxattr(src, attr))
+                os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+            finally:
+                os.close(new)
+            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
+        finally:
+            os.close(src)
+        return True
+    finally:
+        os.close(dfd)
+
+
+def linked_files(root: Path) -> dict[int, list[str]]:
+    """Every regular file under ``root`` with more than one link, by inode:
+    its paths (relative), found by a walk that follows no symlink."""
+    import stat as stat_
+
+    out: dict[int, list[str]] = {}
+    for path, st in _files(root):
+        if st.st_nlink > 1 and stat_.S_ISREG(st.st_mode):
+            out.setdefault(st.st_ino, []).append(os.path.relpath(path, root))
+    return out
+
+
 # -- space per snapshot without quotas: FIEMAP (unprivileged) --------------------------
 
 FS_IOC_FIEMAP = 0xC020660B

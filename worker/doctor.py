@@ -11,6 +11,7 @@ opened there fails, a setuid file runs without its privilege).
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import os
 import re
@@ -30,6 +31,7 @@ def checks(user: str | None, storage_dir: str | None) -> Iterator[Check]:
     yield from rsync_sandbox(Path(storage_dir) if storage_dir else None)
     if storage_dir:
         yield from storage(Path(storage_dir))
+        yield from storage_backend(Path(storage_dir))
 
 
 def rsync_sandbox(storage_dir: Path | None) -> Iterator[Check]:
@@ -133,3 +135,81 @@ def mount_options(path: Path) -> Iterator[Check]:
             f"nodev,nosuid (fstab options, or `mount -o remount,nodev,nosuid {point}`)")
     else:
         yield "ok", "storage mount", f"{point} is mounted nodev,nosuid"
+
+
+def super_options(path: Path, mountinfo: str = "/proc/self/mountinfo") -> tuple[str, set[str]]:
+    """The filesystem type and superblock options (after ``-`` in mountinfo)
+    of the mount holding ``path``: where btrfs keeps user_subvol_rm_allowed."""
+    real = os.path.realpath(path)
+    best = ("", "", set[str]())
+    with open(mountinfo) as f:
+        for line in f:
+            fields = line.split()
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+            inside = real == point or real.startswith(point.rstrip("/") + "/")
+            if inside and len(point) >= len(best[0]) and "-" in fields:
+                rest = fields[fields.index("-") + 1:]
+                best = (point, rest[0], set(rest[2].split(",")) if len(rest) > 2 else set())
+    return best[1], best[2]
+
+
+def storage_backend(path: Path) -> Iterator[Check]:
+    """Which backend the storage gets (issue 14) and, on btrfs, whether this
+    user can make, freeze and delete snapshots there: the mount option, then
+    a live probe in the state dir (a subvolume made, snapshotted read-only
+    and both deleted), which proves the capabilities too."""
+    from bakgrab.worker import backend, btrfs
+
+    if not path.is_dir():
+        return
+    chosen = backend.for_path(path)
+    if chosen.name != "btrfs":
+        yield "ok", "storage backend", (
+            f"hard links (--link-dest): {path} is not on btrfs; a file in more than "
+            f"{os.pathconf(path, 'PC_LINK_MAX')} snapshots is stored as a copy")
+        return
+    yield "ok", "storage backend", "btrfs: each snapshot a read-only subvolume"
+    try:
+        _, opts = super_options(path)
+    except OSError as e:
+        yield "warn", "btrfs mount", f"cannot read /proc/self/mountinfo: {e}"
+        opts = {"user_subvol_rm_allowed"}
+    if "user_subvol_rm_allowed" not in opts and os.geteuid() != 0:
+        yield "FAIL", "btrfs mount", (
+            f"the filesystem of {path} is mounted without user_subvol_rm_allowed: the worker "
+            "(no CAP_SYS_ADMIN) cannot delete snapshots, so cleanup fails; add it to the "
+            "fstab options and `mount -o remount,user_subvol_rm_allowed` (deploy/README.md)")
+    state = path / ".bakgrab" / "run"
+    if state.is_dir() and os.access(state, os.W_OK):
+        probe = state / f".doctor-subvolume.{os.getpid()}"
+        frozen = state / f".doctor-snapshot.{os.getpid()}"
+        try:
+            with caps.raised("dac_override", "fowner"):
+                btrfs.create(probe)
+                btrfs.snapshot(probe, frozen, readonly=True)
+                ro = btrfs.readonly(frozen)
+                btrfs.delete(frozen)
+                btrfs.delete(probe)
+            if ro:
+                yield "ok", "btrfs snapshots", (
+                    "this user made a subvolume and a read-only snapshot, and deleted both")
+            else:
+                yield "FAIL", "btrfs snapshots", "a snapshot made read-only is writable"
+        except OSError as e:
+            yield "FAIL", "btrfs snapshots", (
+                f"this user cannot manage subvolumes in {state} ({btrfs.errno_name(e)}: "
+                f"{e.strerror}): the worker needs CAP_FOWNER and CAP_DAC_OVERRIDE and the "
+                "mount option user_subvol_rm_allowed")
+        finally:
+            for left in (frozen, probe):
+                # (an empty subvolume goes by rmdir(2), even without the option)
+                with contextlib.suppress(OSError), caps.raised("dac_override", "fowner"):
+                    os.rmdir(left)
+    if btrfs.quotas_consistent(path):
+        yield "ok", "btrfs quotas", "on: `bakgrab list` reads each snapshot's size from them"
+    else:
+        yield "ok", "btrfs quotas", (
+            "off (or a rescan pending): `bakgrab list` measures what each snapshot holds alone "
+            "by a walk of its extents (FIEMAP); `btrfs quota enable` makes that instant, at "
+            "some cost to writes and deletes")
+

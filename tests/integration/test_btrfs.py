@@ -375,3 +375,49 @@ def test_hard_link_groups_that_change_between_backups(tmp_path: Path, redis_url:
             assert ino["a"] == ino["e"] != ino["b"] and ino["c"] != ino["d"]
         assert (s1 / "a").read_bytes() == (s1 / "b").read_bytes() == b"A" * 10_000
         assert (s1 / "a").stat().st_ino == (s1 / "b").stat().st_ino
+
+
+def doctor_lines(storage: Path, user: str) -> tuple[int, dict[str, str]]:
+    done = subprocess.run(
+        support.as_user(user, [support.BAKGRAB, "doctor", "--role", "worker", "--storage",
+                               str(storage)], WORKER_CAPS),
+        capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("BAKGRAB_")}
+        | {"BAKGRAB_CONFIG": os.devnull})
+    lines = {}
+    for line in done.stdout.splitlines():
+        level, _, rest = line.partition("  ")
+        what, _, detail = rest.partition(": ")
+        lines[what.strip()] = f"{level.strip()} {detail}"
+    return done.returncode, lines
+
+
+@pytest.mark.parametrize("options", ["user_subvol_rm_allowed", "defaults"])
+def test_doctor_checks_the_btrfs_mount_and_what_the_worker_may_do(shared_tmp: Path,
+                                                                  options: str) -> None:
+    """`bakgrab doctor --role worker`, as the unprivileged worker user: on a
+    btrfs mounted user_subvol_rm_allowed it says the backend is btrfs and its
+    live probe (subvolume, read-only snapshot, both deleted) passes, leaving
+    nothing behind; mounted without it, doctor fails (exit 2) naming the
+    option, and the probe's delete fails (EPERM)."""
+    with btrfs_mount(options=options) as mnt, worker_user(shared_tmp) as (wuser, _):
+        storage = storage_for(mnt, wuser)
+        import pwd
+
+        pw = pwd.getpwnam(wuser)
+        for sub in (".bakgrab", ".bakgrab/run"):
+            (storage / sub).mkdir(mode=0o700)
+            os.chown(storage / sub, pw.pw_uid, pw.pw_gid)
+        code, lines = doctor_lines(storage, wuser)
+        assert lines["storage backend"].startswith("ok btrfs"), lines
+        if options == "defaults":
+            assert code == 2
+            assert lines["btrfs mount"].startswith("FAIL") and \
+                "user_subvol_rm_allowed" in lines["btrfs mount"], lines
+            assert lines["btrfs snapshots"].startswith("FAIL") and "EPERM" in \
+                lines["btrfs snapshots"], lines
+        else:
+            assert "btrfs mount" not in lines, lines
+            assert lines["btrfs snapshots"].startswith("ok"), lines
+        assert "btrfs quotas" in lines
+        assert list((storage / ".bakgrab" / "run").iterdir()) == []

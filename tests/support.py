@@ -231,6 +231,36 @@ def rsync_diff(src: Path, dst: Path, *extra: str) -> list[str]:
     return [line for line in out.splitlines() if line.strip()]
 
 
+def tree_state(root: Path, skip: Sequence[str] = ()) -> dict[str, tuple[object, ...]]:
+    """What a write anywhere under ``root`` would change, path by path (root
+    itself as "."): type and mode, owner, size, mtime, inode, link count, and
+    a file's SHA-256 or a symlink's target; ``skip`` names paths (relative to
+    ``root``) left out with everything below them. Only atimes are left out
+    (reads change them). For "nothing written" checks (issue 13): equal
+    names are not enough, a rewrite or chmod in place keeps them."""
+    import hashlib
+    import stat
+
+    state: dict[str, tuple[object, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames
+                             if os.path.relpath(os.path.join(dirpath, d), root) not in skip)
+        for entry in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+            rel = os.path.relpath(entry, root)
+            if rel in skip or (entry != dirpath and not os.path.lexists(entry)):
+                continue
+            st = os.lstat(entry)
+            what: object = None
+            if stat.S_ISREG(st.st_mode):
+                with open(entry, "rb") as f:
+                    what = hashlib.sha256(f.read()).hexdigest()
+            elif stat.S_ISLNK(st.st_mode):
+                what = os.readlink(entry)
+            state[rel] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                          st.st_ino, st.st_nlink, what)
+    return state
+
+
 def snapshots(storage: Path, name: str) -> list[Path]:
     from bakgrab.worker.storage import parse_snapshot
 

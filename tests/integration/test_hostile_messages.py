@@ -64,8 +64,9 @@ class Ctx:
             f.seek(offset)
             return f.read().decode(errors="replace")
 
-    def listing(self) -> list[str]:
-        return sorted(str(p.relative_to(self.storage)) for p in self.storage.rglob("*"))
+    def listing(self) -> dict[str, tuple[object, ...]]:
+        """The storage, path by path with metadata and content (issue 13)."""
+        return support.tree_state(self.storage)
 
     def result_key(self, task_id: str) -> bytes | None:
         return self.redis.get(f"celery-task-meta-{task_id}")  # type: ignore[return-value]

@@ -74,9 +74,11 @@ class Ctx:
             f.seek(offset)
             return f.read().decode(errors="replace")
 
-    def listing(self) -> list[str]:
-        """Every path under the test's base dir (storage, its parent, logs)."""
-        return sorted(str(p.relative_to(self.base)) for p in self.base.rglob("*"))
+    def listing(self) -> dict[str, tuple[object, ...]]:
+        """Every path under the test's base dir (storage, its parent) with its
+        metadata and content (issue 13: not names alone); the logs, which
+        grow, and Redis's dir are left out."""
+        return support.tree_state(self.base, skip=("worker.log", "redis"))
 
     def valid(self, name: str = "victim") -> tuple[dict[str, Any], str]:
         """A request the worker would accept, and its plain one-time key."""

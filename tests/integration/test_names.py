@@ -47,10 +47,10 @@ class Ctx:
     app: Celery
     recipient: Any
 
-    def listing(self) -> dict[str, bytes | None]:
-        """Every path in the storage, with the content of the files."""
-        return {str(p.relative_to(self.storage)): (p.read_bytes() if p.is_file() else None)
-                for p in sorted(self.storage.rglob("*"))}
+    def listing(self) -> dict[str, tuple[object, ...]]:
+        """Every path in the storage, with its metadata and the content of
+        the files (issue 13: a chmod or a same-content rewrite counts too)."""
+        return support.tree_state(self.storage)
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,7 @@ from bakgrab.tasks.errors import InvalidRequest, RequestRefused
 from bakgrab.tasks.request import sign, validate, validate_restore
 from bakgrab.worker import names
 from bakgrab.worker.storage import Storage
+from tests import support
 
 NOW = 1_900_000_000.0
 SETTINGS = Settings(request_window=600, job_timeout=3600)
@@ -66,8 +67,9 @@ def check(storage: Storage, fields: dict[str, Any], task_id: str, now: float = N
     return names.check_request(storage, settings, task, task_id, validate(fields), now=now)
 
 
-def listing(storage: Storage) -> list[str]:
-    return sorted(str(p.relative_to(storage.root)) for p in storage.root.rglob("*"))
+def listing(storage: Storage) -> dict[str, tuple[object, ...]]:
+    """The storage path by path, with metadata and content (issue 13)."""
+    return support.tree_state(storage.root)
 
 
 def register(storage: Storage, key: Ed25519PrivateKey, nets: str = "") -> None:

@@ -34,6 +34,7 @@ from bakgrab.worker.retention import (
     walk_name,
 )
 from bakgrab.worker.storage import Snapshot, Storage, snapshot_dirname
+from tests import support
 
 HYP = settings(database=None, deadline=None, max_examples=300)
 needs_ionice = pytest.mark.skipif(shutil.which("ionice") is None, reason="ionice not installed")
@@ -640,11 +641,11 @@ def test_max_names_refuses_a_new_name_and_writes_nothing(store: Storage) -> None
     populate(store, {"a": [T0], "b": [T0]})
     store.inprogress("c").mkdir()
     store.pin("d").write_text("ssh-ed25519 AAAA registered\n")  # registered, no grab yet
-    before = sorted(str(p.relative_to(store.root)) for p in store.root.rglob("*"))
+    before = support.tree_state(store.root)  # metadata and content, not names (issue 13)
     with pytest.raises(InvalidRequest, match="max_names=4") as info:
         admit(store, Settings(max_names=4), "intruder")
     assert info.value.exit_code == 4 and not info.value.transient
-    assert sorted(str(p.relative_to(store.root)) for p in store.root.rglob("*")) == before
+    assert support.tree_state(store.root) == before
     for known in ("a", "b", "c", "d"):
         admit(store, Settings(max_names=4), known)
     admit(store, Settings(max_names=0), "intruder")

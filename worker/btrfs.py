@@ -40,10 +40,13 @@ import ctypes
 import errno
 import fcntl
 import os
+import stat
 import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from bakgrab.tasks import caps
 
 BTRFS_SUPER_MAGIC = 0x9123683E
 FIRST_FREE_OBJECTID = 256
@@ -125,8 +128,6 @@ def is_subvolume(path: Path) -> bool:
         st = os.lstat(path)
     except FileNotFoundError:
         return False
-    import stat
-
     return stat.S_ISDIR(st.st_mode) and st.st_ino == FIRST_FREE_OBJECTID and on_btrfs(path)
 
 
@@ -286,12 +287,10 @@ def unshare(root: Path, rel: str, ino: int) -> bool:
     inode, so with two paths linked in the previous snapshot that the client
     no longer links, writing the second one changes the first too: the new
     snapshot silently held one file's content at another's path."""
-    import stat as stat_
-
     dfd, name = _open_parent(root, rel)
     try:
         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        if st.st_ino != ino or not stat_.S_ISREG(st.st_mode) or st.st_nlink < 2:
+        if st.st_ino != ino or not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
             return False
         src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                       dir_fd=dfd)
@@ -305,7 +304,7 @@ def unshare(root: Path, rel: str, ino: int) -> bool:
                 fcntl.ioctl(new, FICLONE, src)
                 # chown first: it clears setuid bits and file capabilities
                 os.fchown(new, st.st_uid, st.st_gid)
-                os.fchmod(new, stat_.S_IMODE(st.st_mode))
+                os.fchmod(new, stat.S_IMODE(st.st_mode))
                 for attr in os.listxattr(src):
                     os.setxattr(new, attr, os.getxattr(src, attr))
                 os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -326,11 +325,9 @@ def unshare(root: Path, rel: str, ino: int) -> bool:
 def linked_files(root: Path) -> dict[int, list[str]]:
     """Every regular file under ``root`` with more than one link, by inode:
     its paths (relative), found by a walk that follows no symlink."""
-    import stat as stat_
-
     out: dict[int, list[str]] = {}
     for path, st in _files(root):
-        if st.st_nlink > 1 and stat_.S_ISREG(st.st_mode):
+        if st.st_nlink > 1 and stat.S_ISREG(st.st_mode):
             out.setdefault(st.st_ino, []).append(os.path.relpath(path, root))
     return out
 
@@ -384,13 +381,12 @@ def _files(root: Path) -> Iterator[tuple[str, os.stat_result]]:
 
 
 def _extents_of(path: str, st: os.stat_result) -> list[tuple[int, int, int]]:
-    import stat as stat_
-
-    if not stat_.S_ISREG(st.st_mode) or st.st_size == 0:
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
         return []
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK
-                     | os.O_CLOEXEC)
+        with caps.raised("dac_override"):  # (client-owned 0600 files)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NOCTTY | os.O_NONBLOCK
+                         | os.O_CLOEXEC)
     except OSError:
         return []
     try:

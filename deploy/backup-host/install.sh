@@ -15,7 +15,8 @@ Usage: deploy/backup-host/install.sh [OPTIONS]
 
 Set up this machine as a bakgrab backup host:
   * the worker user (default bakgrab) and the storage (0700, that user's;
-    remounted nodev,nosuid when it is a mount of its own, else a warning);
+    remounted nodev,nosuid when it is a mount of its own, else a warning;
+    on btrfs remounted user_subvol_rm_allowed, so the worker deletes snapshots);
   * /etc/bakgrab/bakgrab.toml (every setting, documented) and the 0600 root
     files with secrets: worker.env, flower.env, private/;
   * Redis: loopback only, users from an ACL file (default user off; one user
@@ -145,6 +146,17 @@ if [ -z "$PREFIX" ] && command -v findmnt >/dev/null; then
             note "  mounted nodev,nosuid, or bind-mount it onto itself, in /etc/fstab:"
             note "  $STORAGE $STORAGE none bind,nodev,nosuid 0 0   (see deploy/README.md)"
         fi
+    fi
+fi
+# On btrfs each snapshot is a read-only subvolume (issue 14): the worker, without
+# CAP_SYS_ADMIN, may delete one only where btrfs is mounted user_subvol_rm_allowed.
+if [ -z "$PREFIX" ] && command -v findmnt >/dev/null \
+        && [ "$(findmnt -n -o FSTYPE -T "$STORAGE" 2>/dev/null)" = btrfs ]; then
+    if [[ ",$(findmnt -n -o FS-OPTIONS -T "$STORAGE")," != *,user_subvol_rm_allowed,* ]]; then
+        target=$(findmnt -n -o TARGET -T "$STORAGE")
+        mount -o remount,user_subvol_rm_allowed "$target"
+        note "remounted $target user_subvol_rm_allowed (btrfs: the worker deletes old"
+        note "  snapshots itself); add user_subvol_rm_allowed to its /etc/fstab options"
     fi
 fi
 

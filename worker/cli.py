@@ -97,7 +97,7 @@ def list_(ctx: click.Context, storage: str | None, fast: bool, as_json: bool) ->
 
     Per name: snapshot count and the newest one's age; per snapshot: time,
     state, and the space it holds alone (bytes no other snapshot shares by
-    hard links: what removing it would free).
+    hard links, or on btrfs by extents: what removing it would free).
     """
     settings = settings_from(ctx, storage=storage)
     from bakgrab.tasks.result import human_bytes
@@ -302,7 +302,8 @@ def versions(ctx: click.Context, storage: str | None, name: str, path: str,
     """List the snapshots of NAME holding PATH, and when it changed (backup host).
 
     PATH is relative to the snapshot root (e.g. etc/fstab). A file is unchanged
-    from the previous snapshot when both are the same inode (a hard link).
+    from the previous snapshot when both are the same inode (a hard link; on
+    btrfs the same inode number and ctime, which a snapshot keeps).
     """
     settings = settings_from(ctx, storage=storage)
     from bakgrab.worker.history import versions as find_versions

@@ -100,9 +100,12 @@ def timezone(settings: Settings) -> zoneinfo.ZoneInfo:
     return zoneinfo.ZoneInfo(settings.timezone)
 
 
-def keep(snapshots: Mapping[str, int], rules: Rules, tz: dt.tzinfo, now: float) -> Kept:
+def keep(snapshots: Mapping[str, int], rules: Rules, tz: dt.tzinfo, now: float,
+         periods: dict[tuple[int, str], str] | None = None) -> Kept:
     """Which of ``snapshots`` (id -> UNIX time) the rules keep, and why; the
-    rest expire. The same walk as borg's ``prune_within``/``prune_split``."""
+    rest expire. The same walk as borg's ``prune_within``/``prune_split``.
+    ``periods`` caches each time's period across calls (the simulator's)."""
+    periods = {} if periods is None else periods
     order = sorted(snapshots, key=lambda i: (snapshots[i], i), reverse=True)
     kept: Kept = {}
     if rules.within:
@@ -119,7 +122,10 @@ def keep(snapshots: Mapping[str, int], rules: Rules, tz: dt.tzinfo, now: float) 
         last_period = None
         found = 0
         for ident in order:
-            period = dt.datetime.fromtimestamp(snapshots[ident], tz).strftime(pattern)
+            key = (snapshots[ident], rule)
+            period = periods.get(key)
+            if period is None:
+                period = periods[key] = dt.datetime.fromtimestamp(key[0], tz).strftime(pattern)
             if period == last_period:
                 continue
             last_period = period
@@ -141,6 +147,7 @@ def expired(
     *,
     protected: Collection[str] = (),
     min_keep: int = 1,
+    periods: dict[tuple[int, str], str] | None = None,
 ) -> list[str]:
     """The ids of one name's snapshots (id, UNIX time) no rule keeps, oldest
     first, that expiry may remove: none when no rule is set; never the newest,
@@ -148,7 +155,7 @@ def expired(
     if not rules.configured or not snapshots:
         return []
     times = dict(snapshots)
-    kept = keep(times, rules, tz, now)
+    kept = keep(times, rules, tz, now, periods)
     order = sorted(times, key=lambda i: (times[i], i))
     newest = order[-1]
     out = []
@@ -213,10 +220,14 @@ def simulate(days: float, every: float, rules: Rules, tz: dt.tzinfo, now: float,
         raise ConfigError(f"--simulate {days:g} days every {every:g} s makes {count} backups; "
                           f"at most {MAX_SIMULATED}: choose a longer --every")
     have: list[tuple[str, int]] = []
+    periods: dict[tuple[int, str], str] = {}
     for k in range(count - 1, -1, -1):
         t = int(now - k * every)
-        gone = set(expired(have, rules, tz, t, min_keep=min_keep))
+        gone = set(expired(have, rules, tz, t, min_keep=min_keep, periods=periods))
         have = [s for s in have if s[0] not in gone]
+        for ident in gone:  # the cache holds only snapshots still there
+            for rule in KEEP_COUNTS:
+                periods.pop((int(ident), rule), None)
         have.append((str(t), t))
     times = dict(have)
     kept = keep(times, rules, tz, now)

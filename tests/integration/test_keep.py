@@ -316,3 +316,45 @@ def test_simulate_on_the_command_line(tmp_path: Path) -> None:
         skip = (".bakgrab/usage",)
         assert tree_state(storage, skip) == {k: v for k, v in before.items()
                                               if not k.startswith(skip)}
+
+
+def test_an_imported_history_is_a_history_like_any_other(tmp_path: Path, redis_url: str) -> None:
+    """Directories of the layout copied in by hand (the README's import) are
+    snapshots: `list` shows them, the keep rules count them, and the first
+    grab of the name links its unchanged file to the newest imported copy
+    (one inode), not a fresh copy."""
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(64 << 10))
+    os.chmod(src / "big", 0o644)
+    os.utime(src / "big", (1700000000, 1700000000))
+    now = int(time.time())
+    made = []
+    for k in (30, 20, 10):  # rsnapshot's daily.2, daily.1, daily.0: cp -al of one another
+        dirname = snapshot_dirname("web", now - k * DAY)
+        if made:
+            subprocess.run(["cp", "-al", str(storage / made[-1]), str(storage / dirname)],
+                           check=True)
+        else:
+            (storage / dirname).mkdir()
+            subprocess.run(["cp", "-a", str(src / "big"), str(storage / dirname / "big")],
+                           check=True)
+        made.append(dirname)
+    listed = json.loads(bakgrab("list", "--storage", str(storage), "--json").stdout)
+    assert [(n["name"], n["count"]) for n in listed] == [("web", 3)]
+    worker = support.start_worker(storage, redis_url, tmp_path / "w.log",
+                                  env=support.worker_env(keep_last="3"))
+    try:
+        done = support.run_backup(redis_url, "web", src, "--json")
+    finally:
+        worker.stop()
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["removed"] == []  # keep_last=3 kept all three before the grab
+    new = storage / result["snapshot"]
+    assert os.stat(new / "big").st_ino == os.stat(storage / made[-1] / "big").st_ino
+    assert os.stat(new / "big").st_nlink == 4
+    pruned = bakgrab("prune", "--storage", str(storage), "--keep-last", "3", "--json")
+    assert [e["snapshot"] for e in json.loads(pruned.stdout)["removed"]] == [made[0]]

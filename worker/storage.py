@@ -21,6 +21,7 @@
         notify-state/NAME.json          the name's conditions already told (issue 17)
         run/                            per-job private files (key, known_hosts)
         trash/                          snapshots being deleted
+        protected/SNAPSHOT.json         a protection: until, note (issue 16)
 
 Invariants: a name matching :data:`SNAPSHOT_RE` exists only for a complete
 snapshot (it appears by one atomic rename); everything else lives under

@@ -1,13 +1,19 @@
 """Free-space cleanup: keep as many snapshots as possible, for as long as
 possible, and let no name pay for space another name used (issue 11).
 
-Before each grab, under the storage lock, :func:`make_room` removes snapshots
-only while the storage lacks space (or inodes), and only as many as needed:
+Before each grab, under the storage lock, :func:`make_room` first expires
+the snapshots of the grab's name (of every name, for a prune) that no keep
+rule keeps (issue 16, :mod:`bakgrab.worker.keep`; only when keep rules are
+set: without them nothing expires), never a name's newest, a protected one
+(:mod:`bakgrab.worker.protect`) or below ``min_keep``. Then it removes
+snapshots only while the storage lacks space (or inodes), and only as many
+as needed:
 
 * ``min_free = max(min_free_avg * used / snapshots, min_free_abs)`` (the
   average term only when ``min_free_avg`` is set and snapshots exist); the
   same for inodes with ``min_free_inodes``;
 * in-progress dirs of failed grabs of other names go first (not backups);
+* then snapshots of other names no keep rule keeps, oldest first (issue 16);
 * **fair shares**: each name has a share of the storage's bytes and inodes
   (``name_max_bytes`` / ``name_max_inodes``; ``auto`` is the storage's size
   divided by the number of names). A name's usage is what its complete
@@ -32,6 +38,9 @@ only while the storage lacks space (or inodes), and only as many as needed:
 * a name within its share never goes below ``min_keep``; the newest snapshot
   of a name that a running grab uses as ``--link-dest`` is never removed;
   only complete snapshots of the layout are ever candidates;
+* a protected snapshot is never a candidate of any rule; it still counts
+  for ``min_keep`` and for its name's usage; when cleanup cannot free
+  enough, :class:`NoSpace` names the protections in the way (issue 16);
 * if that cannot free enough, :class:`NoSpace` says how much is free, what is
   needed, the shares and ``min_keep``, and nothing more is removed.
 

@@ -16,6 +16,9 @@ from bakgrab.tasks import config
 from bakgrab.tasks.errors import ConfigError
 from bakgrab.worker import keep
 from bakgrab.worker.keep import Rules
+from bakgrab.worker.retention import FairQueue, Share
+from bakgrab.worker.storage import snapshot_dirname
+from tests.unit.test_retention import order, snapshots_of, usages_of
 
 HYP = settings(database=None, deadline=None, max_examples=400)
 UTC = dt.UTC
@@ -273,3 +276,53 @@ def test_simulate_a_known_schedule() -> None:
     assert sim.made == 61
     assert [dt.datetime.fromtimestamp(ts, UTC).strftime("%a") for ts, _, _ in sim.left[8:]] == [
         "Sun"] * 4
+
+
+# -- the free-space queue with protected snapshots (issue 16) ----------------------------
+
+protected_cases = st.tuples(
+    st.dictionaries(st.sampled_from("abcde"), st.sets(st.integers(0, 50), min_size=1,
+                                                      max_size=6).map(sorted), min_size=1),
+    st.dictionaries(st.sampled_from("abcde"), st.integers(0, 100)),
+    st.integers(1, 200), st.integers(1, 3), st.sampled_from([None, *"abcde"]),
+    st.sets(st.tuples(st.sampled_from("abcde"), st.integers(0, 50))),
+    st.booleans(),
+)
+
+
+@HYP
+@given(protected_cases)
+def test_fair_queue_never_takes_a_protected_snapshot(
+        case: tuple[dict[str, list[int]], dict[str, int], int, int, str | None,
+                    set[tuple[str, int]], bool]) -> None:
+    """For any storage and any protected set: no protected snapshot is ever
+    yielded; a name keeps min_keep (protected ones count) unless over its
+    share; a name's newest goes only as the last one left (the fair share's
+    rule 3), so never while a protected one stays; oldest first; with nothing
+    protected, the queue is exactly the one of issue 11."""
+    inventory, each, share_bytes, min_keep, current, held, remeasure = case
+    protected = {snapshot_dirname(n, t) for n, t in held if t in inventory.get(n, [])}
+    per = {n: each.get(n, 5) for n in inventory}
+    usages = usages_of(inventory, per)
+
+    def walk(name: str, snaps: object) -> object:
+        left = sorted(s.timestamp for s in snaps)  # type: ignore[attr-defined]
+        return usages_of({name: left}, per)[name]
+
+    queue = FairQueue(snapshots_of(inventory), usages, Share(share_bytes, None),
+                      current=current, min_keep=min_keep, protected=protected,
+                      remeasure=walk if remeasure else None)  # type: ignore[arg-type]
+    got = order(queue)
+    assert not {snapshot_dirname(n, t) for n, t in got} & protected
+    within = {n for n in inventory if per[n] * len(inventory[n]) <= share_bytes}
+    for name, tss in inventory.items():
+        gone = [t for n, t in got if n == name]
+        if name in within:
+            assert len(tss) - len(gone) >= min(min_keep, len(tss))
+        if tss[-1] in gone:  # only as the last one left, never protected
+            assert gone == tss and not {snapshot_dirname(name, t) for t in tss} & protected
+        assert gone == sorted(gone)  # oldest first
+    if not protected:
+        plain = FairQueue(snapshots_of(inventory), usages, Share(share_bytes, None),
+                          current=current, min_keep=min_keep)
+        assert order(plain) == got

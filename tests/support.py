@@ -160,6 +160,8 @@ def worker_env(**settings: str) -> dict[str, str]:
     # about other things need no registration step; tests/integration/
     # test_names.py runs the production default, enrol = "registered" (issue 11).
     env["BAKGRAB_ENROL"] = "first-use"
+    # Tests back up many names with one client key (its state dir per test).
+    env["BAKGRAB_MAX_NAMES_PER_CLIENT"] = "1000"
     env.update({f"BAKGRAB_{k.upper()}": v for k, v in settings.items()})
     return env
 

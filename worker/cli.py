@@ -72,10 +72,13 @@ def worker(ctx: click.Context, notify_to: tuple[str, ...], beat: bool | None,
            **flags: Any) -> None:
     """Run a Celery worker that serves `bakgrab.grab` (backup host).
 
-    Starts a prefork pool with task events on. Before each grab it frees space
-    if short: names over their share (--name-max-bytes/--name-max-inodes) lose
-    their oldest snapshots first, then the name that has the most (never below
-    --min-keep per name); then it pulls the client with rsync into STORAGE.
+    Starts a prefork pool with task events on. Before each grab it expires
+    the name's snapshots no keep rule keeps (--keep-daily 7 and the like, as
+    in borg prune; nothing without keep rules), then frees space if short:
+    snapshots no keep rule keeps go first, then names over their share
+    (--name-max-bytes/--name-max-inodes) lose their oldest snapshots, then
+    the name that has the most (never below --min-keep per name), never a
+    protected snapshot; then it pulls the client with rsync into STORAGE.
     """
     if notify_to:  # issue 17
         flags["notify"] = ",".join(notify_to)
@@ -149,11 +152,14 @@ def human_age(seconds: float) -> str:
                    "the keep rules (no storage needed).")
 @click.option("--every", metavar="DURATION",
               help="With --simulate: a backup this often (default: 1d).")
+@click.option("--name", "sim_name", metavar="NAME",
+              help="With --simulate: that name's rules (its entry in the keep setting) and "
+                   "its average snapshot size.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 @guarded
 def prune(ctx: click.Context, dry_run: bool, as_json: bool, simulate_days: float | None,
-          every: str | None, **flags: Any) -> None:
+          every: str | None, sim_name: str | None, **flags: Any) -> None:
     """Expire snapshots no keep rule keeps, then run the free-space cleanup (backup host).
 
     The same as before every grab, for every name. With keep rules
@@ -172,10 +178,10 @@ def prune(ctx: click.Context, dry_run: bool, as_json: bool, simulate_days: float
     from bakgrab.worker.storage import Storage
 
     if simulate_days is not None:
-        simulate(settings, simulate_days, every or "1d", as_json)
+        simulate(settings, simulate_days, every or "1d", as_json, sim_name)
         return
-    if every:
-        raise click.UsageError("--every goes with --simulate DAYS")
+    if every or sim_name:
+        raise click.UsageError("--every and --name go with --simulate DAYS")
     if not settings.storage:
         raise config.ConfigError("give --storage DIR")
     storage = Storage(settings.storage)
@@ -198,7 +204,8 @@ def prune(ctx: click.Context, dry_run: bool, as_json: bool, simulate_days: float
                    "is enough")
 
 
-def simulate(settings: config.Settings, days: float, every: str, as_json: bool) -> None:
+def simulate(settings: config.Settings, days: float, every: str, as_json: bool,
+             name: str | None) -> None:
     """``prune --simulate``: the snapshots DAYS of backups leave (issue 16)."""
     from bakgrab.tasks.result import human_bytes
     from bakgrab.worker import keep
@@ -206,15 +213,18 @@ def simulate(settings: config.Settings, days: float, every: str, as_json: bool) 
     from bakgrab.worker.storage import Storage
 
     tz = keep.timezone(settings)
-    rules = keep.rules_for(settings, "")
+    rules = keep.rules_for(settings, name or "")
     sim = keep.simulate(days, config.parse_duration(every), rules, tz, time.time(),
                         min_keep=settings.min_keep)
     data = sim.to_dict(tz)
     data["timezone"] = settings.timezone
+    data["name"] = name
     average = None
     if settings.storage:
         storage = Storage(settings.storage)
-        inventory = storage.by_name()
+        inventory = storage.by_name() if storage.root.is_dir() else {}
+        if name:
+            inventory = {n: s for n, s in inventory.items() if n == name}
         count = sum(len(s) for s in inventory.values())
         if count:
             held = sum(cached_usage(storage, n, s).bytes for n, s in inventory.items())

@@ -358,3 +358,23 @@ def test_an_imported_history_is_a_history_like_any_other(tmp_path: Path, redis_u
     assert os.stat(new / "big").st_nlink == 4
     pruned = bakgrab("prune", "--storage", str(storage), "--keep-last", "3", "--json")
     assert [e["snapshot"] for e in json.loads(pruned.stdout)["removed"]] == [made[0]]
+
+
+def test_simulate_one_names_rules(tmp_path: Path) -> None:
+    """--simulate --name uses that name's own rules and only its snapshots'
+    average size; --every without --simulate is a usage error."""
+    with small_fs(tmp_path / "storage", "20m") as storage:
+        now = int(time.time())
+        imported(storage, "db", now, 2 * MB)
+        imported(storage, "web", now, 0)
+        env = support.worker_env(keep="db:daily=3", keep_daily="9")
+        done = bakgrab("prune", "--storage", str(storage), "--simulate", "10", "--name", "db",
+                       "--json", env=env)
+        assert done.returncode == 0, done.stderr
+        data = json.loads(done.stdout)
+        assert data["rules"] == {"daily": 3} and data["count"] == 4
+        assert data["average_snapshot_bytes"] == 2 * MB + os.sysconf("SC_PAGE_SIZE")
+        everyone = json.loads(bakgrab("prune", "--simulate", "10", "--json", env=env).stdout)
+        assert everyone["rules"] == {"daily": 9} and everyone["count"] == 10  # 9 and 1 to go
+    wrong = bakgrab("prune", "--storage", str(tmp_path), "--every", "1d")
+    assert wrong.returncode == 2 and "go with --simulate" in wrong.stderr

@@ -73,9 +73,10 @@ class HardLinks:
     def unfreeze(self, path: Path) -> None:
         """Make a published snapshot movable before a removal (nothing to do)."""
 
-    def delete(self, path: Path) -> bool:
-        """Delete ``path`` if this backend deletes it specially; False: the
-        caller removes the tree (``rm -rf``)."""
+    def delete(self, path: Path, frees: bool = True) -> bool:
+        """Delete ``path`` if this backend deletes it specially (``frees``:
+        space may come back later); False: the caller removes the tree
+        (``rm -rf``)."""
         return False
 
 
@@ -146,8 +147,9 @@ class Subvolumes(HardLinks):
         with caps.raised("dac_override", "fowner"):
             btrfs.snapshot(dest, storage.root / snapshot, readonly=True)
             # A crash here leaves the in-progress subvolume too: the snapshot
-            # is published, and the next grab resumes into the copy.
-            self.delete(dest)
+            # is published, and the next grab resumes into the copy. (Its
+            # blocks are the new snapshot's: no space to wait for.)
+            self.delete(dest, frees=False)
 
     def unfreeze(self, path: Path) -> None:
         # a read-only subvolume cannot move to the trash (EROFS)
@@ -155,13 +157,14 @@ class Subvolumes(HardLinks):
             with caps.raised("fowner"):
                 btrfs.set_readonly(path, False)
 
-    def delete(self, path: Path) -> bool:
+    def delete(self, path: Path, frees: bool = True) -> bool:
         if not btrfs.is_subvolume(path):
             return False
         with caps.raised("dac_override", "fowner"):
             btrfs.delete(path)
-        global _deleted
-        _deleted = True
+        if frees:  # the next measure waits for the cleaner (see settle())
+            global _deleted
+            _deleted = True
         return True
 
 

@@ -64,10 +64,10 @@ SLOW = "zstd:3"
 
 OFF_WIRE = 150 << 20
 """Bytes on the wire a second at or above which ``auto`` turns compression
-off: on this project's 2-core benchmark host rsync's sender compresses
-roughly 200-250 MiB/s with zstd:1 on one core, so a link that carried this
-much gains little from it (and over loopback, where both ends share the
-CPUs, compression only costs; docs/benchmarks.md)."""
+off: on this project's 2-core benchmark host zstd:1 took CPU time at some
+380 MB/s for both ends together, and the sender has its own work besides, so
+a link that carried this much gains little from it (and over loopback, where
+both ends share the CPUs, compression only costs; docs/benchmarks.md)."""
 SLOW_WIRE = 4 << 20
 """Bytes on the wire a second (32 Mbit/s) below which ``auto`` uses
 :data:`SLOW` (unless the data moved at :data:`CPU_BOUND_DATA`): zstd:3
@@ -146,11 +146,14 @@ def worker_list(rsync: str = "rsync") -> frozenset[str]:
 
 
 def check_available(setting: str, rsync: str = "rsync") -> None:
-    """Refuse a fixed ``setting`` the worker's own rsync lacks (worker start)."""
+    """Refuse a fixed ``setting`` the worker's own rsync lacks (worker start).
+
+    The list is read here in every case: the prefork pool's processes inherit
+    it, so no grab pays for ``rsync --version`` (about 40 ms here)."""
+    have = worker_list(rsync)
     if setting in ("auto", OFF):
         return
     algo = setting.partition(":")[0]
-    have = worker_list(rsync)
     if algo not in have:
         listed = " ".join(sorted(have)) or "none"
         raise ConfigError(f"compress {setting!r}: this host's rsync lacks {algo} (its compress "

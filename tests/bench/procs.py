@@ -101,10 +101,12 @@ class Proc:
         self._out.close()
 
 
-def listening_inodes(port: int) -> set[str]:
-    """Socket inodes listening on 127.0.0.1:``port`` (TCP)."""
+def listening_inodes(port: int, pid: int | None = None) -> set[str]:
+    """Socket inodes listening on ``port`` (TCP), in ``pid``'s network
+    namespace (scenario 8's client side has its own), else ours."""
     found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    base = f"/proc/{pid}/net" if pid else "/proc/net"
+    for table in (f"{base}/tcp", f"{base}/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
         except OSError:
@@ -117,7 +119,7 @@ def listening_inodes(port: int) -> set[str]:
 
 
 def owns_listener(pid: int, port: int) -> bool:
-    inodes = listening_inodes(port)
+    inodes = listening_inodes(port, pid)
     if not inodes:
         return False
     for pid_ in [pid, *descendants(pid)]:

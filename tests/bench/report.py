@@ -91,6 +91,15 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"{fmt_s(med['cpu'])} ({fmt_s(med['cpu_local'])} + {fmt_s(med['cpu_server'])})",
                 fmt_bytes(med["bytes_added"]), f"{med['inodes_added']:.0f}",
             ]))
+    s8 = doc["scenarios"].get("8")
+    if s8 and s8.get("skipped"):
+        out += ["", f"Scenario 8 was not run: {s8['skipped']}."]
+    elif s8:
+        lk = s8["link"]
+        out += ["", f"Scenario 8: a first backup of `{s8['source']}` from a client in a network "
+                    f"namespace behind a veth link limited to {lk['rate_mbit']} Mbit/s each way "
+                    f"({lk['qdisc']}), medians of {s8['runs']} runs; bakgrab runs with "
+                    "`compress = auto`."]
     s6 = doc["scenarios"].get("6")
     if s6:
         n = len(s6["clients"])

@@ -12,7 +12,10 @@ Scenarios:
 files changed, 0.1% added, 0.1% deleted; 4. one large file with a small
 change in the middle; 5. an empty tree (the fixed cost of one job);
 6. 8 clients with 1/8 of the tree each, at once and one after another;
-7. removing one snapshot of the full tree.
+7. removing one snapshot of the full tree; 8. a first backup over a 20
+Mbit/s link (a network namespace, tc's token bucket; root only), where
+compression should win (issue 19): bakgrab with compress = auto against bare
+rsync -z, with auto's choice, and without compression.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ if __package__ in (None, ""):  # run as a file: tests/bench/run.py
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.bench import data, procs, report, tools  # noqa: E402
+from tests.bench.link import SlowLink  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,7 +53,10 @@ SCENARIOS = {
     "5": "empty tree (fixed cost of one job)",
     "6": "8 clients with 1/8 of the tree each: at once vs one after another",
     "7": "removing one snapshot of the full tree",
+    "8": "first backup over a 20 Mbit/s link",
 }
+SLOW = "slow"
+LINK_MBIT = 20
 MAIN = "main"
 EMPTY = "empty"
 
@@ -230,6 +237,9 @@ class Bench:
         self.errdir.mkdir()
         self.results: dict[str, Any] = {}
         self.extra: dict[str, Any] = {}
+        self.link: Any = None
+        self.link_tools: list[Any] = []
+        self.link_skipped = ""
 
     def empty_storage(self, tool: tools.Tool, names: Sequence[str]) -> None:
         """Make ``tool``'s storage hold nothing of ``names`` (a fresh filesystem
@@ -403,9 +413,37 @@ class Bench:
                         "worker_done_to_client_exit: result delivery and the client's "
                         "teardown. Worker log times have 1 ms resolution."}
 
+    def s8(self) -> None:
+        """A first backup over the slow link, each run into an empty storage
+        (issue 19). The source is the tree's first top-level dir in full mode
+        (1/8 of it; the whole tree would take minutes per run at 20 Mbit/s),
+        the whole quick tree in quick mode."""
+        if not self.link_tools or self.link is None:
+            self.results["8"] = {"title": SCENARIOS["8"], "runs": 0, "tools": {},
+                                 "skipped": self.link_skipped}
+            log(f"scenario 8 skipped: {self.link_skipped}")
+            return
+        source = self.tree if self.plan.mode == "quick" else self.tree / data.PARTS[0]
+        per: dict[str, list[dict[str, Any]]] = {t.key: [] for t in self.link_tools}
+        for r in range(min(self.plan.runs, 3)):
+            for tool in rotated(self.link_tools, r):
+                tool.wipe(SLOW)
+                tool.usage = None
+                job = (tool.backup_over(self.link.wrap, SLOW, source)
+                       if isinstance(tool, tools.Bakgrab) else tool.backup(SLOW, source))
+                per[tool.key].append(self.m(tool, [job]))
+        self.results["8"] = {
+            "title": SCENARIOS["8"], "runs": len(per[self.link_tools[0].key]),
+            "source": str(source.relative_to(self.work)), "link": self.link.describe(),
+            "tools": {t.key: summarize(per[t.key]) for t in self.link_tools},
+        }
+        log("scenario 8: " + ", ".join(
+            f"{t.key} {self.results['8']['tools'][t.key]['median']['wall']:.2f}s"
+            for t in self.link_tools))
+
     def run_all(self) -> None:
         for sid, fn in (("1", self.s1), ("2", self.s2), ("3", self.s3), ("4", self.s4),
-                        ("7", self.s7), ("5", self.s5), ("6", self.s6)):
+                        ("7", self.s7), ("5", self.s5), ("6", self.s6), ("8", self.s8)):
             log(f"scenario {sid}: {SCENARIOS[sid]}")
             fn()
 
@@ -532,18 +570,27 @@ def goals(results: dict[str, Any], extra: dict[str, Any]) -> list[dict[str, Any]
         met = None if value is None or limit is None else value <= limit
         out.append({"goal": what, "value": value, "limit": limit, "unit": unit, "met": met})
 
-    goal("1: bakgrab / bare rsync, wall", ratio(wall("1", "bakgrab"), wall("1", "rsync")), 1.05)
+    # issue 19: "bare rsync with the same flags" is the row with the flags
+    # bakgrab's compress = auto ran (rsync_auto); plain -z is the original's
+    same = "rsync_auto" if "rsync_auto" in results.get("1", {}).get("tools", {}) else "rsync"
+    goal("1: bakgrab / bare rsync with the same flags, wall",
+         ratio(wall("1", "bakgrab"), wall("1", same)), 1.10)
+    goal("1: bakgrab / bare rsync -z (the original flags), wall",
+         ratio(wall("1", "bakgrab"), wall("1", "rsync")), None)
+    for other in ("borg", "rsnapshot"):
+        goal(f"1: bakgrab (compress = auto) / {other}, wall",
+             ratio(wall("1", "bakgrab"), wall("1", other)), 1.0)
     for sid in ("2", "3"):
-        goal(f"{sid}: bakgrab / bare rsync, wall",
-             ratio(wall(sid, "bakgrab"), wall(sid, "rsync")), 1.10)
+        goal(f"{sid}: bakgrab / bare rsync with the same flags, wall",
+             ratio(wall(sid, "bakgrab"), wall(sid, same)), 1.10)
         goal(f"{sid}: bakgrab / rsnapshot, wall",
              ratio(wall(sid, "bakgrab"), wall(sid, "rsnapshot")), 1.0)
     goal("2: bakgrab bytes added / scenario 1's bytes added",
          ratio(med("2", "bakgrab", "bytes_added"), med("1", "bakgrab", "bytes_added")), 0.02,
          unit="fraction")
-    goal("5: fixed cost of one job (bakgrab, empty tree), s", wall("5", "bakgrab"), None, "s")
+    goal("5: fixed cost of one job (bakgrab, empty tree), s", wall("5", "bakgrab"), 0.40, "s")
     goal("5: bakgrab / bare rsync -e ssh of the same empty tree, wall",
-         ratio(wall("5", "bakgrab"), wall("5", "rsync")), None)
+         ratio(wall("5", "bakgrab"), wall("5", same)), 1.3)
     s6 = results.get("6", {}).get("tools", {}).get("bakgrab", {})
     goal("6: bakgrab 8 at once / one after another, wall (first backups)", s6.get("ratio"), 0.75)
     goal("6: the same, second backups (nothing changed)", s6.get("ratio_incremental"), None)
@@ -552,6 +599,11 @@ def goals(results: dict[str, Any], extra: dict[str, Any]) -> list[dict[str, Any]
          "ms")
     goal("5: of which the request check (fields, sealed key, signature, record), ms",
          check["median_ms"] if check else None, 20.0, "ms")
+    slow = results.get("8", {}).get("tools", {})
+    for other in ("rsync_link", "rsync_link_off"):
+        goal(f"8: bakgrab (compress = auto) / {other} over {LINK_MBIT} Mbit/s, wall",
+             ratio(wall("8", "bakgrab"), wall("8", other)) if slow else None,
+             1.0 if other == "rsync_link" else None)
     mem = extra.get("worker_memory")
     goal("6: worker memory per concurrent grab (PSS), MiB",
          mem["per_grab_pss_kib"] / 1024 if mem else None, None, "MiB")
@@ -634,7 +686,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     size = max(2 << 30, 4 * tree["bytes_on_disk"] + (1 << 30))
                     (work / "images").mkdir()
                     fs = {}
-                    for key in ("bakgrab", "rsync", "rsnapshot", "borg"):
+                    for key in ("bakgrab", "rsync", "rsync_auto", "rsnapshot", "borg"):
                         fs[key] = tools.LoopStorage(work / "images" / f"{key}.img",
                                                     work / "storage" / key, size)
                         opened.append(fs[key])
@@ -643,11 +695,33 @@ def main(argv: Sequence[str] | None = None) -> int:
                             "plain directories in the work dir, emptied with rm -rf")
             ssh = tools.SshServer(work)
             opened.append(ssh)
-            bg = tools.Bakgrab(work, bakgrab, concurrency=max(2, plan.clients))
+            slow, link_tools, link_skipped = None, [], SlowLink.available()
+            if link_skipped is None:
+                slow = SlowLink(LINK_MBIT)  # scenario 8 (issue 19)
+                opened.append(slow)
+            bg = tools.Bakgrab(work, bakgrab, concurrency=max(2, plan.clients),
+                               link_address=slow.here if slow else None)
             opened.append(bg)
-            tool_list: list[tools.Tool] = [bg, tools.BareRsync(work, ssh),
-                                           tools.Rsnapshot(work, ssh), tools.Borg(work)]
+            if slow is not None:
+                far = tools.SshServer(work, listen=slow.there, wrap=slow.wrap, name="sshd-link")
+                opened.append(far)
+                link_tools = [bg, tools.BareRsync(work, far, key="rsync_link",
+                                                  label="bare rsync -z, over the link")]
+                far_choice = tools.auto_choice(slow.there)
+                if far_choice is not None:
+                    link_tools.append(tools.BareRsync(
+                        work, far, compress=far_choice, key="rsync_link_auto",
+                        label=f"bare rsync, auto's choice ({far_choice}), over the link"))
+                link_tools.append(tools.BareRsync(work, far, compress="off", key="rsync_link_off",
+                                                  label="bare rsync, no compression, over the link"))
+            tool_list: list[tools.Tool] = [bg, tools.BareRsync(work, ssh)]
+            chosen = tools.auto_choice("127.0.0.1")  # issue 19: bakgrab's flags exactly
+            if chosen is not None:
+                tool_list.append(tools.BareRsync(work, ssh, compress=chosen))
+            tool_list += [tools.Rsnapshot(work, ssh), tools.Borg(work)]
             bench = Bench(plan, work, tool_list, fs)
+            bench.link, bench.link_tools = slow, link_tools
+            bench.link_skipped = link_skipped or ""
             bench.run_all()
             bench.extra["sandbox"] = sandbox_cost(work)
             bench.extra["request_check"] = request_check_cost(work)
@@ -665,7 +739,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "tree": tree,
                 "runs": plan.runs, "runs_scenario6": plan.runs6,
                 "scenario6_second_backups": plan.second6,
-                "tools": {t.key: {"label": t.label, **t.describe()} for t in tool_list},
+                "tools": {t.key: {"label": t.label, **t.describe()}
+                          for t in [*tool_list, *link_tools]},
                 "scenarios": {sid: bench.results[sid] for sid in SCENARIOS},
                 "fixed_cost": bench.extra.get("fixed_cost"),
                 "worker_memory": bench.extra.get("worker_memory"),

@@ -19,7 +19,10 @@ import pytest
 from tests.bench import procs, run
 
 REPO = Path(__file__).resolve().parents[2]
-TOOLS = {"bakgrab", "rsync", "rsnapshot", "borg"}
+TOOLS = {"bakgrab", "rsync", "rsync_auto", "rsnapshot", "borg"}
+"""rsync_auto: bare rsync with the flags bakgrab's compress = auto chose (issue 19)."""
+LINK_TOOLS = {"bakgrab", "rsync_link", "rsync_link_auto", "rsync_link_off"}
+"""Scenario 8's, over the slow link (issue 19; the harness runs as root)."""
 METRICS = {"wall", "cpu", "cpu_local", "cpu_server", "bytes_added", "inodes_added"}
 
 
@@ -59,7 +62,7 @@ def test_quick_mode_on_a_tiny_tree_reports_every_tool_and_scenario(tmp_path: Pat
     assert doc["tree"]["files"] == 200
     assert set(doc["scenarios"]) == set(run.SCENARIOS)
     for sid, scenario in doc["scenarios"].items():
-        assert set(scenario["tools"]) == TOOLS, sid
+        assert set(scenario["tools"]) == (LINK_TOOLS if sid == "8" else TOOLS), sid
         for tool, res in scenario["tools"].items():
             parts = ([res] if sid != "6" else
                      [res[k] for k in ("concurrent", "serial", "concurrent_incremental",
@@ -68,8 +71,14 @@ def test_quick_mode_on_a_tiny_tree_reports_every_tool_and_scenario(tmp_path: Pat
                 assert set(part["median"]) == METRICS, (sid, tool)
                 assert part["median"]["wall"] > 0, (sid, tool)
     assert doc["fixed_cost"]["median"]["client_wall"] > 0
+    # the auto row ran the flags bakgrab's worker recorded for its grabs (issue 19)
+    used = doc["tools"]["bakgrab"]["compress_used"]
+    assert set(used["main"]) == {doc["tools"]["rsync_auto"]["compress"]}
+    assert set(used["slow"]) == {doc["tools"]["rsync_link_auto"]["compress"]}
     assert doc["worker_memory"]["clients"] == 2
-    assert {g["goal"].split(":")[0] for g in doc["goals"]} == {"1", "2", "3", "5", "6"}
+    assert {g["goal"].split(":")[0] for g in doc["goals"]} == {"1", "2", "3", "5", "6", "8"}
+    # scenario 8's bakgrab grabs crossed the link with auto's choice for it
+    assert doc["scenarios"]["8"]["link"]["rate_mbit"] == 20
     for key in ("nproc", "cpu", "memory", "disk"):
         assert doc["machine"][key]
 

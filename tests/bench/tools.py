@@ -62,12 +62,16 @@ def keygen(path: Path) -> str:
 
 class SshServer:
     """A plain sshd of our own on a free loopback port, with its own host
-    key and one authorized client key (for bare rsync and rsnapshot)."""
+    key and one authorized client key (for bare rsync and rsnapshot); or on
+    ``listen`` inside a client namespace (``wrap``: scenario 8's slow link)."""
 
     ALIAS = "bench-sshd"
 
-    def __init__(self, work: Path) -> None:
-        self.dir = work / "sshd"
+    def __init__(self, work: Path, listen: str = "127.0.0.1",
+                 wrap: Callable[[Sequence[str]], list[str]] | None = None,
+                 name: str = "sshd") -> None:
+        self.address = listen
+        self.dir = work / name
         self.dir.mkdir(mode=0o700)
         host_pub = keygen(self.dir / "host_key")
         client_pub = keygen(self.dir / "client_key")
@@ -80,7 +84,7 @@ class SshServer:
         self.user = pwd.getpwuid(os.getuid()).pw_name
         cfg = self.dir / "sshd_config"
         cfg.write_text("\n".join([
-            "ListenAddress 127.0.0.1",
+            f"ListenAddress {listen}",
             f"HostKey {self.dir / 'host_key'}",
             f"AuthorizedKeysFile {self.dir / 'authorized_keys'}",
             f"AllowUsers {self.user}",
@@ -104,8 +108,9 @@ class SshServer:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         sshd = procs.find("sshd") or "/usr/sbin/sshd"
         subprocess.run([sshd, "-t", "-f", str(cfg)], check=True)
+        inside = wrap or list
         self.proc, self.port = procs.start_server(
-            lambda port: [sshd, "-D", "-e", "-f", str(cfg), "-p", str(port)],
+            lambda port: inside([sshd, "-D", "-e", "-f", str(cfg), "-p", str(port)]),
             self.dir / "sshd.log", "sshd")
 
     def settle(self, timeout: float = 10.0) -> None:
@@ -120,16 +125,19 @@ class SshServer:
 
 
 def rsync_argv(ssh: SshServer, source: Path, dest: Path, link_dest: Path | None,
-               exclude_file: Path) -> tuple[list[str], str]:
+               exclude_file: Path, compress: str | None = None) -> tuple[list[str], str]:
     """bakgrab's own pull argv, aimed at ``source`` on our sshd; and where the
-    flags came from."""
+    flags came from. ``compress`` (issue 19): a value of bakgrab's compress
+    setting as the worker passes it to pull_argv; None keeps PullSpec's
+    default, plain ``-z`` (the original design's flags)."""
     try:
         from bakgrab.worker import rsync
 
         spec = rsync.PullSpec(
-            user=ssh.user, address="127.0.0.1", port=ssh.port, key_file=ssh.key,
+            user=ssh.user, address=ssh.address, port=ssh.port, key_file=ssh.key,
             known_hosts=ssh.known_hosts, host_alias=ssh.ALIAS, exclude_file=exclude_file,
             dest=dest, link_dest=link_dest, timeout=300, connect_timeout=20, alive_interval=15,
+            **({"compress": compress} if compress is not None else {}),
         )
         argv = rsync.pull_argv(spec)
         origin = "bakgrab.worker.rsync.pull_argv"
@@ -142,7 +150,7 @@ def rsync_argv(ssh: SshServer, source: Path, dest: Path, link_dest: Path | None,
         if link_dest:
             argv.append(f"--link-dest={link_dest}")
         argv += ["x", "x"]
-    return argv[:-2] + [f"{ssh.user}@127.0.0.1:{source}/", f"{dest}/"], origin
+    return argv[:-2] + [f"{ssh.user}@{ssh.address}:{source}/", f"{dest}/"], origin
 
 
 def ssh_argv(ssh: SshServer) -> list[str]:
@@ -299,6 +307,17 @@ class Tool:
         return {}
 
 
+def auto_choice(address: str = "127.0.0.1") -> str | None:
+    """What bakgrab's ``compress = auto`` chooses for a first grab from
+    ``address`` (issue 19), by the worker's own function; None for a bakgrab
+    without the setting."""
+    try:
+        from bakgrab.worker import compress
+    except ImportError:
+        return None
+    return compress.decide("auto", address, None).used
+
+
 class Bakgrab(Tool):
     """``bakgrab backup`` against our own redis-server and ``bakgrab worker``."""
 
@@ -308,7 +327,8 @@ class Bakgrab(Tool):
     # pins, locks. Snapshots and their in-progress dirs are outside or emptied.
     kept_state = (".bakgrab",)
 
-    def __init__(self, work: Path, bakgrab: str, concurrency: int) -> None:
+    def __init__(self, work: Path, bakgrab: str, concurrency: int,
+                 link_address: str | None = None) -> None:
         self.bin = bakgrab
         self.dir = work / "bakgrab"
         self.dir.mkdir()
@@ -319,11 +339,16 @@ class Bakgrab(Tool):
         (self.dir / "results").mkdir()
         config = self.dir / "empty.toml"
         config.write_text("")
+        # scenario 8's client reaches the broker over the slow link (a namespace
+        # of the benchmark's own: nothing else can reach that address)
+        bind = (["--bind", "127.0.0.1", link_address, "--protected-mode", "no"]
+                if link_address else ["--bind", "127.0.0.1"])
         self.redis, port = procs.start_server(
-            lambda p: ["redis-server", "--port", str(p), "--bind", "127.0.0.1", "--save", "",
+            lambda p: ["redis-server", "--port", str(p), *bind, "--save", "",
                        "--appendonly", "no", "--dir", str(self.dir / "redis")],
             self.dir / "redis.log", "redis-server")
         self.broker = f"redis://127.0.0.1:{port}/0"
+        self.link_broker = f"redis://{link_address}:{port}/0" if link_address else ""
         try:
             self._start_worker(bakgrab, concurrency, config)
         except BaseException:
@@ -395,6 +420,15 @@ class Bakgrab(Tool):
 
         return Job([self.bin, "backup", "--broker", self.broker, "--name", name, "--source",
                     str(source), "--json"], env=self.client_env, stdout=out, after=after)
+
+    def backup_over(self, wrap: Callable[[Sequence[str]], list[str]], name: str,
+                    source: Path) -> Job:
+        """The client's ``bakgrab backup`` on the far side of scenario 8's link."""
+        job = self.backup(name, source)
+        argv = list(job.argv)
+        argv[argv.index(self.broker)] = self.link_broker
+        job.argv = wrap(argv)
+        return job
 
     def snapshots(self, name: str) -> list[str]:
         found = []
@@ -468,27 +502,55 @@ class Bakgrab(Tool):
         self.worker.stop(timeout=30)
         self.redis.stop()
 
+    def compress_used(self) -> dict[str, dict[str, int]]:
+        """Per name, how many of its snapshots still recorded used each
+        compression, as their metadata says (what ``auto`` chose, issue 19)."""
+        seen: dict[str, dict[str, int]] = {}
+        for meta in (self.storage / ".bakgrab" / "meta").glob("*.json"):
+            try:
+                data = json.loads(meta.read_text())
+                name, used = data["name"], data["compress"]["used"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            if isinstance(name, str) and isinstance(used, str):
+                seen.setdefault(name, {})[used] = seen.get(name, {}).get(used, 0) + 1
+        return seen
+
     def describe(self) -> dict[str, Any]:
         return {"worker_concurrency": self.concurrency,
                 "scenario7_method": "bakgrab prune (make_room)" if self.prune
-                else "bakgrab.worker.retention.remove_snapshot"}
+                else "bakgrab.worker.retention.remove_snapshot",
+                "compress_used": self.compress_used()}
 
 
 class BareRsync(Tool):
-    """rsync with bakgrab's flags over ssh, --link-dest the newest snapshot."""
+    """rsync with bakgrab's flags over ssh, --link-dest the newest snapshot.
+
+    ``compress`` None: pull_argv's default spec, plain ``-z`` (the original
+    design's flags, the table's "bare rsync" of earlier runs); else the value
+    bakgrab's ``compress = auto`` chose for this link (issue 19), so that
+    "bakgrab / bare rsync (auto's choice)" measures bakgrab's own overhead
+    with the very flags its worker ran."""
 
     key = "rsync"
     label = "bare rsync"
 
-    def __init__(self, work: Path, ssh: SshServer) -> None:
+    def __init__(self, work: Path, ssh: SshServer, compress: str | None = None,
+                 key: str = "", label: str = "") -> None:
+        if compress is not None:
+            self.key = "rsync_auto"
+            self.label = f"bare rsync, auto's choice ({compress})"
+        self.key = key or self.key
+        self.label = label or self.label
+        self.compress = compress
         self.ssh = ssh
-        self.storage = work / "storage" / "rsync"
+        self.storage = work / "storage" / self.key
         self.storage.mkdir(parents=True, exist_ok=True)
-        self.exclude = work / "rsync-exclude"
+        self.exclude = work / f"{self.key}-exclude"
         self.exclude.write_text("")
         self.counter = 0
         self.origin = ""
-        self.out = work / "rsync-out"
+        self.out = work / f"{self.key}-out"
         self.out.mkdir()
 
     def server_pids(self) -> list[int]:
@@ -510,7 +572,7 @@ class BareRsync(Tool):
         snaps = self.snapshots(name)
         link = self.storage / snaps[-1] if snaps else None
         dest = self.storage / f"{name}.{self.counter}"
-        argv, self.origin = rsync_argv(self.ssh, source, dest, link, self.exclude)
+        argv, self.origin = rsync_argv(self.ssh, source, dest, link, self.exclude, self.compress)
         return Job(argv, env=clean_env(), stdout=self.out / f"{self.counter}.txt")
 
     def remove_oldest(self, name: str) -> list[Job]:
@@ -522,7 +584,7 @@ class BareRsync(Tool):
             shutil.rmtree(self.storage / snap)
 
     def describe(self) -> dict[str, Any]:
-        return {"flags_from": self.origin}
+        return {"flags_from": self.origin, "compress": self.compress or "any (plain -z)"}
 
 
 class Rsnapshot(Tool):
@@ -555,9 +617,13 @@ class Rsnapshot(Tool):
         # The same rsync flags as bakgrab's pull, less what rsnapshot sets itself
         # (--rsh, --link-dest) and plus the --relative its layout needs.
         argv, _ = rsync_argv(self.ssh, source, Path("/x"), None, Path("/dev/null"))
+        # (--out-format too: rsnapshot splits its long args at spaces, and the
+        # itemized list is for bakgrab's manifest, not the transfer)
         long_args = ["--relative"] + [a for a in argv[2:-2] if a.startswith("--")
-                                      and not a.startswith(("--rsh=", "--exclude-from="))]
-        short = argv[1]
+                                      and not a.startswith(("--rsh=", "--exclude-from=",
+                                                            "--out-format="))]
+        # -z stands apart from -HaAX since issue 19: rsnapshot takes it in its short args
+        short = argv[1] + "".join(a[1:] for a in argv[2:-2] if a == "-z")
         ssh = ssh_argv(self.ssh)
         lines = [
             ("config_version", "1.2"),

@@ -70,5 +70,19 @@ if [ ! -x .venv/bin/python ] || [ "$(.venv/bin/python -c 'import sys; print(sys.
 fi
 extra=""
 [ "${1:-}" = "--test" ] && extra="[test]"
+# (Re)build the editable install only when it is missing or pyproject.toml
+# (dependencies, entry points) changed since: building it is what printed
+# setuptools' multi-line "Editable installation" notice on every demo run
+# (issue 13). The stamp names this checkout, pyproject.toml's hash and the
+# extras; a [test] install also serves a run without --test.
+stamp=.venv/.bakgrab-installed
+want="$PWD $(sha256sum pyproject.toml | cut -d' ' -f1)"
+have=$(cat "$stamp" 2>/dev/null || true)
+if { [ "$have" = "$want $extra" ] || [ "$have" = "$want [test]" ]; } &&
+        .venv/bin/python -c 'import bakgrab.tasks.cli' 2>/dev/null; then
+    exit 0
+fi
+rm -f "$stamp"
 .venv/bin/pip install -q --disable-pip-version-check --upgrade pip >/dev/null
 .venv/bin/pip install -q --disable-pip-version-check -e ".$extra"
+echo "$want $extra" >"$stamp"

@@ -305,9 +305,9 @@ def grab(
                 outcome = run_pull(spec, on_progress, confined)
             except rsync.CompressRefused as e:
                 if choice.used in (compress.OFF, compress.ANY):
-                    raise TransferFailed(*e.args) from None  # not ours: the client's words
+                    raise TransferFailed(*e.args[:2]) from None  # not ours: the client's words
                 # issue 19: the client's rsync lacks the choice: plain -z, at once, once
-                choice = choice.fall_back(compress.refused(str(e)) or "")
+                choice = choice.fall_back(e.said)
                 log.warning("grab of %s: %s", request.name, choice.fallback)
                 spec = dataclasses.replace(spec, compress=choice.used)
                 outcome = run_pull(spec, on_progress, confined)

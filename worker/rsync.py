@@ -373,7 +373,12 @@ class LinkLimit(TransferFailed):
 class CompressRefused(TransferFailed):
     """The client's rsync (or its rrsync) lacks the compression the pull chose
     (issue 19); the grab runs again with plain ``-z``, so this never leaves
-    the worker from a pull."""
+    the worker from a pull. Its args: the message, rsync's exit code, and
+    what the client's rsync said."""
+
+    @property
+    def said(self) -> str:
+        return str(self.args[2]) if len(self.args) > 2 else ""
 
 
 def classify(code: int, stderr_tail: str) -> None:
@@ -397,7 +402,7 @@ def classify(code: int, stderr_tail: str) -> None:
             if code != SSH_ERROR and NOTHING_RECEIVED in stderr_tail else None)
     if said is not None:
         raise CompressRefused(f"rsync exit {code}: the client's rsync refused the chosen "
-                              f"compression: {said}", code)
+                              f"compression: {said}", code, said)
     if code == SSH_ERROR and HOST_KEY_FAILED in stderr_tail:
         # ssh says so only when the key it was shown is not the pinned one:
         # someone else answers at the client's address.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import pwd
 import re
 import secrets
 import subprocess
@@ -217,3 +218,58 @@ def test_auto_over_a_link_measures_it_for_the_next_grab(tmp_path: Path) -> None:
     assert (second["used"], second["why"]) == (expected.used, expected.why)
     assert "previous grab moved" in second["why"]
     assert second["measured"]["previous"]["from"] == metas[0]["snapshot"]
+
+
+@pytest.mark.root
+def test_a_choice_the_clients_rsync_refuses_falls_back_at_once(shared_tmp: Path) -> None:
+    """The client's rsync accepts only zlib (``RSYNC_COMPRESS_LIST``, set in the
+    client user's ~/.bashrc, which the login shell of its one-shot sshd reads):
+    ``--compress zstd:1`` is refused before any data ("was refused by the
+    server"); the worker runs the pull again at once with plain ``-z``, which
+    rsync negotiates to zlib, records the fallback, and the snapshot is
+    identical and was compressed on the wire."""
+    need_root()
+    name = f"bkgz{secrets.token_hex(3)}"
+    home = shared_tmp / "home"
+    home.mkdir()
+    subprocess.run(["useradd", "-M", "-d", str(home), "-s", "/bin/bash", name], check=True,
+                   timeout=30)
+    redis_proc = worker = None
+    try:
+        subprocess.run(["usermod", "-p", "*", name], check=True, timeout=30)
+        (home / ".bashrc").write_text('export RSYNC_COMPRESS_LIST="zlibx zlib"\n')
+        src = shared_tmp / "src"
+        build_tree(src)
+        for path in [home, *home.rglob("*"), src, *src.rglob("*")]:
+            os.lchown(path, *(lambda p: (p.pw_uid, p.pw_gid))(pwd.getpwnam(name)))
+        redis_proc, url = support.start_redis(shared_tmp / "redis")
+        storage = shared_tmp / "storage"
+        worker = support.start_worker(storage, url, shared_tmp / "worker.log",
+                                      "--loglevel", "DEBUG", "--compress", "zstd:1")
+        env = {"PATH": os.environ["PATH"], "HOME": str(home),
+               "XDG_STATE_HOME": str(home / "state")}
+        done = support.run_backup(url, "fussy", src, "--json", env=env, user=name)
+        assert done.returncode == 0, done.stderr + worker.text()[-3000:]
+        result = json.loads(done.stdout)
+        log = worker.text()
+        assert worker.alive()
+    finally:
+        if worker is not None:
+            worker.stop()
+        if redis_proc is not None:
+            redis_proc.stop()
+        subprocess.run(["userdel", name], check=False, timeout=30)
+    runs = [m.group("args") for m in RUN_RE.finditer(log)]
+    assert [compress_words(r) for r in runs] == [
+        ["-z", "--compress-choice=zstd", "--compress-level=1"], ["-z"]], runs
+    assert "was refused by the server" in log or "refused zstd:1" in log
+    [snap] = support.snapshots(storage, "fussy")
+    assert support.rsync_diff(src, snap) == []
+    meta = json.loads((storage / ".bakgrab" / "meta" / f"{snap.name}.json").read_text())
+    chosen = meta["compress"]
+    assert chosen["setting"] == "zstd:1" and chosen["used"] == "any"
+    assert "refused zstd:1" in chosen["fallback"]
+    assert "--compress-choice value (zstd) was refused" in chosen["fallback"]
+    assert chosen["link"]["client_refused"] is True
+    assert result["compress"] == chosen
+    assert result["bytes_transferred"] < unique_bytes(src) / 4  # zlib did compress

@@ -172,8 +172,9 @@ def test_real_refusal_is_compress_refused(tmp_path: Path, renaming_rsh: Path) ->
     assert done.returncode != 0
     assert "unknown compress name: nosuch" in done.stderr
     assert compress.refused(done.stderr) == "unknown compress name: nosuch"
-    with pytest.raises(rsync.CompressRefused, match="unknown compress name: nosuch"):
+    with pytest.raises(rsync.CompressRefused, match="unknown compress name: nosuch") as e:
         rsync.classify(done.returncode, done.stderr)
+    assert e.value.said == "unknown compress name: nosuch"
     # and plain -z through the same sender works: the fallback's argv
     again = subprocess.run(["rsync", "-a", "-z", f"--rsh={renaming_rsh}", f"h:{src}/",
                             f"{tmp_path / 'dst'}/"], capture_output=True, text=True, timeout=30)

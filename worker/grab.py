@@ -277,7 +277,8 @@ def grab(
         # a file verify found bad is never linked again, but pulled anew (issue 15)
         with job_files(storage, task_id, request) as files, \
                 damage.link_dest(storage, request.name, link if store.links else None,
-                                 dest) as (link_dest, link_from):
+                                 dest) as (link_dest, link_from), \
+                manifest.Prehasher(dest) as hasher:  # hashes files as they land (issue 15)
             spec = rsync.PullSpec(
                 user=request.user,
                 address=request.address,
@@ -302,7 +303,7 @@ def grab(
                 link_from=link_from, port=request.port)
             pulling = time.monotonic()
             try:
-                outcome = run_pull(spec, on_progress, confined)
+                outcome = run_pull(spec, on_progress, confined, hasher.submit)
             except rsync.CompressRefused as e:
                 if choice.used in (compress.OFF, compress.ANY):
                     raise TransferFailed(*e.args[:2]) from None  # not ours: the client's words
@@ -310,7 +311,7 @@ def grab(
                 choice = choice.fall_back(e.said)
                 log.warning("grab of %s: %s", request.name, choice.fallback)
                 spec = dataclasses.replace(spec, compress=choice.used)
-                outcome = run_pull(spec, on_progress, confined)
+                outcome = run_pull(spec, on_progress, confined, hasher.submit)
             pull_seconds = time.monotonic() - pulling
             exclude_text = files["exclude"].read_text()
 
@@ -322,7 +323,7 @@ def grab(
                        link.dirname if link else None, attempt,
                        compression=compress.record(choice, outcome.stats, pull_seconds,
                                                    compress.previous_link(previous)),
-                       reread=settings.verify_pull == "on")  # issue 15
+                       reread=settings.verify_pull == "on", prehashed=hasher)  # issue 15
 
 
 class PullOutcome:
@@ -362,10 +363,11 @@ def confinement(settings: Settings, *, read: list[Path], port: int,
 
 
 def run_pull(spec: rsync.PullSpec, on_progress: ProgressFn,
-             confined: Confinement | None = None) -> PullOutcome:
+             confined: Confinement | None = None,
+             on_wrote: Callable[[bytes], None] | None = None) -> PullOutcome:
     """Run the pull, report its progress, and classify its exit."""
     try:
-        return run_rsync(rsync.pull_argv(spec), on_progress, confined)
+        return run_rsync(rsync.pull_argv(spec), on_progress, confined, on_wrote)
     except rsync.LinkLimit as e:
         if spec.link_dest is None or not e.paths:
             raise
@@ -405,9 +407,11 @@ def pull_past_link_limit(spec: rsync.PullSpec, on_progress: ProgressFn,
 
 
 def run_rsync(argv: list[str], on_progress: ProgressFn,
-              confined: Confinement | None = None) -> PullOutcome:
+              confined: Confinement | None = None,
+              on_wrote: Callable[[bytes], None] | None = None) -> PullOutcome:
     """Run rsync (confined when asked: sandbox and minimum rate), report its
-    progress, and classify its exit."""
+    progress, and classify its exit; ``on_wrote`` is told each file rsync
+    says it received, as it says so (issue 15)."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C",
            "HOME": os.environ.get("HOME", "/")}
     stderr_lines: collections.deque[str] = collections.deque(maxlen=200)
@@ -448,7 +452,11 @@ def run_rsync(argv: list[str], on_progress: ProgressFn,
             *lines, buf = re.split(rb"[\r\n]", buf)
             for raw in lines:
                 if raw[:2] == rsync.ITEM_WROTE:  # (a prefix test: no per-line regex)
-                    wrote.append(raw[rsync.ITEM_NAME_AT:])
+                    name = rsync.wrote(raw)
+                    if name is not None:
+                        wrote.append(name)
+                        if on_wrote is not None:
+                            on_wrote(name)
                 line = raw.decode(errors="replace")
                 tail.append(line)
                 now = time.monotonic()
@@ -506,6 +514,7 @@ def publish(
     attempt: int,
     compression: dict[str, Any] | None = None,
     reread: bool = False,
+    prehashed: manifest.Prehasher | None = None,
 ) -> GrabResult:
     """Record the run beside the snapshot, then make the snapshot appear
     (``reread``: the ``verify_pull`` setting, issue 15)."""
@@ -522,10 +531,15 @@ def publish(
     warnings.extend(outcome.notes)  # (issue 14)
     # issue 15: the manifest is written before the snapshot appears, so every
     # published snapshot carries one (a grab that dies here publishes nothing)
+    built: dict[str, Any] | None = None
     try:
-        built: dict[str, Any] | None = manifest.make(
+        built = manifest.make(
             storage, storage.inprogress(request.name), snapshot, link_dest,
-            outcome.wrote, reread=reread).to_dict()
+            outcome.wrote, reread=reread,
+            prehashed=prehashed.results if prehashed else None).to_dict()
+        if prehashed is not None:  # (hashed during the pull, on its own thread)
+            built.update(prehash_bytes=prehashed.bytes,
+                         prehash_cpu_seconds=prehashed.cpu_seconds)
     except OSError as e:
         built = None
         log.error("grab of %s: no manifest could be written (%s)", request.name, e)

@@ -18,11 +18,12 @@ hard-link backend an unchanged file is the very inode of the previous
 snapshot (``rsync --link-dest`` linked it), so its entry is taken from the
 previous manifest when inode, size and mtime agree; every other inode is read
 once, however many paths it has. rsync's itemized list of the files it wrote
-(``>f`` lines, in transfer order) sets the order: the files it wrote last
-are read right after the pull, while they are likely in the page cache.
-Identity is decided by the inode, never by the itemized names alone: rsync
-escapes unusual names in what it prints, and a resumed pull does not list
-the files an earlier attempt wrote.
+(``>f`` lines, in transfer order) drives the reading: a :class:`Prehasher`
+thread reads each file as rsync finishes it, while its bytes are in the
+page cache and while rsync goes on; :func:`build` reads after the pull only
+what that missed, in rsync's order first. Identity is decided by the inode,
+never by the itemized names alone: rsync escapes unusual names in what it
+prints, and a resumed pull does not list the files an earlier attempt wrote.
 
 A second backend (copy-on-write) can reuse all of this with its own notion
 of "the same file": :func:`build` takes the previous entries keyed by inode,
@@ -41,7 +42,9 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import stat
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -181,29 +184,91 @@ def load(storage: Storage, snapshot: str) -> Manifest | None:
 
 # -- hashing -------------------------------------------------------------------
 
-def open_regular(root: Path, rel: str, ino: int | None = None) -> int:
-    """An fd reading the regular file ``rel`` under ``root``: opened without
-    following a final symlink, non-blocking (a fifo put in its place cannot
-    hang us), and checked to be a regular file and, given ``ino``, that very
-    inode (a symlinked parent leads elsewhere, and fails the check).
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
-    ``O_NOATIME`` where permitted: a verify must not rewrite every inode."""
-    path = os.path.join(root, rel)
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        fd = os.open(path, flags | os.O_NOATIME)
-    except PermissionError:
-        fd = os.open(path, flags)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(f"{rel!r} is no longer a regular file")
-        if ino is not None and st.st_ino != ino:
-            raise FileNotFoundError(f"{rel!r} is no longer the inode its manifest names")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+
+class Beneath:
+    """Opens files of one tree by relative path without following a symlink
+    anywhere on the way (a client-written tree may hold one where a
+    directory was, pointing anywhere); the fd of the last directory is kept,
+    so the files of one directory cost one open each."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._dir: tuple[str, int] | None = None
+
+    def __enter__(self) -> Beneath:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._dir is not None:
+            os.close(self._dir[1])
+            self._dir = None
+
+    def parent(self, rel: str) -> tuple[int, str]:
+        """The fd of ``rel``'s directory (owned by this object) and its last name."""
+        head, _, name = rel.rpartition("/")
+        if self._dir is not None and self._dir[0] == head:
+            return self._dir[1], name
+        fd = os.open(self.root, DIR_FLAGS & ~os.O_NOFOLLOW)  # (the root is bakgrab's own)
+        try:
+            for part in head.split("/") if head else ():
+                nxt = os.open(part, DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+        except BaseException:
+            os.close(fd)
+            raise
+        self.close()
+        self._dir = (head, fd)
+        return fd, name
+
+    def open(self, rel: str, ino: int | None = None) -> int:
+        """An fd reading the regular file ``rel``: non-blocking (a fifo put in
+        its place cannot hang us), checked to be a regular file and, given
+        ``ino``, that very inode. ``O_NOATIME`` where permitted: a verify
+        must not rewrite every inode."""
+        dfd, name = self.parent(rel)
+        try:
+            fd = os.open(name, FILE_FLAGS | os.O_NOATIME, dir_fd=dfd)
+        except PermissionError:
+            fd = os.open(name, FILE_FLAGS, dir_fd=dfd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(f"{rel!r} is no longer a regular file")
+            if ino is not None and st.st_ino != ino:
+                raise FileNotFoundError(f"{rel!r} is no longer the inode its manifest names")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def unlink(self, rel: str) -> None:
+        dfd, name = self.parent(rel)
+        os.unlink(name, dir_fd=dfd)
+
+
+def open_regular(root: Path, rel: str, ino: int | None = None) -> int:
+    """:meth:`Beneath.open` of one file."""
+    with Beneath(root) as tree:
+        return tree.open(rel, ino)
+
+
+_local = threading.local()
+
+
+def _buffer() -> bytearray:
+    """This thread's read buffer: one, not one per file (zeroing a fresh
+    MiB for each small file cost more than hashing it; measured)."""
+    buf: bytearray | None = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = bytearray(CHUNK)
+    return buf
 
 
 def hash_fd(fd: int, *, drop_cache: bool = False) -> tuple[str, int]:
@@ -212,7 +277,7 @@ def hash_fd(fd: int, *, drop_cache: bool = False) -> tuple[str, int]:
     ``drop_cache``: tell the kernel the pages are not needed afterwards (a
     verify reads cold data; it should not evict the hot)."""
     digest = hashlib.sha256()
-    buf = bytearray(CHUNK)
+    buf = _buffer()
     view = memoryview(buf)
     total = 0
     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
@@ -283,6 +348,8 @@ class BuildStats:
     vanished: int = 0
     """Files that were no longer the walked inode when read (none after a
     finished pull: nothing else writes the tree)."""
+    prehashed: int = 0
+    """Inodes a :class:`Prehasher` hashed during the pull."""
     reread: int = 0
     """Files read a second time from the disk (``verify_pull``)."""
     reread_seconds: float = 0.0
@@ -294,22 +361,27 @@ class BuildStats:
 
 
 def build(root: Path, previous: Manifest | None, changed: Iterable[bytes] = (),
-          *, reread: bool = False) -> tuple[list[Entry], BuildStats]:
+          *, reread: bool = False, prehashed: dict[int, tuple[int, int, str]] | None = None
+          ) -> tuple[list[Entry], BuildStats]:
     """The entries of the tree at ``root``: an inode the previous manifest
-    names with the same size and mtime keeps its hash, every other inode is
-    read once (first those of ``changed``, rsync's itemized names, in its
-    order; then the rest in walk order). With ``reread``, every inode read is
-    then read again from the disk (:func:`reread_from_disk`)."""
+    names with the same size and mtime keeps its hash; one :class:`Prehasher`
+    hashed during the pull (same size and mtime) gives its hash; every other
+    inode is read once (first those of ``changed``, rsync's itemized names,
+    in its order; then the rest in walk order). With ``reread``, every inode
+    not kept from the previous manifest is then read again from the disk
+    (:func:`reread_from_disk`)."""
     started = time.monotonic()
     stats = BuildStats()
     known = previous.by_ino() if previous is not None else {}
-    with caps.raised("dac_override"):  # client-owned 0700 dirs and 0600 files
+    early = prehashed or {}
+    with caps.raised("dac_override"), Beneath(root) as tree:  # client-owned 0700 dirs
         seen = list(walk(root))
         stats.files = len(seen)
         # what rsync wrote is read whatever the previous manifest says: on a
         # copy-on-write backend a file rewritten in place keeps its inode
         wrote = {unescape(raw) for raw in changed}
         order: list[Seen] = []
+        fresh: list[Seen] = []
         digests: dict[int, str] = {}
         todo: dict[int, Seen] = {}
         for s in seen:
@@ -320,6 +392,12 @@ def build(root: Path, previous: Manifest | None, changed: Iterable[bytes] = (),
                     and old.mtime_ns == s.mtime_ns:
                 digests[s.ino] = old.sha256
                 stats.reused += 1
+                continue
+            fresh.append(s)
+            pre = early.get(s.ino)
+            if pre is not None and pre[0] == s.size and pre[1] == s.mtime_ns:
+                digests[s.ino] = pre[2]
+                stats.prehashed += 1
             else:
                 todo[s.ino] = s
         stats.inodes = len(digests) + len(todo)
@@ -332,7 +410,7 @@ def build(root: Path, previous: Manifest | None, changed: Iterable[bytes] = (),
         order += [s for s in todo.values() if s.ino not in picked]
         for s in order:
             try:
-                fd = open_regular(root, s.path, s.ino)
+                fd = tree.open(s.path, s.ino)
             except OSError as e:
                 log.warning("manifest: %r not hashed: %s", s.path, e)
                 stats.vanished += 1
@@ -345,8 +423,8 @@ def build(root: Path, previous: Manifest | None, changed: Iterable[bytes] = (),
             stats.bytes_hashed += n
         if reread:
             t = time.monotonic()
-            for s in order:
-                if s.ino in digests and reread_from_disk(root, s) != digests[s.ino]:
+            for s in fresh:
+                if s.ino in digests and reread_from_disk(tree, s) != digests[s.ino]:
                     stats.reread_bad.append(s.path)
                 stats.reread += 1
             stats.reread_seconds = round(time.monotonic() - t, 3)
@@ -356,12 +434,12 @@ def build(root: Path, previous: Manifest | None, changed: Iterable[bytes] = (),
     return entries, stats
 
 
-def reread_from_disk(root: Path, s: Seen) -> str | None:
+def reread_from_disk(tree: Beneath, s: Seen) -> str | None:
     """The SHA-256 of ``s`` as the disk holds it: its dirty pages written
     out, its cached pages dropped, then read (the kernel may keep a page it
     cannot drop, e.g. one mapped by another process: best effort)."""
     try:
-        fd = open_regular(root, s.path, s.ino)
+        fd = tree.open(s.path, s.ino)
     except OSError:
         return None
     try:
@@ -374,8 +452,79 @@ def reread_from_disk(root: Path, s: Seen) -> str | None:
         os.close(fd)
 
 
+class Prehasher:
+    """Hashes each file the moment rsync says it finished writing it (issue
+    15): its bytes are still in the page cache, however large the backup,
+    and the hashing overlaps the pull instead of following it. rsync logs a
+    received file after its data only because the pull's format holds
+    ``%b`` (:data:`bakgrab.worker.rsync.ITEM_FORMAT`), and renames it into
+    place just after: each file is read when the next one's line comes.
+
+    A result counts only for the inode, size and mtime the file had while it
+    was read (unchanged before and after); :func:`build` takes it only when
+    the finished tree still shows them. A file it could not read is simply
+    read by :func:`build`. One thread; :meth:`submit` only queues."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.results: dict[int, tuple[int, int, str]] = {}
+        self.bytes = 0
+        self.cpu_seconds = 0.0
+        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="bakgrab-prehash", daemon=True)
+
+    def __enter__(self) -> Prehasher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:
+            self._stop = True  # the pull failed: nothing will use the results
+        self._queue.put(None)
+        self._thread.join()
+
+    def submit(self, name: bytes) -> None:
+        """Queue one name as rsync printed it (escaped)."""
+        self._queue.put(name)
+
+    def _run(self) -> None:
+        start = time.thread_time()
+        # rsync's receiver logs a file after its data but before it renames the
+        # temp file into place and sets its times (receiver.c: log_item, then
+        # finish_transfer), one file after the other: so a file is read once
+        # the next one's line came, or the pull ended.
+        held: bytes | None = None
+        with caps.raised("dac_override"), Beneath(self.root) as tree:
+            while True:
+                name = self._queue.get()
+                if held is not None and not self._stop:
+                    try:
+                        self._one(tree, unescape(held))
+                    except (OSError, ValueError) as e:
+                        log.debug("prehash of %r skipped: %s", held, e)
+                if name is None:
+                    break
+                held = name
+        self.cpu_seconds = round(time.thread_time() - start, 3)
+
+    def _one(self, tree: Beneath, rel: str) -> None:
+        fd = tree.open(rel)
+        try:
+            before = os.fstat(fd)
+            digest, n = hash_fd(fd)
+            after = os.fstat(fd)
+        finally:
+            os.close(fd)
+        mark = (before.st_size, before.st_mtime_ns, before.st_ctime_ns)
+        if mark == (after.st_size, after.st_mtime_ns, after.st_ctime_ns) and n == before.st_size:
+            self.results[before.st_ino] = (before.st_size, before.st_mtime_ns, digest)
+            self.bytes += n
+
+
 def make(storage: Storage, tree: Path, snapshot: str, previous_snapshot: str | None,
-         changed: Iterable[bytes] = (), *, reread: bool = False) -> BuildStats:
+         changed: Iterable[bytes] = (), *, reread: bool = False,
+         prehashed: dict[int, tuple[int, int, str]] | None = None) -> BuildStats:
     """Build and write the manifest of ``tree``, to be published as ``snapshot``
     (its previous snapshot's manifest, if good, gives the unchanged entries).
     With ``reread`` (``verify_pull``), a file whose second read from the disk
@@ -388,17 +537,18 @@ def make(storage: Storage, tree: Path, snapshot: str, previous_snapshot: str | N
         except Damaged as e:
             log.warning("manifest of %s is damaged (%s): hashing every file anew",
                         previous_snapshot, e)
-    entries, stats = build(tree, previous, changed, reread=reread)
+    entries, stats = build(tree, previous, changed, reread=reread, prehashed=prehashed)
     if stats.reread_bad:
-        with caps.raised("dac_override"):
+        with caps.raised("dac_override"), Beneath(tree) as beneath:
             for p in stats.reread_bad:
                 with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(tree, p))
+                    beneath.unlink(p)
         raise TransferInterrupted(
             f"{len(stats.reread_bad)} file(s) read back from the storage differ from what "
             f"the pull wrote (verify_pull), e.g. {stats.reread_bad[0]!r}: is the storage's "
             "disk failing? They are pulled again")
     write(path_of(storage, snapshot), snapshot, entries, {"build": stats.to_dict()})
-    log.info("manifest of %s: %d files, %d hashed (%d bytes), %d kept, %.1fs", snapshot,
-             stats.files, stats.hashed, stats.bytes_hashed, stats.reused, stats.seconds)
+    log.info("manifest of %s: %d files, %d hashed during the pull, %d after it (%d bytes), "
+             "%d kept, %.1fs", snapshot, stats.files, stats.prehashed, stats.hashed,
+             stats.bytes_hashed, stats.reused, stats.seconds)
     return stats

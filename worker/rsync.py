@@ -215,9 +215,13 @@ def exclude_rules(patterns: Sequence[str]) -> str:
 
 # -- output -----------------------------------------------------------------
 
-ITEM_FORMAT = "%i %n"
-"""rsync's itemized line of a pull: 11 change flags, a space, the name
-(unprintable bytes escaped as ``\\#ooo``, so a name never breaks a line)."""
+ITEM_FORMAT = "%i %b %n"
+"""rsync's itemized line of a pull: 11 change flags, the bytes transferred,
+the name (unprintable bytes escaped as ``\\#ooo``, so a name never breaks a
+line). ``%b`` makes rsync log a received file after its data, not before
+(measured with rsync 3.4: without it the line comes first); rsync renames
+it into place right after, before the next file's line (issue 15: see
+:class:`bakgrab.worker.manifest.Prehasher`)."""
 ITEM_WROTE = b">f"
 """The start of the itemized line of a regular file rsync received."""
 ITEM_NAME_AT = 12
@@ -225,7 +229,10 @@ ITEM_NAME_AT = 12
 
 def wrote(raw: bytes) -> bytes | None:
     """The (escaped) name of a file the pull wrote, if ``raw`` itemizes one."""
-    return raw[ITEM_NAME_AT:] if raw[:2] == ITEM_WROTE else None
+    if raw[:2] != ITEM_WROTE:
+        return None
+    _, _, name = raw[ITEM_NAME_AT:].partition(b" ")
+    return name or None
 
 
 PROGRESS_RE = re.compile(

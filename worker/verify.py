@@ -26,7 +26,8 @@ own checksum fails is reported as a damaged manifest, not as damaged data.
 Invariants: verify never writes into a snapshot and takes no name's lock
 (a published snapshot is never written again; one that cleanup removes
 meanwhile is skipped, not reported); a file is read only when it is still
-the inode its manifest names (see :func:`bakgrab.worker.manifest.open_regular`).
+the inode its manifest names, reached without following any symlink
+(:class:`bakgrab.worker.manifest.Beneath`).
 """
 
 from __future__ import annotations
@@ -208,11 +209,16 @@ def run(storage: Storage, *, name: str | None = None, snapshot: str | None = Non
             chosen = sorted(candidates, key=lambda c: (c.name, c.timestamp, c.path))
         idle_priority()
         outcome: dict[str, dict[str, dict[str, Any] | None]] = {n: {} for n in by_name}
-        with caps.raised("dac_override"):  # client-owned 0700 dirs, 0600 files
+        trees: dict[str, manifest.Beneath] = {}
+        with caps.raised("dac_override"), contextlib.ExitStack() as stack:  # 0700 dirs
             for c in chosen:
                 if budget is not None and clock() - start >= budget:
                     break
-                result = check(storage, c)
+                tree = trees.get(c.snapshot)
+                if tree is None:
+                    tree = trees[c.snapshot] = stack.enter_context(
+                        manifest.Beneath(storage.root / c.snapshot))
+                result = check(storage, c, tree)
                 if result == "gone":
                     report.gone += 1
                     continue
@@ -244,12 +250,12 @@ def run(storage: Storage, *, name: str | None = None, snapshot: str | None = Non
     return report
 
 
-def check(storage: Storage, c: Candidate) -> dict[str, Any] | str | None:
+def check(storage: Storage, c: Candidate, tree: manifest.Beneath) -> dict[str, Any] | str | None:
     """None when ``c`` reads as its manifest says; "gone" when its snapshot
     was removed meanwhile; else what is wrong with it."""
     root = storage.root / c.snapshot
     try:
-        fd = manifest.open_regular(root, c.path, c.ino)
+        fd = tree.open(c.path, c.ino)
     except FileNotFoundError as e:
         if not root.is_dir():
             return "gone"

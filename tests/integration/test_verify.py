@@ -291,6 +291,6 @@ def test_verify_pull_reads_back_what_the_pull_wrote(
     metas = [json.loads((storage / ".bakgrab" / "meta" / f"{s.name}.json").read_text())
              for s in (first, second)]
     assert [m["manifest"]["reread"] for m in metas] == [7, 1]
-    assert [m["manifest"]["hashed"] for m in metas] == [7, 1]
+    assert [m["manifest"]["hashed"] + m["manifest"]["prehashed"] for m in metas] == [7, 1]
     assert [m["manifest"]["reread_bad"] for m in metas] == [[], []]
     assert verify(storage)[0] == 0

@@ -110,8 +110,8 @@ def test_itemized_names_are_unescaped() -> None:
     assert manifest.unescape(b"we ird\\#012name") == "we ird\nname"
     assert manifest.unescape(b"odd-\\#377") == os.fsdecode(b"odd-\xff")
     assert manifest.unescape(b"plain\\#x") == "plain\\#x"
-    assert rsync.wrote(b">f+++++++++ a/b") == b"a/b"
-    assert rsync.wrote(b"cd+++++++++ a/") is None
+    assert rsync.wrote(b">f+++++++++ 12 a/b c") == b"a/b c"
+    assert rsync.wrote(b"cd+++++++++ 0 a/") is None
     assert rsync.wrote(b"   1,234  50%  1.00MB/s    0:00:01") is None
 
 
@@ -244,3 +244,54 @@ def test_verify_pull_refuses_a_file_the_disk_gives_back_otherwise(
     assert not (storage.inprogress("n") / "a" / "f2").exists()
     assert (storage.inprogress("n") / "a" / "f1").exists()
     assert not manifest.path_of(storage, "n.2026-01-01.2").exists()
+
+
+def test_prehasher_results_are_taken_only_for_the_same_inode_size_and_mtime(
+    tmp_path: Path
+) -> None:
+    """Files fed to the Prehasher are hashed on its thread; build() takes
+    those results instead of reading again, except for a file changed since
+    (its mtime moved), which it reads anew."""
+    root = tmp_path / "t"
+    tree(root)
+    with manifest.Prehasher(root) as hasher:
+        for name in (b"a/f0", b"a/f1", b"a/b/deep", b"odd-\\#377-name", b"missing"):
+            hasher.submit(name)
+    assert len(hasher.results) == 4
+    (root / "a" / "f1").write_bytes(b"changed after")
+    entries, stats = manifest.build(root, None, prehashed=hasher.results)
+    assert stats.prehashed == 3 and stats.hashed == 4  # f1 again; f2, f3, f4
+    by_path = {e.path: e.sha256 for e in entries}
+    assert by_path["a/f1"] == sha(b"changed after")
+    assert by_path[os.fsdecode(b"odd-\xff-name")] == sha(b"odd")
+
+
+def test_prehasher_during_a_real_rsync(tmp_path: Path) -> None:
+    """Names fed from rsync's real ">f" lines while it runs: whatever the
+    race with rsync's rename left to the Prehasher and what build() read
+    after, every file is in the manifest once with the hash of its bytes."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    tree(src)
+    with manifest.Prehasher(dest) as hasher:
+        proc = subprocess.Popen(["rsync", "-aH", f"--out-format={rsync.ITEM_FORMAT}",
+                                 f"{src}/", f"{dest}/"], stdout=subprocess.PIPE)
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            name = rsync.wrote(line.rstrip(b"\n"))
+            if name is not None:
+                hasher.submit(name)
+        assert proc.wait(30) == 0
+    entries, stats = manifest.build(dest, None, prehashed=hasher.results)
+    assert stats.prehashed + stats.hashed == 7
+    assert {e.path: e.sha256 for e in entries} == {
+        e.path: sha((dest / e.path).read_bytes()) for e in entries}
+
+
+def test_beneath_refuses_a_symlink_on_the_way(tmp_path: Path) -> None:
+    """A symlink where a directory was never leads a read elsewhere."""
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "f").write_bytes(b"secret")
+    (tmp_path / "t").mkdir()
+    os.symlink(tmp_path / "outside", tmp_path / "t" / "d")
+    with manifest.Beneath(tmp_path / "t") as tree, pytest.raises(OSError):
+        tree.open("d/f")

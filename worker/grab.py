@@ -311,7 +311,10 @@ def grab(
                 choice = choice.fall_back(e.said)
                 log.warning("grab of %s: %s", request.name, choice.fallback)
                 spec = dataclasses.replace(spec, compress=choice.used)
-                outcome = run_pull(spec, on_progress, confined, hasher.submit)
+                try:
+                    outcome = run_pull(spec, on_progress, confined, hasher.submit)
+                except rsync.CompressRefused as again:  # plain -z too: words, not a lack
+                    raise TransferFailed(*again.args[:2]) from None
             pull_seconds = time.monotonic() - pulling
             exclude_text = files["exclude"].read_text()
 

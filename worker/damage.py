@@ -60,9 +60,16 @@ def read(storage: Storage, name: str) -> list[dict[str, Any]]:
     """The bad files of ``name``, each naming only snapshots that still exist
     (a record none of whose snapshots is left is dropped)."""
     try:
-        data = json.loads(path_of(storage, name).read_text())
+        # (dac_override: a verify an operator ran as root wrote it; the
+        # worker must still see it, or it would link a bad file again)
+        with caps.raised("dac_override"):
+            text = path_of(storage, name).read_text()
+        data = json.loads(text)
         records = data["files"] if isinstance(data, dict) else []
-    except (OSError, ValueError, KeyError, TypeError):
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("the damage record of %s cannot be read (%s): treated as empty", name, e)
         return []
     existing = {s.dirname for s in storage.snapshots(name)}
     out = []
@@ -81,7 +88,8 @@ def write(storage: Storage, name: str, records: list[dict[str, Any]]) -> None:
     if not records:
         path.unlink(missing_ok=True)
         return
-    write_atomic(path, json.dumps({"version": 1, "files": records}, indent=1))
+    # 0644 inside the 0700 state dir: whoever ran verify, the worker reads it
+    write_atomic(path, json.dumps({"version": 1, "files": records}, indent=1), mode=0o644)
 
 
 def damaged_snapshots(storage: Storage, name: str) -> dict[str, int]:

@@ -295,3 +295,53 @@ def test_beneath_refuses_a_symlink_on_the_way(tmp_path: Path) -> None:
     os.symlink(tmp_path / "outside", tmp_path / "t" / "d")
     with manifest.Beneath(tmp_path / "t") as tree, pytest.raises(OSError):
         tree.open("d/f")
+
+
+def test_a_damaged_previous_manifest_means_reading_everything(tmp_path: Path) -> None:
+    """When the previous snapshot's manifest is damaged, nothing is taken from
+    it: every file of the new tree is read."""
+    storage, snap = snapshot_storage(tmp_path, files=3)
+    path = manifest.path_of(storage, snap.name)
+    path.write_bytes(path.read_bytes().replace(b"deep", b"DEEP", 1))
+    new = storage.inprogress("n")
+    subprocess.run(["cp", "-al", f"{snap}/.", f"{new}/"], check=True)
+    stats = manifest.make(storage, new, "n.2026-01-02.1767312000", snap.name)
+    assert stats.reused == 0 and stats.hashed == 5
+
+
+def test_verify_tells_removed_replaced_and_unreadable_apart(tmp_path: Path) -> None:
+    """A file whose snapshot cleanup removed meanwhile is skipped ("gone"),
+    one replaced by another inode is "missing", a good one passes."""
+    storage, snap = snapshot_storage(tmp_path, files=3)
+    found = manifest.load(storage, snap.name)
+    assert found is not None
+    by_path = {e.path: e for e in found.entries}
+
+    def candidate(path: str, snapshot: str = snap.name) -> verify.Candidate:
+        e = by_path[path]
+        return verify.Candidate("n", "k", e.ino, e.sha256, e.size, snapshot, 0, e.path, 0.0)
+
+    with manifest.Beneath(snap) as tree:
+        assert verify.check(storage, candidate("a/f0"), tree) is None
+        (snap / "a" / "f1").unlink()
+        (snap / "a" / "f1").write_bytes(b"file 1\n" * 2)  # same bytes, another inode
+        result = verify.check(storage, candidate("a/f1"), tree)
+        assert isinstance(result, dict) and result["kind"] == "missing"
+    gone = storage.root / "n.2026-01-09.1767916800"
+    with manifest.Beneath(gone) as tree:
+        assert verify.check(storage, candidate("a/f0", gone.name), tree) == "gone"
+
+
+def test_a_second_verify_at_once_exits_7(tmp_path: Path) -> None:
+    """One verify at a time per storage: a second one is refused with exit 7
+    (name busy) and writes nothing."""
+    from bakgrab.worker import locks
+    from tests import support
+
+    storage, _ = snapshot_storage(tmp_path, files=1)
+    with locks.held(storage.internal_lock("verify")):
+        done = subprocess.run([support.BAKGRAB, "verify", "--storage", str(storage.root)],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 7, done.stderr
+    assert "verify" in done.stderr
+    assert not (storage.state / "verified" / "n.json").exists()

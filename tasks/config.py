@@ -230,6 +230,11 @@ class Settings:
     stale_check_every: str = "5m"
     """Scheduler: how often Celery beat asks the worker to look for stale
     names (a duration)."""
+    prune_every: str = "1h"
+    """Scheduler: how often the worker applies the keep rules to every name
+    (what ``bakgrab prune`` does), so snapshots expire on time even for names
+    that stopped backing up; only where keep rules are set (without them the
+    cleanup runs before grabs only, as ever); ``off``: never (issue 16, 17)."""
     beat: str = "off"
     """Worker: ``on`` runs the scheduler inside the worker (``bakgrab worker
     --beat``) instead of ``bakgrab scheduler``; only one per storage runs."""
@@ -509,6 +514,11 @@ def check_monitoring(settings: Settings) -> None:
         parse_duration(settings.stale_check_every)
     except ConfigError as e:
         raise ConfigError(f"setting stale_check_every: {e}") from None
+    if settings.prune_every != "off":
+        try:
+            parse_duration(settings.prune_every)
+        except ConfigError as e:
+            raise ConfigError(f"setting prune_every: {e} (or off)") from None
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

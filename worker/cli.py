@@ -461,19 +461,24 @@ def status(ctx: click.Context, storage: str | None, stale_after: str | None, as_
               help="How often to look for stale names (default: 5m).")
 @click.option("--stale-after", metavar="DURATION",
               help="A name whose last success is older is stale (default: 36h).")
+@click.option("--prune-every", metavar="DURATION|off",
+              help="How often the worker applies the keep rules to every name, where any "
+                   "are set (default: 1h).")
 @click.option("--metrics-listen", metavar="127.0.0.1:PORT",
               help="Also serve Prometheus /metrics there (loopback only; default: off).")
 @click.option("--loglevel", help="Log level (default: INFO).")
 @click.pass_context
 @guarded
 def scheduler(ctx: click.Context, **flags: Any) -> None:
-    """Run Celery beat for the backup host: stale checks, and /metrics (backup host).
+    """Run Celery beat for the backup host: stale checks, keep rules, /metrics (backup host).
 
     Every --stale-check-every it asks the worker (on its internal queue) to
     look for names without a success within --stale-after; the worker sends
     a notice to each `notify` target when a name turns stale and when it
-    recovers. Run one per storage (a second is refused, exit 7), as the
-    worker's user; see docs/monitoring.md.
+    recovers. Every --prune-every the worker expires what the keep rules no
+    longer keep (as `bakgrab prune` does; nothing without keep rules). Run
+    one per storage (a second is refused, exit 7), as the worker's user; see
+    docs/monitoring.md.
     """
     settings = settings_from(ctx, **flags)
     from bakgrab.worker.schedule import serve

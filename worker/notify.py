@@ -82,8 +82,10 @@ log = logging.getLogger(__name__)
 NOTIFY = "bakgrab.notify"
 """Task delivering one notice to one target (internal queue only)."""
 STALE_CHECK = "bakgrab.stale_check"
+PRUNE = "bakgrab.scheduled_prune"
+"""The keep rules applied to every name, on the scheduler's clock (issue 16)."""
 """Task looking for stale names, sent by Celery beat (internal queue only)."""
-INTERNAL_TASKS = frozenset({NOTIFY, STALE_CHECK})
+INTERNAL_TASKS = frozenset({NOTIFY, STALE_CHECK, PRUNE})
 SCHEMA = 1
 """Version of the webhook payload (docs/monitoring.md)."""
 STATE_DIR = "notify-state"
@@ -470,10 +472,9 @@ def signer(policy: transport.Policy) -> transport.Policy:
 
 
 def register(app: Celery, notifier: Notifier) -> None:
-    """Define ``bakgrab.notify`` and ``bakgrab.stale_check`` on ``app``."""
+    """Define the internal tasks (notify, stale check, scheduled prune) on ``app``."""
     settings = notifier.settings
-    app.conf.task_routes = {NOTIFY: {"queue": notifier.queue},
-                            STALE_CHECK: {"queue": notifier.queue}}
+    app.conf.task_routes = {task: {"queue": notifier.queue} for task in INTERNAL_TASKS}
 
     @app.task(name=NOTIFY, bind=True, acks_late=True, max_retries=settings.notify_retries)
     def notify_task(self: Task, *args: Any, **fields: Any) -> str:
@@ -501,6 +502,12 @@ def register(app: Celery, notifier: Notifier) -> None:
         from bakgrab.worker.schedule import check_stale
 
         return check_stale(notifier)
+
+    @app.task(name=PRUNE, acks_late=True)
+    def prune_task(*args: Any, **fields: Any) -> str:
+        from bakgrab.worker.schedule import scheduled_prune
+
+        return scheduled_prune(notifier)
 
 
 def install(app: Celery, settings: Settings) -> Notifier:

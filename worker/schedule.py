@@ -1,8 +1,10 @@
 """The schedule the backup host keeps: Celery beat and the stale check (issue 17).
 
 ``bakgrab scheduler`` (or ``bakgrab worker --beat``) runs Celery beat, which
-sends ``bakgrab.stale_check`` every ``stale_check_every`` to the worker's
-internal queue; the worker then looks at every name's last success (the same
+sends ``bakgrab.stale_check`` every ``stale_check_every`` and, every
+``prune_every``, ``bakgrab.scheduled_prune`` (the keep rules applied to every
+name, where any are set: issue 16) to the worker's internal queue; for a
+stale check the worker looks at every name's last success (the same
 reading as ``bakgrab status``) and the notifier sends a notice when a name
 turns stale, and a recovery when it is fresh again. No client has to call
 for a silent name to be found. Invariants:
@@ -35,9 +37,9 @@ from celery.signals import before_task_publish, worker_ready, worker_shutdown
 from bakgrab.tasks import sealed
 from bakgrab.tasks.app import make_app
 from bakgrab.tasks.config import Settings, parse_duration, parse_size
-from bakgrab.tasks.errors import Busy, ConfigError
-from bakgrab.worker import damage, status, transport
-from bakgrab.worker.notify import STALE_CHECK, Notifier, internal_queue, signer
+from bakgrab.tasks.errors import Busy, ConfigError, NoSpace
+from bakgrab.worker import damage, keep, retention, status, transport
+from bakgrab.worker.notify import PRUNE, STALE_CHECK, Notifier, internal_queue, signer
 from bakgrab.worker.status import human_duration
 from bakgrab.worker.storage import Storage
 
@@ -107,14 +109,38 @@ def lock(storage: Storage) -> None:
     _held.append(fd)
 
 
+def scheduled_prune(notifier: Notifier) -> str:
+    """What ``bakgrab prune`` does, on the scheduler's clock: expire what the
+    keep rules no longer keep, for every name, then the free-space rule. Only
+    where some name has keep rules: without them the cleanup runs before
+    grabs only, as it always did (issue 16)."""
+    storage, settings = notifier.storage, notifier.settings
+    names = sorted(storage.by_name())
+    if not any(keep.rules_for(settings, name).configured for name in names):
+        return "no keep rules: nothing expires"
+    try:
+        removed = retention.make_room(storage, settings)
+    except NoSpace as e:
+        log.warning("scheduled prune: %s", e)
+        return f"cannot free enough: {e}"
+    for entry in removed:
+        log.info("scheduled prune removed %s: %s (%s)", entry["snapshot"], entry["reason"],
+                 entry["rule"])
+    return f"removed {len(removed)} snapshot(s)"
+
+
 def configure(app: Celery, settings: Settings) -> None:
-    """Beat's schedule on ``app``: every stale_check_every, a stale check."""
+    """Beat's schedule on ``app``: every stale_check_every a stale check, and
+    every prune_every (unless off) the keep rules applied."""
     every = parse_duration(settings.stale_check_every)
+    queue = {"queue": internal_queue(settings.queue)}
     app.conf.beat_scheduler = "celery.beat:Scheduler"
     app.conf.beat_schedule = {
-        "stale-check": {"task": STALE_CHECK, "schedule": every,
-                        "options": {"queue": internal_queue(settings.queue)}},
+        "stale-check": {"task": STALE_CHECK, "schedule": every, "options": queue},
     }
+    if settings.prune_every != "off":
+        app.conf.beat_schedule["prune"] = {
+            "task": PRUNE, "schedule": parse_duration(settings.prune_every), "options": queue}
 
 
 def prepared(settings: Settings) -> Storage:

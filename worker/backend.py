@@ -136,8 +136,15 @@ class Subvolumes(HardLinks):
                 groups = btrfs.linked_files(dest)
             for ino, paths in groups.items():
                 for rel in paths[1:]:
-                    with contextlib.suppress(FileNotFoundError, ValueError):
+                    try:
                         count += btrfs.unshare(dest, rel, ino)
+                    except (FileNotFoundError, ValueError):
+                        continue
+                    except OSError as e:
+                        # (a clone refused, e.g. nodatacow): rsync sends it anew
+                        log.warning("%s: %s not given its own inode (%s): unlinked",
+                                    dest, rel, e.strerror)
+                        count += damage.unlink_beneath(dest, rel, {ino})
         if count:
             log.info("%s: %d hard link(s) given their own inode before an in-place pull",
                      dest, count)

@@ -421,3 +421,36 @@ def test_doctor_checks_the_btrfs_mount_and_what_the_worker_may_do(shared_tmp: Pa
             assert lines["btrfs snapshots"].startswith("ok"), lines
         assert "btrfs quotas" in lines
         assert list((storage / ".bakgrab" / "run").iterdir()) == []
+
+
+def test_list_reads_quota_groups_when_quotas_are_on(tmp_path: Path, redis_url: str) -> None:
+    """With btrfs quotas enabled (by root, as deploy/README.md says), `bakgrab
+    list` gives each snapshot the quota group's exclusive bytes: the first of
+    two snapshots holds alone the 4 MiB file the second no longer has, the
+    second only what changed (well under 1 MiB of the unchanged 8 MiB)."""
+    with btrfs_mount() as mnt:
+        subprocess.run(["btrfs", "quota", "enable", str(mnt)], check=True, timeout=60)
+        storage = mnt / "storage"
+        src = tmp_path / "src"
+        src.mkdir()
+        (src / "stays").write_bytes(os.urandom(8 * MiB))
+        (src / "goes").write_bytes(os.urandom(4 * MiB))
+        worker = support.start_worker(storage, redis_url, tmp_path / "worker.log")
+        try:
+            for _ in range(2):
+                done = support.run_backup(redis_url, "qg", src, timeout=120)
+                assert done.returncode == 0, done.stderr
+                (src / "goes").unlink(missing_ok=True)
+                time.sleep(1.1)
+        finally:
+            worker.stop()
+        btrfs.settle(mnt)
+        assert btrfs.quotas_consistent(mnt)
+        s1, s2 = support.snapshots(storage, "qg")
+        listing = json.loads(subprocess.run(
+            [support.BAKGRAB, "list", "--storage", str(storage), "--json"],
+            capture_output=True, text=True, check=True, timeout=60).stdout)
+        alone = {s["snapshot"]: s["alone_bytes"] for s in listing[0]["snapshots"]}
+        assert alone[s1.name] == btrfs.exclusive_bytes(s1)
+        assert 4 * MiB <= alone[s1.name] < 5 * MiB, alone
+        assert alone[s2.name] < 1 * MiB, alone

@@ -18,7 +18,12 @@ those for each grab from what the worker measures:
   between two rsyncs >= 3.2, safe for the slow link the original design
   compressed for; the first grab measures the link for the next;
 * the CPUs of this host are recorded beside the choice (each grab's rsync
-  decompresses here; the client compresses).
+  decompresses here; the client compresses);
+* ssh's cipher, chosen the same way: for a client on this host, whose CPU is
+  this host's, AES-GCM first when the CPU has AES instructions (measured
+  here over loopback: 336-356 MB/s against 209 MB/s for ssh's default
+  chacha20-poly1305); for any other client ssh's own order, since the
+  client's CPU (which encrypts) may lack them, where chacha20 is faster.
 
 Invariants: the options come from validated values only (the setting's
 syntax is checked in :mod:`bakgrab.tasks.config`); a choice is one the
@@ -102,6 +107,8 @@ class Choice:
     measured: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     fallback: str = ""
     """Set when the client's rsync refused the first choice: what it said."""
+    ciphers: str = ""
+    """ssh's cipher preference for the pull (empty: ssh's own)."""
 
     def fall_back(self, said: str) -> Choice:
         """The choice after the client's rsync refused this one."""
@@ -114,6 +121,8 @@ class Choice:
                "measured": dict(self.measured)}
         if self.fallback:
             out["fallback"] = self.fallback
+        if self.ciphers:
+            out["ssh_ciphers"] = self.ciphers
         return out
 
 
@@ -211,9 +220,39 @@ def previous_link(meta: Mapping[str, Any] | None) -> dict[str, Any] | None:
             "from": str(link.get("from", meta.get("snapshot", "")))}
 
 
+AES_GCM_FIRST = ("aes128-gcm@openssh.com,aes256-gcm@openssh.com,"
+                 "chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr")
+"""ssh's ciphers, AES-GCM first (every one of them in OpenSSH's default list)."""
+
+
+def ssh_ciphers(link: str, aes_cpu: bool) -> str:
+    """ssh's cipher preference for a client at ``link``: see the module docstring."""
+    return AES_GCM_FIRST if link in ("loopback", "this-host") and aes_cpu else ""
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_aes() -> bool:
+    """Whether this host's CPU has AES instructions (x86 ``aes``, arm ``aes``)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return "aes" in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return False
+
+
 def choose(setting: str, *, link: str, cpus: int, previous: Mapping[str, Any] | None,
-           available: frozenset[str]) -> Choice:
-    """The compression for one grab (pure: every measurement is an argument)."""
+           available: frozenset[str], aes_cpu: bool = False) -> Choice:
+    """The compression for one grab (pure: every measurement is an argument),
+    and ssh's cipher preference with it."""
+    choice = _choose(setting, link=link, cpus=cpus, previous=previous, available=available)
+    return dataclasses.replace(choice, ciphers=ssh_ciphers(link, aes_cpu))
+
+
+def _choose(setting: str, *, link: str, cpus: int, previous: Mapping[str, Any] | None,
+            available: frozenset[str]) -> Choice:
     measured: dict[str, Any] = {"link": link, "cpus": cpus}
     if previous:
         measured["previous"] = dict(previous)
@@ -247,9 +286,10 @@ def choose(setting: str, *, link: str, cpus: int, previous: Mapping[str, Any] | 
 
 def decide(setting: str, address: str, previous_meta: Mapping[str, Any] | None) -> Choice:
     """:func:`choose` with this host's measurements of ``address``."""
-    link = link_kind(address) if setting == "auto" else "not measured (a fixed setting)"
+    link = link_kind(address)
     choice = choose(setting, link=link, cpus=os.cpu_count() or 1,
-                    previous=previous_link(previous_meta), available=worker_list())
+                    previous=previous_link(previous_meta), available=worker_list(),
+                    aes_cpu=cpu_has_aes())
     log.info("compression %s (%s): %s", choice.used, setting, choice.why)
     return choice
 

@@ -295,6 +295,7 @@ def grab(
                 bwlimit=settings.bwlimit,
                 as_root=os.geteuid() == 0,
                 compress=choice.used,
+                ciphers=choice.ciphers,
                 backend_options=store.pull_options,
             )
             on_progress({"phase": "pulling", "resumed": resumed})

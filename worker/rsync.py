@@ -101,6 +101,9 @@ class PullSpec:
     """What :func:`bakgrab.worker.compress.rsync_options` maps: ``off``,
     ``zstd:N``, ``lz4``, ``zlib:N``, or ``any`` (plain ``-z``, the original
     design's flag; issue 19)."""
+    ciphers: str = ""
+    """ssh's cipher preference (``-o Ciphers=``), empty for ssh's own
+    (:func:`bakgrab.worker.compress.ssh_ciphers`, issue 19)."""
     backend_options: tuple[str, ...] = ()
     """The storage backend's own options (btrfs: ``--inplace --no-whole-file``, issue 14)."""
 
@@ -117,6 +120,8 @@ XATTR_FILTERS = [
 
 def ssh_command(spec: PullSpec) -> list[str]:
     """The ssh argv rsync runs: the pinned host key, the one-time key, nothing else."""
+    # issue 19: a preference order only; the sshd still picks among what it allows
+    prefer = ["-o", f"Ciphers={spec.ciphers}"] if spec.ciphers else []
     return [
         # ssh is rsync's child, outside our reach: tie it to rsync's life so a
         # killed rsync never leaves an ssh behind.
@@ -141,6 +146,7 @@ def ssh_command(spec: PullSpec) -> list[str]:
         "-o", "ForwardAgent=no",
         "-o", "ForwardX11=no",
         "-o", "Compression=no",  # rsync -z compresses, and skips what is compressed
+        *prefer,
         "-o", "LogLevel=ERROR",
     ]
 

@@ -710,14 +710,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 far_choice = tools.auto_choice(slow.there)
                 if far_choice is not None:
                     link_tools.append(tools.BareRsync(
-                        work, far, compress=far_choice, key="rsync_link_auto",
-                        label=f"bare rsync, auto's choice ({far_choice}), over the link"))
+                        work, far, compress=far_choice[0], ciphers=far_choice[1],
+                        key="rsync_link_auto",
+                        label=f"bare rsync, auto's choice ({far_choice[0]}), over the link"))
                 link_tools.append(tools.BareRsync(work, far, compress="off", key="rsync_link_off",
                                                   label="bare rsync, no compression, over the link"))
             tool_list: list[tools.Tool] = [bg, tools.BareRsync(work, ssh)]
             chosen = tools.auto_choice("127.0.0.1")  # issue 19: bakgrab's flags exactly
             if chosen is not None:
-                tool_list.append(tools.BareRsync(work, ssh, compress=chosen))
+                tool_list.append(tools.BareRsync(work, ssh, compress=chosen[0],
+                                                 ciphers=chosen[1]))
             tool_list += [tools.Rsnapshot(work, ssh), tools.Borg(work)]
             bench = Bench(plan, work, tool_list, fs)
             bench.link, bench.link_tools = slow, link_tools

@@ -125,7 +125,8 @@ class SshServer:
 
 
 def rsync_argv(ssh: SshServer, source: Path, dest: Path, link_dest: Path | None,
-               exclude_file: Path, compress: str | None = None) -> tuple[list[str], str]:
+               exclude_file: Path, compress: str | None = None,
+               ciphers: str = "") -> tuple[list[str], str]:
     """bakgrab's own pull argv, aimed at ``source`` on our sshd; and where the
     flags came from. ``compress`` (issue 19): a value of bakgrab's compress
     setting as the worker passes it to pull_argv; None keeps PullSpec's
@@ -138,6 +139,7 @@ def rsync_argv(ssh: SshServer, source: Path, dest: Path, link_dest: Path | None,
             known_hosts=ssh.known_hosts, host_alias=ssh.ALIAS, exclude_file=exclude_file,
             dest=dest, link_dest=link_dest, timeout=300, connect_timeout=20, alive_interval=15,
             **({"compress": compress} if compress is not None else {}),
+            **({"ciphers": ciphers} if ciphers else {}),
         )
         argv = rsync.pull_argv(spec)
         origin = "bakgrab.worker.rsync.pull_argv"
@@ -307,15 +309,16 @@ class Tool:
         return {}
 
 
-def auto_choice(address: str = "127.0.0.1") -> str | None:
+def auto_choice(address: str = "127.0.0.1") -> tuple[str, str] | None:
     """What bakgrab's ``compress = auto`` chooses for a first grab from
-    ``address`` (issue 19), by the worker's own function; None for a bakgrab
-    without the setting."""
+    ``address`` (issue 19), by the worker's own function: the compression and
+    ssh's cipher preference; None for a bakgrab without the setting."""
     try:
         from bakgrab.worker import compress
     except ImportError:
         return None
-    return compress.decide("auto", address, None).used
+    choice = compress.decide("auto", address, None)
+    return choice.used, getattr(choice, "ciphers", "")
 
 
 class Bakgrab(Tool):
@@ -536,13 +539,14 @@ class BareRsync(Tool):
     label = "bare rsync"
 
     def __init__(self, work: Path, ssh: SshServer, compress: str | None = None,
-                 key: str = "", label: str = "") -> None:
+                 key: str = "", label: str = "", ciphers: str = "") -> None:
         if compress is not None:
             self.key = "rsync_auto"
             self.label = f"bare rsync, auto's choice ({compress})"
         self.key = key or self.key
         self.label = label or self.label
         self.compress = compress
+        self.ciphers = ciphers
         self.ssh = ssh
         self.storage = work / "storage" / self.key
         self.storage.mkdir(parents=True, exist_ok=True)
@@ -572,7 +576,8 @@ class BareRsync(Tool):
         snaps = self.snapshots(name)
         link = self.storage / snaps[-1] if snaps else None
         dest = self.storage / f"{name}.{self.counter}"
-        argv, self.origin = rsync_argv(self.ssh, source, dest, link, self.exclude, self.compress)
+        argv, self.origin = rsync_argv(self.ssh, source, dest, link, self.exclude, self.compress,
+                                       self.ciphers)
         return Job(argv, env=clean_env(), stdout=self.out / f"{self.counter}.txt")
 
     def remove_oldest(self, name: str) -> list[Job]:
@@ -584,7 +589,8 @@ class BareRsync(Tool):
             shutil.rmtree(self.storage / snap)
 
     def describe(self) -> dict[str, Any]:
-        return {"flags_from": self.origin, "compress": self.compress or "any (plain -z)"}
+        return {"flags_from": self.origin, "compress": self.compress or "any (plain -z)",
+                "ssh_ciphers": self.ciphers or "ssh's own"}
 
 
 class Rsnapshot(Tool):

@@ -46,7 +46,7 @@ def build_tree(src: Path) -> None:
 
 
 def backup(tmp_path: Path, setting: str | None, name: str) -> tuple[dict[str, Any], str,
-                                                                   dict[str, Any], Path]:
+                                                                   dict[str, Any], Path, str]:
     """One real backup of a fresh tree with ``setting`` (None: the default);
     the result, the pull's rsync arguments, the snapshot's metadata and the
     source."""
@@ -72,7 +72,7 @@ def backup(tmp_path: Path, setting: str | None, name: str) -> tuple[dict[str, An
     [snap] = support.snapshots(storage, name)
     meta = json.loads((storage / ".bakgrab" / "meta" / f"{snap.name}.json").read_text())
     assert support.rsync_diff(src, snap) == []
-    return result, runs[0], meta, src
+    return result, runs[0], meta, src, log
 
 
 def unique_bytes(src: Path) -> int:
@@ -92,7 +92,7 @@ def test_off_sends_no_z_and_the_snapshot_is_identical(tmp_path: Path) -> None:
     """``--compress off``: the rsync the worker starts has no -z at all, the
     bytes on the wire are no fewer than the files' (nothing was compressed),
     and the snapshot equals its source."""
-    result, args, meta, src = backup(tmp_path, "off", "plain")
+    result, args, meta, src, _ = backup(tmp_path, "off", "plain")
     assert args.startswith("-HaAX --sparse"), args
     assert compress_words(args) == []
     assert "--skip-compress=" in args
@@ -105,7 +105,7 @@ def test_zstd_1_passes_rrsync_and_compresses(tmp_path: Path) -> None:
     """``--compress zstd:1``: the worker's rsync asks for zstd level 1; the
     client's gate and rrsync -ro let it through (the pull succeeds in one
     run), the text crosses the wire compressed, and the snapshot is identical."""
-    result, args, meta, _ = backup(tmp_path, "zstd:1", "zstd")
+    result, args, meta, _, _ = backup(tmp_path, "zstd:1", "zstd")
     assert compress_words(args) == ["-z", "--compress-choice=zstd", "--compress-level=1"]
     assert "--skip-compress=" in args
     # ~4 MiB of repeated text and 320 KiB of random bytes: far fewer bytes sent
@@ -118,8 +118,9 @@ def test_zstd_1_passes_rrsync_and_compresses(tmp_path: Path) -> None:
 def test_auto_on_loopback_chooses_off_and_says_why(tmp_path: Path) -> None:
     """The default, ``auto``: for a client on this host (loopback) it sends no
     -z, and records the choice and its reason in the snapshot's metadata and
-    the grab's result."""
-    result, args, meta, _ = backup(tmp_path, None, "auto")
+    the grab's result; with AES instructions it offers ssh AES-GCM first,
+    and the client's one-shot sshd accepts it (the pull succeeds)."""
+    result, args, meta, _, log = backup(tmp_path, None, "auto")
     assert compress_words(args) == []
     chosen = meta["compress"]
     assert chosen["setting"] == "auto" and chosen["used"] == "off"
@@ -127,6 +128,12 @@ def test_auto_on_loopback_chooses_off_and_says_why(tmp_path: Path) -> None:
     assert chosen["measured"]["link"] == "loopback"
     assert chosen["measured"]["cpus"] == os.cpu_count()
     assert result["compress"] == chosen
+    # ssh's cipher the same way: this host's CPU is the client's too
+    if compress.cpu_has_aes():
+        assert chosen["ssh_ciphers"] == compress.AES_GCM_FIRST
+        assert f"-o Ciphers={compress.AES_GCM_FIRST} " in log
+    else:
+        assert "ssh_ciphers" not in chosen and "Ciphers=" not in log
 
 
 class Peer:

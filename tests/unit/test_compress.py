@@ -334,3 +334,47 @@ def test_worker_list_is_rsyncs_own(tmp_path: Path) -> None:
         compress.check_available("zstd:1", rsync=str(fake))
     compress.check_available("zlib:6", rsync=str(fake))
     compress.check_available("off", rsync=str(fake))
+
+
+# -- ssh's cipher, chosen the same way ---------------------------------------------
+
+@pytest.mark.parametrize(("link", "aes", "ciphers"), [
+    ("loopback", True, compress.AES_GCM_FIRST),
+    ("this-host", True, compress.AES_GCM_FIRST),
+    ("loopback", False, ""),
+    ("on-link", True, ""),
+    ("routed", True, ""),
+])
+def test_cipher_preference_only_where_both_ends_are_this_cpu(link: str, aes: bool,
+                                                             ciphers: str) -> None:
+    """AES-GCM first only for a client on this host with AES instructions:
+    elsewhere the client's CPU encrypts and may lack them."""
+    choice = compress.choose("auto", link=link, cpus=2, previous=None, available=ALL,
+                             aes_cpu=aes)
+    assert choice.ciphers == ciphers
+    assert choice.to_dict().get("ssh_ciphers", "") == ciphers
+    fixed = compress.choose("zstd:1", link=link, cpus=2, previous=None, available=ALL,
+                            aes_cpu=aes)
+    assert fixed.ciphers == ciphers
+
+
+def test_ssh_command_offers_the_preference_only_when_set(
+        make_spec: Callable[..., PullSpec]) -> None:
+    plain = rsync.ssh_command(make_spec())
+    assert not [a for a in plain if a.startswith("Ciphers=")]
+    chosen = rsync.ssh_command(make_spec(ciphers=compress.AES_GCM_FIRST))
+    assert chosen[chosen.index(f"Ciphers={compress.AES_GCM_FIRST}") - 1] == "-o"
+
+
+def test_every_preferred_cipher_is_one_this_ssh_knows() -> None:
+    """ssh -Q cipher lists each one (a name it did not know would fail every pull)."""
+    known = subprocess.run(["ssh", "-Q", "cipher"], capture_output=True, text=True,
+                           check=True, timeout=10).stdout.split()
+    assert set(compress.AES_GCM_FIRST.split(",")) <= set(known)
+
+
+def test_cpu_has_aes_reads_the_cpu_flags() -> None:
+    text = Path("/proc/cpuinfo").read_text()
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
+                  if line.startswith(("flags", "Features"))), [])
+    assert compress.cpu_has_aes() is ("aes" in flags)

@@ -11,8 +11,7 @@
 # where Python and OpenSSH are already there; no system service is started or
 # enabled) and about 25 Python packages into .venv; later runs install nothing
 # (deploy/install-deps.sh rebuilds .venv's editable install only when
-# pyproject.toml changed, and that build prints no setuptools notice: see
-# [tool.setuptools] in pyproject.toml).
+# pyproject.toml changed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -e .venv/.bakgrab-installed ]; then

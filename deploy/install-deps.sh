@@ -71,7 +71,8 @@ fi
 extra=""
 [ "${1:-}" = "--test" ] && extra="[test]"
 # (Re)build the editable install only when it is missing or pyproject.toml
-# (dependencies, entry points) changed since: the demo ran pip on every run
+# (dependencies, entry points) changed since: building it is what printed
+# setuptools' multi-line "Editable installation" notice on every demo run
 # (issue 13). The stamp names this checkout, pyproject.toml's hash and the
 # extras; a [test] install also serves a run without --test.
 stamp=.venv/.bakgrab-installed

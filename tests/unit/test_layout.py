@@ -54,14 +54,12 @@ def test_sides_import_under_the_bakgrab_name_only() -> None:
 
 
 CONTRACT_ONLY = textwrap.dedent("""
-    import importlib, importlib.util, os, sys
+    import importlib, importlib.util, sys
     # Forget how this venv finds the three packages (setuptools' editable
-    # finder, or the checkout's src/, whose bakgrab/tasks is a link) and
-    # offer only a copy of the contract.
+    # finder) and offer only a copy of the contract.
     sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in str(f).lower()]
     sys.path_hooks[:] = [h for h in sys.path_hooks if "editable" not in str(h).lower()]
-    sys.path[:] = [p for p in sys.path if "editable" not in p.lower()
-                   and not os.path.islink(os.path.join(p, "bakgrab", "tasks"))]
+    sys.path[:] = [p for p in sys.path if "editable" not in p.lower()]
     sys.path_importer_cache.clear()
     sys.path.insert(0, sys.argv[1])
     for side in ("bakgrab.client", "bakgrab.worker"):

@@ -155,7 +155,11 @@ def quote_for_rsh(arg: str) -> str:
     """Quote one argument of rsync's ``-e`` string (rsync splits on spaces and
     honours single quotes, but not backslashes)."""
     if "'" in arg:
-        raise TransferFailed(f"path {arg!r} contains a single quote, which rsync -e cannot carry")
+        # The client sees this message: it names no path of the backup host.
+        log.error("cannot run ssh for rsync: %r contains a single quote, which rsync -e "
+                  "cannot carry; move the storage to a path without one", arg)
+        raise TransferFailed("the backup host's storage path contains a single quote, which "
+                             "rsync -e cannot carry; its operator must move the storage")
     return f"'{arg}'" if any(c in arg for c in " \t\"") else arg
 
 

@@ -131,7 +131,10 @@ def retry_if_transient(task: Task, exc: BakgrabError, settings: Settings,
 def register(app: Celery, settings: Settings) -> Task:
     """Define ``bakgrab.grab`` on ``app`` for a worker with ``settings``."""
 
-    @app.task(name=GRAB, bind=True, acks_late=True, max_retries=settings.max_retries)
+    # throws: bakgrab's own errors are outcomes, logged in one line by Celery
+    # ("raised expected"), not as tracebacks of an unexpected error.
+    @app.task(name=GRAB, bind=True, acks_late=True, max_retries=settings.max_retries,
+              throws=(BakgrabError,))
     def grab_task(self: Task, *args: Any, **fields: Any) -> dict[str, Any]:
         storage = Storage(settings.storage)
         request = accept(self, storage, validate, args, fields)
@@ -170,7 +173,8 @@ def register(app: Celery, settings: Settings) -> Task:
             raise
         return result.to_dict()
 
-    @app.task(name=RESTORE, bind=True, acks_late=True, max_retries=settings.max_retries)
+    @app.task(name=RESTORE, bind=True, acks_late=True, max_retries=settings.max_retries,
+              throws=(BakgrabError,))
     def restore_task(self: Task, *args: Any, **fields: Any) -> dict[str, Any]:
         storage = Storage(settings.storage)
         request = accept(self, storage, validate_restore, args, fields)

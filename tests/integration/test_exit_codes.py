@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -96,7 +97,8 @@ def test_busy_name_exits_7(tmp_path: Path, redis_url: str, storage: Path) -> Non
 def test_a_pull_that_cannot_work_exits_8(tmp_path: Path, redis_url: str) -> None:
     """A storage path holding a single quote cannot be passed in rsync's
     ``-e`` string: TransferFailed, not retried (one attempt, though the worker
-    allows 3 retries), the client exits 8 naming the path; nothing is
+    allows 3 retries), the client exits 8 saying why, without the backup
+    host's path (the client never learns the storage's layout); nothing is
     published and the failure is recorded with code 8."""
     storage = tmp_path / "it's storage"
     worker = support.start_worker(storage, redis_url, tmp_path / "worker.log")
@@ -108,6 +110,7 @@ def test_a_pull_that_cannot_work_exits_8(tmp_path: Path, redis_url: str) -> None
         assert done.returncode == 8, done.stderr + worker.text()[-3000:]
         line = one_line(done.stderr)
         assert "contains a single quote, which rsync -e cannot carry" in line
+        assert str(storage) not in done.stderr and "it's storage" in worker.text()
         assert support.snapshots(storage, "eight") == []
         [record] = failures(storage, "eight")
         assert record["error"] == "TransferFailed" and record["exit_code"] == 8
@@ -154,7 +157,10 @@ def test_a_failing_program_on_the_backup_host_exits_12(
         assert done.returncode == 0, done.stderr
     old, _new = support.snapshots(storage, "mounted")
     mnt = old / "d"
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "bakgrab-test", str(mnt)],
+    # the snapshot moves (to the trash) while the mount stays: found again by
+    # a source name that is this test's own
+    source = f"bakgrab-exit12-{uuid.uuid4().hex[:12]}"
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", source, str(mnt)],
                    check=True, timeout=30)
     try:
         (mnt / "on-the-mount").write_text("kept")
@@ -165,11 +171,11 @@ def test_a_failing_program_on_the_backup_host_exits_12(
         assert line.startswith("bakgrab: error: ionice exited with 1: rm: skipping "), line
         assert "since it's on a different device" in line
         mounted = [m.split()[1] for m in Path("/proc/self/mounts").read_text().splitlines()
-                   if m.split()[0] == "bakgrab-test"]
+                   if m.split()[0] == source]
         [where] = mounted
         assert (Path(where) / "on-the-mount").read_text() == "kept"
     finally:
         for m in Path("/proc/self/mounts").read_text().splitlines():
-            if m.split()[0] == "bakgrab-test":
+            if m.split()[0] == source:
                 subprocess.run(["umount", m.split()[1].encode().decode("unicode_escape")],
                                check=False, timeout=30)

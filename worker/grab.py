@@ -20,8 +20,10 @@ Order of a grab, each step only after the one before succeeded:
 7. the pull mark ``.bakgrab/pulls/NAME.json`` names this task as the one
    filling the in-progress dir, its pull not finished; rsync pulls into
    ``.bakgrab/inprogress/NAME`` (kept on failure, so the next attempt resumes
-   into it) with ``--link-dest`` = newest snapshot; an exit 23 whose files
-   the full storage lost fails as NoSpace (:func:`check_room`);
+   into it) with ``--link-dest`` = newest snapshot (on btrfs, issue 14: into a
+   writable snapshot of the newest, in place: :mod:`bakgrab.worker.backend`);
+   an exit 23 whose files the full storage lost fails as NoSpace
+   (:func:`check_room`);
 8. (first-use enrolment only) the name is registered to the request's key,
    now that its pull succeeded;
 9. the pull mark says the pull finished; the stats and the job record are

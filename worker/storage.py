@@ -5,7 +5,8 @@
     STORAGE/NAME.YYYY-mm-dd.UNIXTIME/   a complete snapshot, a pure mirror of
                                         the client's tree and nothing else
     STORAGE/.bakgrab/                   everything else bakgrab keeps (0700):
-        inprogress/NAME/                the pull of NAME under way (resumable)
+        inprogress/NAME/                the pull of NAME under way (resumable; on
+                                        btrfs a writable subvolume, issue 14)
         meta/SNAPSHOT.json              stats, excludes, exit code, host key
         meta/SNAPSHOT.exclude           the exclude rules the pull used
         pins/NAME.pub                   the client's pinned sshd host key
@@ -24,7 +25,8 @@
         protected/SNAPSHOT.json         a protection: until, note (issue 16)
 
 Invariants: a name matching :data:`SNAPSHOT_RE` exists only for a complete
-snapshot (it appears by one atomic rename); everything else lives under
+snapshot (it appears by one atomic rename, on btrfs by one read-only
+snapshot of the in-progress subvolume: :mod:`bakgrab.worker.backend`); everything else lives under
 dot-names so it never matches; the date in a snapshot name is the UTC date of
 its UNIXTIME.
 

@@ -39,6 +39,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import heapq
 import os
 import stat
 import struct
@@ -432,8 +433,10 @@ def walk_name(roots: list[Path]) -> tuple[list[tuple[int, int]], int]:
     other names reference too are not found by this walk (they are rare:
     reflinks or dedupe across names), so nothing is reported shared."""
     freed = [[0, 0] for _ in roots]
-    extent_owner: dict[tuple[int, int], int] = {}
-    extent_len: dict[tuple[int, int], int] = {}
+    # (start, end) of disk -> the newest snapshot referencing exactly it; a
+    # file changed in place references parts of its old extents, so ranges
+    # overlap and are resolved byte by byte in newest_owner()
+    ranges: dict[tuple[int, int], int] = {}
     inode_owner: dict[tuple[int, int], int] = {}
     for k, root in enumerate(roots):
         freed[k][1] += sum(1 for _ in os.walk(root))  # the dirs
@@ -443,13 +446,33 @@ def walk_name(roots: list[Path]) -> tuple[list[tuple[int, int]], int]:
                 continue  # a hard link inside this snapshot
             inode_owner[key] = k
             for physical, length, _ in _extents_of(path, st):
-                extent_owner[(physical, length)] = k
-                extent_len[(physical, length)] = length
+                ranges[(physical, physical + length)] = k
     for k in inode_owner.values():
         freed[k][1] += 1
-    for ext, k in extent_owner.items():
-        freed[k][0] += extent_len[ext]
+    for k, nbytes in enumerate(newest_owner(ranges, len(roots))):
+        freed[k][0] += nbytes
     return [(b, i) for b, i in freed], 0
+
+
+def newest_owner(ranges: dict[tuple[int, int], int], n: int) -> list[int]:
+    """For each owner ``k < n``: the bytes of disk whose highest owner among
+    the ``[start, end)`` ranges covering them is ``k`` (each byte once)."""
+    out = [0] * n
+    starts = sorted((s, e, k) for (s, e), k in ranges.items() if e > s)
+    points = sorted({p for s, e, _ in starts for p in (s, e)})
+    heap: list[tuple[int, int]] = []  # (-owner, end)
+    i = 0
+    for a, b in zip(points, points[1:], strict=False):
+        while i < len(starts) and starts[i][0] <= a:
+            heapq.heappush(heap, (-starts[i][2], starts[i][1]))
+            i += 1
+        while heap and heap[0][1] <= a:
+            heapq.heappop(heap)
+        # (a range ending inside the heap, under a higher owner, is popped
+        # once it reaches the top: ends only matter there)
+        if heap:
+            out[-heap[0][0]] += b - a
+    return out
 
 
 def errno_name(exc: OSError) -> str:

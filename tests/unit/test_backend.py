@@ -96,3 +96,14 @@ def test_settle_waits_only_after_a_deletion(tmp_path: Path) -> None:
         backend.settle(tmp_path)
     assert backend._deleted is False
     backend.settle(tmp_path)
+
+
+def test_newest_owner_counts_each_byte_once_for_its_newest_snapshot() -> None:
+    """A file changed in place in the newer snapshot references parts of the
+    older one's extent and one new block: the newer owns those parts and its
+    block, the older only the bytes it alone still references; overlapping
+    ranges are never counted twice (cleanup's fair shares on btrfs)."""
+    ranges = {(0, 100): 0, (0, 40): 1, (44, 100): 1, (200, 204): 1, (500, 600): 0}
+    assert btrfs.newest_owner(ranges, 2) == [4 + 100, 40 + 56 + 4]
+    assert btrfs.newest_owner({}, 3) == [0, 0, 0]
+    assert btrfs.newest_owner({(0, 10): 2, (5, 20): 0}, 3) == [10, 0, 10]

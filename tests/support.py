@@ -183,8 +183,13 @@ def start_worker(storage: Path, broker: str, log: Path, *args: str,
     if user:
         argv = as_user(user, argv, caps)
     proc = Proc(argv, log, env=env or worker_env())
-    wait_for(lambda: " ready." in proc.text() or not proc.alive(), 60, "worker ready")
+    try:
+        wait_for(lambda: " ready." in proc.text() or not proc.alive(), 60, "worker ready")
+    except TimeoutError:
+        proc.stop()  # never leave a worker behind when its start is given up
+        raise
     if not proc.alive():
+        proc.stop()
         raise RuntimeError(f"worker died:\n{proc.text()[-3000:]}")
     return proc
 

@@ -359,7 +359,6 @@ class Bakgrab(Tool):
             raise
         self.concurrency = concurrency
         self.counter = 0
-        self.client_key: str | None = None
         self.registered: set[str] = set()
         self.prune = self._has_prune()
 
@@ -393,18 +392,23 @@ class Bakgrab(Tool):
     def server_pids(self) -> list[int]:
         return [self.worker.pid, self.redis.pid]
 
+    def env_of(self, name: str) -> dict[str, str]:
+        """The client environment of the host backed up as ``name``: a state
+        dir (its identity key, request-key pins) of its own, as every real
+        client host has, so the benchmark's clients are distinct clients
+        (max_jobs_per_client counts per client key)."""
+        return {**self.client_env, "XDG_STATE_HOME": str(self.dir / "state" / name)}
+
     def register(self, name: str) -> None:
-        """Register ``name`` for this client's key, as an operator does once
+        """Register ``name`` to its client's key, as an operator does once
         (``bakgrab trust NAME --key``); not part of any measured job."""
         if name in self.registered:
             return
-        if self.client_key is None:
-            done = subprocess.run([self.bin, "key"], capture_output=True, text=True,
-                                  env=self.client_env, check=True)
-            self.client_key = done.stdout.strip()
+        done = subprocess.run([self.bin, "key"], capture_output=True, text=True,
+                              env=self.env_of(name), check=True)
         subprocess.run([self.bin, "trust", "--storage", str(self.storage), name, "--key",
-                        self.client_key], capture_output=True, text=True, env=self.worker_env,
-                       check=True)
+                        done.stdout.strip()], capture_output=True, text=True,
+                       env=self.worker_env, check=True)
         self.registered.add(name)
 
     def backup(self, name: str, source: Path) -> Job:
@@ -422,7 +426,7 @@ class Bakgrab(Tool):
                     "snapshot": result.get("snapshot")}
 
         return Job([self.bin, "backup", "--broker", self.broker, "--name", name, "--source",
-                    str(source), "--json"], env=self.client_env, stdout=out, after=after)
+                    str(source), "--json"], env=self.env_of(name), stdout=out, after=after)
 
     def backup_over(self, wrap: Callable[[Sequence[str]], list[str]], name: str,
                     source: Path) -> Job:

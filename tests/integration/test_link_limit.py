@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import tempfile
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from bakgrab.tasks.caps import WORKER_CAPS
 from tests import support
 from tests.conftest import need_root
 
@@ -34,6 +36,7 @@ def ext4_mount(size: int = 256 << 20) -> Iterator[Path]:
     also when setting it up fails half way."""
     need_root()
     base = Path(tempfile.mkdtemp(prefix="bakgrab-ext4-"))
+    os.chmod(base, 0o755)  # (the worker's user must reach the storage)
     image, mnt = base / "img", base / "mnt"
     mounted = False
     try:
@@ -53,15 +56,16 @@ def ext4_mount(size: int = 256 << 20) -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_file_past_the_link_limit_is_copied_with_a_warning(tmp_path: Path,
+def test_file_past_the_link_limit_is_copied_with_a_warning(shared_tmp: Path,
                                                            redis_url: str) -> None:
-    """The second backup of a 33,000-link file succeeds (exit 0, not partial),
+    """As the unprivileged worker, the second backup of a 33,000-link file succeeds (exit 0, not partial),
     warns that files at the link limit were stored as copies, and is
     identical to the source by `rsync -naHAX --checksum`: the group is one
     new inode with its 33,000 links, the first snapshot's inode keeps its
     own 33,000 (no stray link of the failed pass), and the other files are
     still hard-linked to the first snapshot."""
-    with ext4_mount() as mnt:
+    with ext4_mount() as mnt, support.throwaway_user(
+            f"bkgw{secrets.token_hex(3)}", shared_tmp / "home") as user:
         assert os.pathconf(mnt, "PC_LINK_MAX") == 65_000
         src = mnt / "src"
         (src / "d").mkdir(parents=True)
@@ -70,7 +74,10 @@ def test_file_past_the_link_limit_is_copied_with_a_warning(tmp_path: Path,
             os.link(src / "d" / "f0", src / "d" / f"f{i}")
         (src / "plain").write_bytes(b"plain\n")
         storage = mnt / "storage"
-        worker = support.start_worker(storage, redis_url, tmp_path / "worker.log")
+        storage.mkdir(mode=0o700)
+        os.chown(storage, user.pw_uid, user.pw_gid)
+        worker = support.start_worker(storage, redis_url, shared_tmp / "worker.log",
+                                      user=user.pw_name, caps=WORKER_CAPS)
         try:
             results = []
             for _ in range(2):

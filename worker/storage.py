@@ -9,6 +9,10 @@
                                         btrfs a writable subvolume, issue 14)
         meta/SNAPSHOT.json              stats, excludes, exit code, host key
         meta/SNAPSHOT.exclude           the exclude rules the pull used
+        meta/SNAPSHOT.manifest          every regular file's SHA-256 (issue 15)
+        verified/NAME.json              when verify last read each inode of NAME
+        damage/NAME.json                files verify found bad, and where
+        heal/NAME/                      a grab's --link-dest without them
         pins/NAME.pub                   the client's pinned sshd host key
         locks/WHAT.lock                 bakgrab's own flock(2) files (storage, trash, scheduler)
         locks/names/NAME.lock           flock(2) file of one name (issue 11)

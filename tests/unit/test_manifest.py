@@ -345,3 +345,19 @@ def test_a_second_verify_at_once_exits_7(tmp_path: Path) -> None:
     assert done.returncode == 7, done.stderr
     assert "verify" in done.stderr
     assert not (storage.state / "verified" / "n.json").exists()
+
+
+def test_verify_runs_at_idle_io_priority() -> None:
+    """The verify process puts itself in the idle I/O class (what `ionice -c3`
+    sets) and lowers its CPU priority; ionice reads it back from the kernel."""
+    import sys
+
+    code = ("import os, subprocess; from bakgrab.worker import verify; "
+            "assert verify.idle_priority(); "
+            "print(subprocess.run(['ionice', '-p', str(os.getpid())], capture_output=True, "
+            "text=True, check=True).stdout.strip(), os.nice(0))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    klass, nice = done.stdout.split()
+    assert klass == "idle"
+    assert int(nice) >= 10

@@ -235,6 +235,13 @@ class Settings:
     (what ``bakgrab prune`` does), so snapshots expire on time even for names
     that stopped backing up; only where keep rules are set (without them the
     cleanup runs before grabs only, as ever); ``off``: never (issue 16, 17)."""
+    verify_every: str = "off"
+    """Scheduler: how often the worker verifies ``verify_share`` of the stored
+    files, as ``bakgrab verify --share`` does (a duration, e.g. ``1d``), a
+    ``bakgrab.scheduled_verify`` task Flower shows; ``off``: never (issue 15)."""
+    verify_share: str = "5%"
+    """Scheduler: the share of the files each scheduled verify reads, least
+    recently verified first (5% every day: every file every 20 days)."""
     beat: str = "off"
     """Worker: ``on`` runs the scheduler inside the worker (``bakgrab worker
     --beat``) instead of ``bakgrab scheduler``; only one per storage runs."""
@@ -519,6 +526,23 @@ def check_monitoring(settings: Settings) -> None:
             parse_duration(settings.prune_every)
         except ConfigError as e:
             raise ConfigError(f"setting prune_every: {e} (or off)") from None
+    if settings.verify_every != "off":  # issue 15
+        try:
+            parse_duration(settings.verify_every)
+        except ConfigError as e:
+            raise ConfigError(f"setting verify_every: {e} (or off)") from None
+    parse_share(settings.verify_share)
+
+
+def parse_share(text: str) -> float:
+    """A share of the files, ``5%`` (or ``5``), as the fraction 0.05 (issue 15)."""
+    try:
+        share = float(str(text).strip().removesuffix("%")) / 100
+    except ValueError:
+        share = -1.0
+    if not 0 < share <= 1:
+        raise ConfigError(f"share {text!r}: a percentage above 0 and at most 100, e.g. 5%")
+    return share
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}

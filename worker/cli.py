@@ -488,17 +488,6 @@ def scheduler(ctx: click.Context, **flags: Any) -> None:
 
 # -- checked snapshots (issue 15) -----------------------------------------------------
 
-def parse_share(value: str) -> float:
-    """``5%`` (or ``5``) as the fraction 0.05; a click error otherwise."""
-    try:
-        share = float(value.strip().removesuffix("%")) / 100
-    except ValueError:
-        share = -1.0
-    if not 0 < share <= 1:
-        raise click.BadParameter(f"{value!r}: give a share of the files, e.g. 5%")
-    return share
-
-
 @click.command(context_settings=CONTEXT)
 @click.option("--storage", help="Storage directory.")
 @click.option("--name", help="Only the snapshots of this backup name.")
@@ -534,7 +523,7 @@ def verify(ctx: click.Context, storage: str | None, name: str | None, snapshot: 
         raise config.ConfigError("give --storage DIR")
     if share and budget:
         raise click.UsageError("give --share or --budget, not both")
-    fraction = parse_share(share) if share else None
+    fraction = config.parse_share(share) if share else None
     seconds = config.parse_duration(budget) if budget else None
     report = verifying.run(Storage(settings.storage).prepare(),
                            name=check_name(name) if name else None, snapshot=snapshot,

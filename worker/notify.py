@@ -83,9 +83,11 @@ NOTIFY = "bakgrab.notify"
 """Task delivering one notice to one target (internal queue only)."""
 STALE_CHECK = "bakgrab.stale_check"
 PRUNE = "bakgrab.scheduled_prune"
+VERIFY = "bakgrab.scheduled_verify"
+"""A share of the stored files read and checked (issue 15)."""
 """The keep rules applied to every name, on the scheduler's clock (issue 16)."""
 """Task looking for stale names, sent by Celery beat (internal queue only)."""
-INTERNAL_TASKS = frozenset({NOTIFY, STALE_CHECK, PRUNE})
+INTERNAL_TASKS = frozenset({NOTIFY, STALE_CHECK, PRUNE, VERIFY})
 SCHEMA = 1
 """Version of the webhook payload (docs/monitoring.md)."""
 STATE_DIR = "notify-state"
@@ -508,6 +510,12 @@ def register(app: Celery, notifier: Notifier) -> None:
         from bakgrab.worker.schedule import scheduled_prune
 
         return scheduled_prune(notifier)
+
+    @app.task(name=VERIFY, acks_late=True)
+    def verify_task(*args: Any, **fields: Any) -> dict[str, Any]:
+        from bakgrab.worker.schedule import scheduled_verify
+
+        return scheduled_verify(notifier)
 
 
 def install(app: Celery, settings: Settings) -> Notifier:

@@ -39,7 +39,7 @@ from bakgrab.tasks.app import make_app
 from bakgrab.tasks.config import Settings, parse_duration, parse_size
 from bakgrab.tasks.errors import Busy, ConfigError, NoSpace
 from bakgrab.worker import damage, keep, retention, status, transport
-from bakgrab.worker.notify import PRUNE, STALE_CHECK, Notifier, internal_queue, signer
+from bakgrab.worker.notify import PRUNE, STALE_CHECK, VERIFY, Notifier, internal_queue, signer
 from bakgrab.worker.status import human_duration
 from bakgrab.worker.storage import Storage
 
@@ -129,6 +129,43 @@ def scheduled_prune(notifier: Notifier) -> str:
     return f"removed {len(removed)} snapshot(s)"
 
 
+def scheduled_verify(notifier: Notifier) -> dict[str, Any]:
+    """What ``bakgrab verify --share verify_share`` does, on the scheduler's
+    clock (issue 15), on a thread of its own: verify lowers its thread's CPU
+    and I/O priority (per thread on Linux), never the pool process's, which
+    goes on to serve grabs. Its summary is the task's result (Flower shows
+    it); damage it records is told by the next stale check (``damaged``)."""
+    import threading
+
+    from bakgrab.tasks.config import parse_share
+    from bakgrab.worker import verify
+
+    share = parse_share(notifier.settings.verify_share)
+    out: list[verify.Report | BaseException] = []
+
+    def run() -> None:
+        try:
+            out.append(verify.run(notifier.storage, share=share))
+        except BaseException as e:  # handed to the task's own thread
+            out.append(e)
+
+    thread = threading.Thread(target=run, name="bakgrab-verify")
+    thread.start()
+    thread.join()
+    if isinstance(out[0], BaseException):
+        raise out[0]
+    report = out[0]
+    summary = {"checked": report.checked, "files": report.files, "good": report.good,
+               "bad": len(report.bad), "known_bad": report.known_bad,
+               "damaged_manifests": len(report.damaged_manifests),
+               "unverifiable": len(report.unverifiable),
+               "never_verified": report.never_verified, "seconds": report.seconds,
+               "damage_found": report.damage_found}
+    log.log(logging.WARNING if report.damage_found else logging.INFO,
+            "scheduled verify: %s", summary)
+    return summary
+
+
 def configure(app: Celery, settings: Settings) -> None:
     """Beat's schedule on ``app``: every stale_check_every a stale check, and
     every prune_every (unless off) the keep rules applied."""
@@ -141,6 +178,9 @@ def configure(app: Celery, settings: Settings) -> None:
     if settings.prune_every != "off":
         app.conf.beat_schedule["prune"] = {
             "task": PRUNE, "schedule": parse_duration(settings.prune_every), "options": queue}
+    if settings.verify_every != "off":  # issue 15
+        app.conf.beat_schedule["verify"] = {
+            "task": VERIFY, "schedule": parse_duration(settings.verify_every), "options": queue}
 
 
 def prepared(settings: Settings) -> Storage:

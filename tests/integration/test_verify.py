@@ -294,3 +294,47 @@ def test_verify_pull_reads_back_what_the_pull_wrote(
     assert [m["manifest"]["hashed"] + m["manifest"]["prehashed"] for m in metas] == [7, 1]
     assert [m["manifest"]["reread_bad"] for m in metas] == [[], []]
     assert verify(storage)[0] == 0
+
+
+def test_scheduled_verify_runs_through_the_queue(
+    tmp_path: Path, redis_url: str, storage: Path
+) -> None:
+    """With `verify_every` the worker's beat queues `bakgrab.scheduled_verify`
+    on its internal queue: it reads the stored files (the verify state names
+    every inode), finds a rotted byte (a damage record naming the snapshot),
+    and its summary is the task's result in the backend (what Flower shows);
+    the pool goes on serving grabs at its own priority."""
+    import redis as redis_client
+
+    env = support.worker_env(verify_every="2s", verify_share="100%")
+    worker = support.start_worker(storage, redis_url, tmp_path / "worker.log", "--beat",
+                                  env=env)
+    try:
+        src = tmp_path / "src"
+        make_tree(src, files=5)
+        backup(redis_url, "host-s", src)
+        (snap,) = support.snapshots(storage, "host-s")
+        state = storage / ".bakgrab" / "verified" / "host-s.json"
+        support.wait_for(lambda: state.exists() and json.loads(state.read_text())[
+            "last_run"]["checked"] == 7, 30, "a scheduled verify")
+        flip_byte(snap / "d" / "f2")
+        record = storage / ".bakgrab" / "damage" / "host-s.json"
+        support.wait_for(record.exists, 30, "the scheduled verify finding the damage")
+        (bad,) = json.loads(record.read_text())["files"]
+        assert bad["snapshots"] == [snap.name] and bad["where"][snap.name] == ["d/f2"]
+        r = redis_client.Redis.from_url(redis_url)
+        results = [json.loads(r.get(k) or b"{}") for k in r.scan_iter("celery-task-meta-*")]
+        found = [x["result"] for x in results
+                 if isinstance(x.get("result"), dict) and "never_verified" in x["result"]]
+        assert any(x["damage_found"] and x["bad"] == 1 for x in found), found
+        # grabs still run, at normal priority
+        second = support.run_backup(redis_url, "host-s", src)
+        assert second.returncode == 0, second.stderr
+        assert "bakgrab.scheduled_verify" in worker.text()
+        pool = [worker.pid, *support.descendants(worker.pid)]
+        assert all(os.getpriority(os.PRIO_PROCESS, pid) == 0 for pid in pool)
+        classes = [subprocess.run(["ionice", "-p", str(pid)], capture_output=True, text=True,
+                                  timeout=10).stdout for pid in pool]
+        assert not any("idle" in c for c in classes), classes
+    finally:
+        worker.stop()

@@ -18,7 +18,9 @@ for a silent name to be found. Invariants:
   user can read it), and the transport admits nothing unsigned on the
   internal queue (:mod:`bakgrab.worker.transport`).
 * The same check tells of damage ``bakgrab verify`` recorded (issue 15):
-  ``damaged`` while some snapshot of the name holds a file found bad.
+  ``damaged`` while some snapshot of the name holds a file found bad. With
+  ``verify_every``, beat also sends ``bakgrab.scheduled_verify``, which reads
+  ``verify_share`` of the stored files (:func:`scheduled_verify`).
 * The schedule lives in memory (``celery.beat:Scheduler``): nothing is
   written beside the storage; a restarted scheduler starts a fresh period.
 """

@@ -108,13 +108,14 @@ class Subvolumes(HardLinks):
                 retention.delete_tree(dest)
             if newest is not None and btrfs.is_subvolume(storage.root / newest.dirname):
                 btrfs.snapshot(storage.root / newest.dirname, dest)
-                self.unshare(dest, linked_in(storage, newest))
                 # files verify found bad are pulled anew, not carried over
-                # (issue 15; a snapshot keeps inode numbers)
+                # (issue 15; a snapshot keeps inode numbers), every path of
+                # them: before unshare() gives a path of theirs a new inode
                 bad = damage.bad_paths(storage, name, newest.dirname)
                 inos = {os.lstat(storage.root / newest.dirname / p).st_ino for p in bad}
                 for rel in bad:
                     damage.unlink_beneath(dest, rel, inos)
+                self.unshare(dest, linked_in(storage, newest))
             else:
                 btrfs.create(dest)
             os.chmod(dest, 0o700)  # (rsync sets the client's mode on it)

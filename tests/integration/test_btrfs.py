@@ -455,3 +455,43 @@ def test_list_reads_quota_groups_when_quotas_are_on(tmp_path: Path, redis_url: s
         assert alone[s1.name] == btrfs.exclusive_bytes(s1)
         assert 4 * MiB <= alone[s1.name] < 5 * MiB, alone
         assert alone[s2.name] < 1 * MiB, alone
+
+
+def test_a_file_verify_found_bad_is_pulled_anew_not_carried(tmp_path: Path,
+                                                             redis_url: str) -> None:
+    """Bit rot in the newest snapshot (one byte flipped, size and mtime kept)
+    is found by `bakgrab verify` (exit 14); the next grab, which starts from a
+    snapshot of that newest, does not carry the bad file over (rsync's quick
+    check would keep it) but pulls it anew: its bytes are the client's, its
+    hard link kept."""
+    from tests.integration.test_verify import EXIT_DAMAGED, flip_byte, make_tree, verify
+
+    with btrfs_mount() as mnt:
+        storage = mnt / "storage"
+        src = tmp_path / "src"
+        make_tree(src)
+        worker = support.start_worker(storage, redis_url, tmp_path / "worker.log")
+        try:
+            def grab() -> Path:
+                done = support.run_backup(redis_url, "bv", src, timeout=120)
+                assert done.returncode == 0, done.stderr
+                time.sleep(1.1)
+                return support.snapshots(storage, "bv")[-1]
+
+            # (one snapshot: verify keys files by inode number, which btrfs
+            # snapshots share, so it reads one snapshot's copy for all)
+            newest = grab()
+            btrfs.set_readonly(newest, False)
+            flip_byte(newest / "d/deep/victim")
+            btrfs.set_readonly(newest, True)
+            code, found = verify(storage, "--name", "bv")
+            assert code == EXIT_DAMAGED, found
+            assert newest.name in found["bad"][0]["snapshots"]
+            healed = grab()
+        finally:
+            worker.stop()
+        good = (src / "d/deep/victim").read_bytes()
+        assert (newest / "d/deep/victim").read_bytes() != good
+        assert (healed / "d/deep/victim").read_bytes() == good
+        assert (healed / "victim-link").stat().st_ino == (healed / "d/deep/victim").stat().st_ino
+        assert support.rsync_diff(src, healed) == []

@@ -52,6 +52,9 @@ from bakgrab.worker.storage import Storage, parse_snapshot, write_atomic
 log = logging.getLogger(__name__)
 
 VERIFIED_DIR = "verified"
+CHECKPOINT = 60.0
+"""Seconds between two writes of the verify state during a run: a run that
+is stopped (a time limit, Ctrl-C) does not read the same files again."""
 
 
 @dataclasses.dataclass
@@ -210,6 +213,7 @@ def run(storage: Storage, *, name: str | None = None, snapshot: str | None = Non
         idle_priority()
         outcome: dict[str, dict[str, dict[str, Any] | None]] = {n: {} for n in by_name}
         trees: dict[str, manifest.Beneath] = {}
+        saved = clock()
         with caps.raised("dac_override"), contextlib.ExitStack() as stack:  # 0700 dirs
             for c in chosen:
                 if budget is not None and clock() - start >= budget:
@@ -230,6 +234,10 @@ def run(storage: Storage, *, name: str | None = None, snapshot: str | None = Non
                 else:
                     states[c.name]["inodes"].pop(c.key, None)
                 outcome[c.name][c.key] = result if isinstance(result, dict) else None
+                if clock() - saved >= CHECKPOINT:  # a killed run keeps what it read
+                    for n, state in states.items():
+                        write_state(storage, n, state)
+                    saved = clock()
         for n in report.names:
             record_damage(storage, n, by_name[n], outcome[n], report, now)
             known = states[n]["inodes"]

@@ -323,6 +323,7 @@ def test_verify_tells_removed_replaced_and_unreadable_apart(tmp_path: Path) -> N
 
     with manifest.Beneath(snap) as tree:
         assert verify.check(storage, candidate("a/f0"), tree) is None
+        os.link(snap / "a" / "f1", tmp_path / "keep")  # (its inode number is not reused)
         (snap / "a" / "f1").unlink()
         (snap / "a" / "f1").write_bytes(b"file 1\n" * 2)  # same bytes, another inode
         result = verify.check(storage, candidate("a/f1"), tree)
@@ -361,3 +362,29 @@ def test_verify_runs_at_idle_io_priority() -> None:
     klass, nice = done.stdout.split()
     assert klass == "idle"
     assert int(nice) >= 10
+
+
+def test_a_stopped_verify_keeps_what_it_had_read(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The verify state is written every CHECKPOINT seconds of a run: a run
+    stopped midway (a time limit, Ctrl-C) has recorded the files it read, so
+    the next one goes on with the others."""
+    storage, _ = snapshot_storage(tmp_path, files=3)
+    ticks = iter(range(0, 10_000, 100))
+    real = verify.check
+    calls = []
+
+    def stopping(*args: object) -> object:
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(verify, "check", stopping)
+    with pytest.raises(KeyboardInterrupt):
+        verify.run(storage, clock=lambda: float(next(ticks)))
+    state = json.loads((storage.state / "verified" / "n.json").read_text())
+    assert len(state["inodes"]) == 2
+    monkeypatch.setattr(verify, "check", real)
+    report = verify.run(storage, share=0.6)  # ceil(60% of 5) = 3: the 3 never read
+    assert report.checked == 3 and report.never_verified == 0

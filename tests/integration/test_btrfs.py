@@ -495,3 +495,38 @@ def test_a_file_verify_found_bad_is_pulled_anew_not_carried(tmp_path: Path,
         assert (healed / "d/deep/victim").read_bytes() == good
         assert (healed / "victim-link").stat().st_ino == (healed / "d/deep/victim").stat().st_ino
         assert support.rsync_diff(src, healed) == []
+
+
+def test_prune_removes_an_abandoned_inprogress_subvolume(shared_tmp: Path) -> None:
+    """An in-progress subvolume of a grab abandoned long ago (root-owned, as
+    the client's tree is) is removed by `bakgrab prune` run as the
+    unprivileged worker user: renamed into the trash and deleted as a
+    subvolume; nothing is left in the trash."""
+    from bakgrab.worker.storage import Storage
+
+    with btrfs_mount() as mnt, worker_user(shared_tmp) as (wuser, _):
+        storage = storage_for(mnt, wuser)
+        import pwd
+
+        pw = pwd.getpwnam(wuser)
+        store = Storage(storage).prepare()
+        for dirpath, _dirs, _files in os.walk(store.state):
+            os.chown(dirpath, pw.pw_uid, pw.pw_gid)
+        left = store.inprogress("gone")
+        btrfs.create(left)
+        (left / "etc").mkdir(mode=0o700)
+        (left / "etc" / "shadow").write_bytes(b"x" * 100_000)
+        os.chmod(left, 0o755)
+        old = time.time() - 86400
+        os.utime(left, (old, old))
+        done = subprocess.run(
+            support.as_user(wuser, [support.BAKGRAB, "prune", "--storage", str(storage),
+                                    "--min-free-abs", "1M", "--json"], WORKER_CAPS),
+            capture_output=True, text=True, timeout=120,
+            env={k: v for k, v in os.environ.items() if not k.startswith("BAKGRAB_")}
+            | {"BAKGRAB_CONFIG": os.devnull, "BAKGRAB_STALE_INPROGRESS_AGE": "60"})
+        assert done.returncode == 0, done.stderr
+        removed = json.loads(done.stdout)["removed"]
+        assert [r["snapshot"] for r in removed] == ["in-progress gone"], removed
+        assert not os.path.lexists(left)
+        assert list(store.trash.iterdir()) == []

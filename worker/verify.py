@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from bakgrab.tasks import caps
-from bakgrab.worker import damage, locks, manifest
+from bakgrab.worker import backend, damage, locks, manifest
 from bakgrab.worker.storage import Storage, parse_snapshot, write_atomic
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,7 @@ def run(storage: Storage, *, name: str | None = None, snapshot: str | None = Non
             raise FileNotFoundError(f"no snapshot of {name!r} in {storage.root}")
     (storage.state / VERIFIED_DIR).mkdir(mode=0o700, exist_ok=True)
     storage.internal_lock("verify").parent.mkdir(mode=0o700, exist_ok=True)
+    per_snapshot = backend.for_storage(storage).name == "btrfs"
     with locks.held(storage.internal_lock("verify"), what="verify"):
         candidates: list[Candidate] = []
         states: dict[str, dict[str, Any]] = {}
@@ -193,7 +194,7 @@ def run(storage: Storage, *, name: str | None = None, snapshot: str | None = Non
                     report.unverifiable.append(snap.dirname)
                     continue
                 for entry in found.entries:
-                    key = f"{entry.ino}:{entry.sha256[:16]}"
+                    key = file_key(entry, snap.dirname, per_snapshot)
                     if key in seen:
                         continue
                     seen.add(key)
@@ -239,7 +240,7 @@ def run(storage: Storage, *, name: str | None = None, snapshot: str | None = Non
                         write_state(storage, n, state)
                     saved = clock()
         for n in report.names:
-            record_damage(storage, n, by_name[n], outcome[n], report, now)
+            record_damage(storage, n, by_name[n], outcome[n], report, now, per_snapshot)
             known = states[n]["inodes"]
             keys = {c.key for c in candidates if c.name == n}
             if complete[n]:  # forget inodes no snapshot holds any more
@@ -282,8 +283,18 @@ def check(storage: Storage, c: Candidate, tree: manifest.Beneath) -> dict[str, A
             "why": "its bytes differ from those the pull stored"}
 
 
+def file_key(entry: manifest.Entry, snapshot: str, per_snapshot: bool) -> str:
+    """The key of one stored file: its inode and content hash, which hard-linked
+    snapshots share. On btrfs every snapshot is a subvolume that keeps the
+    inode numbers of the one it was made from, yet its blocks may differ after
+    a copy-on-write, so a file there is one per snapshot (issues 14, 15)."""
+    key = f"{entry.ino}:{entry.sha256[:16]}"
+    return f"{snapshot}/{key}" if per_snapshot else key
+
+
 def record_damage(storage: Storage, name: str, snaps: list[Any],
-                  outcome: dict[str, dict[str, Any] | None], report: Report, now: float) -> None:
+                  outcome: dict[str, dict[str, Any] | None], report: Report, now: float,
+                  per_snapshot: bool = False) -> None:
     """Update ``name``'s damage record with this run's outcome (``snaps``: the
     snapshots this run chose; earlier findings count only in those): a file read
     good is no longer bad; a bad one is recorded with every snapshot and path
@@ -303,7 +314,7 @@ def record_damage(storage: Storage, name: str, snaps: list[Any],
             except manifest.Damaged:
                 continue
             for e in found.entries if found is not None else ():
-                key = f"{e.ino}:{e.sha256[:16]}"
+                key = file_key(e, snap.dirname, per_snapshot)
                 if key in bad:
                     where[key].setdefault(snap.dirname, []).append(e.path)
                     entries.setdefault(key, e)

@@ -459,8 +459,9 @@ def test_list_reads_quota_groups_when_quotas_are_on(tmp_path: Path, redis_url: s
 
 def test_a_file_verify_found_bad_is_pulled_anew_not_carried(tmp_path: Path,
                                                              redis_url: str) -> None:
-    """Bit rot in the newest snapshot (one byte flipped, size and mtime kept)
-    is found by `bakgrab verify` (exit 14); the next grab, which starts from a
+    """Bit rot in the newest of two snapshots (one byte flipped, size and
+    mtime kept) is found by `bakgrab verify` (exit 14) in that snapshot only,
+    though both share the file's inode number; the next grab, which starts from a
     snapshot of that newest, does not carry the bad file over (rsync's quick
     check would keep it) but pulls it anew: its bytes are the client's, its
     hard link kept."""
@@ -478,15 +479,20 @@ def test_a_file_verify_found_bad_is_pulled_anew_not_carried(tmp_path: Path,
                 time.sleep(1.1)
                 return support.snapshots(storage, "bv")[-1]
 
-            # (one snapshot: verify keys files by inode number, which btrfs
-            # snapshots share, so it reads one snapshot's copy for all)
+            # Two snapshots: the newer keeps the older's inode numbers (a
+            # snapshot of it), but a write to it copies the block, so the
+            # older copy stays good. verify reads each snapshot's file itself
+            # (issue 15 on btrfs) and blames only the newer.
+            older = grab()
             newest = grab()
+            victim = newest / "d/deep/victim"
+            assert victim.stat().st_ino == (older / "d/deep/victim").stat().st_ino
             btrfs.set_readonly(newest, False)
-            flip_byte(newest / "d/deep/victim")
+            flip_byte(victim)
             btrfs.set_readonly(newest, True)
             code, found = verify(storage, "--name", "bv")
             assert code == EXIT_DAMAGED, found
-            assert newest.name in found["bad"][0]["snapshots"]
+            assert [b["snapshots"] for b in found["bad"]] == [[newest.name]], found["bad"]
             healed = grab()
         finally:
             worker.stop()

@@ -65,6 +65,8 @@ class BackupOptions:
     reverse: bool = False
     """Offer the one-shot sshd on the backup host's loopback through the tunnel
     (``ssh -R``) instead of connecting back to this host (clients behind NAT)."""
+    verify: bool = False
+    """Ask the worker to re-read what the pull wrote before publishing (issue 15)."""
 
 
 def read_excludes(path: Path) -> list[str]:
@@ -260,7 +262,8 @@ def backup(opts: BackupOptions, settings: Settings,
 
     def fields(s: Session) -> dict[str, Any]:
         return GrabRequest(name=name, address=s.address, port=s.port, user=s.user, key=s.key,
-                           host_key=s.host_key, excludes=excludes).to_wire()
+                           host_key=s.host_key, excludes=excludes,
+                           verify=opts.verify).to_wire()
 
     return GrabResult.from_dict(submit(opts, settings, GRAB, "ro", fields, progress))
 

@@ -6,6 +6,7 @@ The ``bakgrab`` group (:mod:`bakgrab.tasks.cli`) finds them through the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -74,11 +75,16 @@ def client_setup(ctx: click.Context, name: str, root: Path, excludes: list[str],
               help="A backup host to send to (repeatable: all at once, each reported; the "
                    "exit status is non-zero if any failed). Unset parts come from "
                    "--tunnel, --broker and --queue.")
+@click.option("--verify", is_flag=True,
+              help="Have the backup host read back everything this pull wrote and compare it "
+                   "with what it received before it publishes the snapshot (one more read of "
+                   "the changed bytes; a mismatch is retried). Its verify_pull setting does "
+                   "the same for every grab.")
 @connection_options
 @click.pass_context
 @guarded
 def backup(ctx: click.Context, name: str, source: Path, exclude_from: Path | None,
-           targets: tuple[str, ...], as_json: bool, **conn: Any) -> None:
+           targets: tuple[str, ...], verify: bool, as_json: bool, **conn: Any) -> None:
     """Ask the backup host for a backup of SOURCE and wait for it (backed-up host).
 
     Makes a one-time key in memory, starts a one-shot read-only sshd, sends the
@@ -92,6 +98,7 @@ def backup(ctx: click.Context, name: str, source: Path, exclude_from: Path | Non
 
     excludes = read_excludes(exclude_from) if exclude_from else []
     opts, settings = client_setup(ctx, name, source, excludes, conn)
+    opts = dataclasses.replace(opts, verify=verify)
     if targets:
         backup_to_many(ctx, opts, settings, targets, as_json)
         return

@@ -52,6 +52,9 @@ REQUEST_VERSION = 1
 REDACTED = "<redacted>"
 
 FIELDS = ("v", "name", "address", "port", "user", "key", "host_key", "excludes", "ts", "sig")
+OPTIONAL_FIELDS = ("verify",)
+"""Grab fields a request may leave out (sent only when set, so a worker that
+predates one refuses only the requests that ask for it)."""
 SIGNATURE_CONTEXT = b"bakgrab-request-signature-v1\0"
 """Prefix of every signed message: a signature made for anything else never fits."""
 SIG_RE = re.compile(r"[A-Za-z0-9+/]{86}==")
@@ -76,10 +79,13 @@ class GrabRequest:
     """The client's signature (base64); see :func:`signed_message`."""
     signed: bytes = dataclasses.field(default=b"", repr=False, compare=False)
     """:func:`canonical` of the fields as received (the sealed key in it)."""
+    verify: bool = False
+    """Re-read what the pull wrote before publishing (``backup --verify``, issue 15)."""
 
     def to_wire(self) -> dict[str, Any]:
         """The task kwargs (holds the key: never log this)."""
-        return {
+        extra: dict[str, Any] = {"verify": True} if self.verify else {}
+        return {**extra,
             "v": REQUEST_VERSION,
             "name": self.name,
             "address": self.address,
@@ -172,11 +178,12 @@ def redacted(fields: Mapping[str, Any]) -> str:
     return repr(shown)
 
 
-def check_envelope(fields: Any, names: tuple[str, ...]) -> None:
-    """A mapping with exactly the fields ``names`` and version 1."""
+def check_envelope(fields: Any, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    """A mapping with exactly the fields ``names`` (and maybe ``optional``
+    ones) and version 1."""
     if not isinstance(fields, Mapping):
         raise InvalidRequest("request: expected a mapping of fields")
-    unknown = [k for k in fields if k not in names]
+    unknown = [k for k in fields if k not in names and k not in optional]
     if unknown:
         # never echo the names: a hostile one could carry anything, a key too
         raise InvalidRequest(f"request: {len(unknown)} unknown field(s); the fields are "
@@ -195,7 +202,10 @@ def validate(fields: Any, request_key: X25519PrivateKey | None = None) -> GrabRe
     With ``request_key`` (the worker always passes it), the ``key`` field must
     be sealed to it (:mod:`bakgrab.tasks.sealed`) and is opened here, in the task body;
     without, ``key`` is the plain private key (tests, local tools)."""
-    check_envelope(fields, FIELDS)
+    check_envelope(fields, FIELDS, OPTIONAL_FIELDS)
+    verify = fields.get("verify", False)
+    if not isinstance(verify, bool):
+        raise InvalidRequest("verify: true or false")
     request = GrabRequest(
         name=check_name(fields["name"]),
         address=check_address(fields["address"]),
@@ -206,6 +216,7 @@ def validate(fields: Any, request_key: X25519PrivateKey | None = None) -> GrabRe
         excludes=check_excludes(fields["excludes"]),
         ts=check_ts(fields["ts"]),
         sig=check_sig(fields["sig"]),
+        verify=verify,
     )
     # every field passed its check: all are JSON text, integers and lists of text
     return dataclasses.replace(request, signed=canonical(fields))

@@ -329,7 +329,8 @@ def grab(
                        link.dirname if link else None, attempt,
                        compression=compress.record(choice, outcome.stats, pull_seconds,
                                                    compress.previous_link(previous)),
-                       reread=settings.verify_pull == "on", prehashed=hasher)  # issue 15
+                       reread=settings.verify_pull == "on" or request.verify,  # issue 15
+                       prehashed=hasher)
 
 
 class PullOutcome:

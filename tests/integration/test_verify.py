@@ -296,6 +296,25 @@ def test_verify_pull_reads_back_what_the_pull_wrote(
     assert verify(storage)[0] == 0
 
 
+def test_backup_verify_asks_this_grab_only_to_read_back(
+    tmp_path: Path, redis_url: str, storage: Path, worker: support.Proc
+) -> None:
+    """`bakgrab backup --verify` (a signed request field) makes the worker,
+    whose verify_pull is off, read back what this pull wrote; the next grab
+    without it reads nothing back."""
+    src = tmp_path / "src"
+    make_tree(src, files=5)
+    done = support.run_backup(redis_url, "host-v", src, "--verify")
+    assert done.returncode == 0, done.stderr
+    (src / "changes").write_text("two\n")
+    done = support.run_backup(redis_url, "host-v", src)
+    assert done.returncode == 0, done.stderr
+    first, second = support.snapshots(storage, "host-v")
+    metas = [json.loads((storage / ".bakgrab" / "meta" / f"{s.name}.json").read_text())
+             for s in (first, second)]
+    assert [m["manifest"]["reread"] for m in metas] == [7, 0]
+
+
 def test_scheduled_verify_runs_through_the_queue(
     tmp_path: Path, redis_url: str, storage: Path
 ) -> None:

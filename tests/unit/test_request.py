@@ -612,3 +612,15 @@ def test_signed_bytes_survive_the_broker(data: dict[str, Any]) -> None:
     received = validate(json.loads(json.dumps(data))).signed
     assert received == sent
     assert b'"sig"' not in sent
+
+
+def test_verify_is_optional_and_a_boolean() -> None:
+    """``verify`` (backup --verify, issue 15) may be left out (False), is sent
+    only when set, and must be a boolean."""
+    assert validate(fields()).verify is False
+    req = validate(fields(verify=True))
+    assert req.verify is True and req.to_wire()["verify"] is True
+    assert "verify" not in validate(fields()).to_wire()
+    for bad in (1, "yes", None, [True]):
+        with pytest.raises(InvalidRequest, match="verify: true or false"):
+            validate(fields(verify=bad))

@@ -78,6 +78,12 @@ class Settings:
     Landlock ABI >= 2; the worker refuses to start without it); ``off`` runs
     rsync unconfined, which lets a hostile client read backup-host files through
     symlinks it stored (issue 11): only for kernels without Landlock, knowingly."""
+    cancel_unwatched: str = "on"
+    """Worker: ``on`` skips a grab or restore, before it connects, when no client
+    waits for its result any more (nobody subscribed to the job's result in
+    Redis: the client was interrupted or gave up), so a job that the shipped ACL
+    keeps a client from revoking does not run later (issue 13); ``off`` runs
+    it anyway."""
     max_names_per_client: int = 4
     """Worker, with ``enrol = "first-use"``: names one client key may enrol by
     itself; an operator's ``bakgrab trust`` registers more (issue 11)."""
@@ -428,6 +434,8 @@ def check(settings: Settings) -> None:
         parse_size(settings.min_rate)
     except ConfigError as e:
         raise ConfigError(f"setting min_rate: {e}") from None
+    if settings.cancel_unwatched not in ("on", "off"):
+        raise ConfigError(f"cancel_unwatched {settings.cancel_unwatched!r}: 'on' or 'off'")
     if settings.max_names_per_client < 1:
         raise ConfigError("max_names_per_client must be at least 1")
     if settings.max_jobs_per_client < 1:

@@ -99,6 +99,13 @@ class TransferInterrupted(BakgrabError):
     transient = True
 
 
+class JobCancelled(BakgrabError):
+    """The client stopped waiting for the job before it started: nothing was
+    pulled or pushed, and it is not retried (issue 13)."""
+
+    exit_code = 15
+
+
 class ClientSetupError(BakgrabError):
     """The client could not set up its side (sshd, tunnel, broker)."""
 

@@ -58,7 +58,12 @@ from celery.utils.dispatch import Signal
 from bakgrab.tasks import GRAB, process
 from bakgrab.tasks.app import RESULT_EXPIRES
 from bakgrab.tasks.config import Settings, parse_size
-from bakgrab.tasks.errors import InvalidRequest, TransferFailed, TransferInterrupted
+from bakgrab.tasks.errors import (
+    InvalidRequest,
+    JobCancelled,
+    TransferFailed,
+    TransferInterrupted,
+)
 from bakgrab.tasks.request import GrabRequest
 from bakgrab.tasks.result import GrabResult
 from bakgrab.worker import backend as backends
@@ -264,6 +269,7 @@ def grab(
             return GrabResult.from_dict(done)
         if registered is None:  # an operator may have registered it meanwhile
             registered = check_pin(storage, settings, task_id, request)
+        check_watched(settings, task_id, request.name)
         on_progress({"phase": "cleanup"})
         removed = retention.make_room(storage, settings, current=request.name)
         link = storage.newest(request.name)
@@ -331,6 +337,41 @@ def grab(
                                                    compress.previous_link(previous)),
                        reread=settings.verify_pull == "on" or request.verify,  # issue 15
                        prehashed=hasher)
+
+
+RESULT_CHANNEL = "celery-task-meta-"
+"""Prefix of the Redis channel on which Celery's result backend publishes a
+job's result: a waiting client is subscribed to it (issue 13)."""
+
+
+def watched(settings: Settings, task_id: str) -> bool | None:
+    """Whether some client waits for ``task_id``'s result (is subscribed to its
+    result channel); None when the broker cannot say."""
+    import redis
+
+    try:
+        client = redis.Redis.from_url(settings.broker, socket_timeout=10,
+                                      socket_connect_timeout=10)
+        counts = client.pubsub_numsub(RESULT_CHANNEL + task_id)
+    except redis.RedisError as e:
+        log.warning("cannot tell whether the client of %s still waits: %s", task_id, e)
+        return None
+    return bool(counts and int(counts[0][1]) > 0)
+
+
+def check_watched(settings: Settings, task_id: str, name: str) -> None:
+    """The cancel a client can give under the shipped ACL, which denies it
+    Celery's remote control: it stops waiting (its ``bakgrab backup`` or
+    ``restore`` ended), and a job of it that only starts now is skipped,
+    before any connection, instead of running later against an sshd that is
+    gone and failing after its retries. Only the job's own client, which alone
+    knows its task id and holds its subscription, can make this happen."""
+    if settings.cancel_unwatched == "off":
+        return
+    if watched(settings, task_id) is False:
+        log.warning("job %s of %s: no client waits for it any more; cancelled", task_id, name)
+        raise JobCancelled(f"the client stopped waiting for the job of {name} before it "
+                           "started; cancelled, nothing was pulled")
 
 
 class PullOutcome:

@@ -73,6 +73,7 @@ def restore(storage: Storage, settings: Settings, request: RestoreRequest, task_
     task_id = grab.check_task_id(task_id)
     storage.prepare()
     check_requester(storage, settings, task_id, request)
+    grab.check_watched(settings, task_id, request.name)
     snap = find_snapshot(storage, request)
     with caps.raised("dac_override"):  # the snapshot's dirs belong to the client's users
         root = os.path.realpath(storage.root / snap.dirname)

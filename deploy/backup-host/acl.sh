@@ -61,8 +61,9 @@
 # Known limits, by design of Celery's protocol: a client can read any
 # result whose task id it knows (ids are random UUIDs it never sees for
 # other clients' jobs; results hold no key); an interrupted client cannot
-# revoke its queued job (revoking is remote control): the worker then finds
-# the client's sshd gone and the job fails after its retries.
+# revoke its queued job (revoking is remote control): the worker instead
+# skips a job when it comes up and no client is subscribed to its result
+# any more (JobCancelled, cancel_unwatched).
 
 ACL_ADMIN="admin"
 ACL_WORKER="worker"

@@ -172,9 +172,10 @@ def test_redis_restart_mid_grab(tmp_path: Path, storage: Path, src: Path) -> Non
 
 def test_client_killed_then_next_grab_resumes(tmp_path: Path, redis_url: str,
                                               storage: Path, src: Path) -> None:
-    """SIGKILL of the client mid-grab: the worker's rsync fails promptly, the job
-    fails after its retries, the in-progress dir is kept, and the next grab of
-    that name resumes from it (sends less than the whole tree)."""
+    """SIGKILL of the client mid-grab: the worker's rsync fails promptly, the
+    job's first retry finds no client waiting and is cancelled (JobCancelled,
+    no retry after it: issue 13), the in-progress dir is kept, and the next
+    grab of that name resumes from it (sends less than the whole tree)."""
     worker = slow_worker(tmp_path, storage, redis_url)
     try:
         client = start_client(redis_url, "ck", src)
@@ -184,14 +185,15 @@ def test_client_killed_then_next_grab_resumes(tmp_path: Path, redis_url: str,
         t0 = time.monotonic()
         support.wait_for(lambda: not alive(rsync), 15, "the worker's rsync to fail")
         assert time.monotonic() - t0 < 15
-        # The job's final failure, not its first retry (issue 13): the record
-        # `bakgrab status` counts appears only when no retry is left.
+        # The job's final outcome (issue 13): the record `bakgrab status`
+        # counts appears once, when the retry found nobody waiting.
         failures = storage / ".bakgrab" / "failures" / "ck"
-        support.wait_for(failures.is_file, 60, "the job to fail after its retries")
+        support.wait_for(failures.is_file, 60, "the job to end")
         [record] = [json.loads(line) for line in failures.read_text().splitlines()]
-        assert record["error"] == "TransferInterrupted", record
+        assert (record["error"], record["exit_code"]) == ("JobCancelled", 15), record
         log = worker.text()
-        assert "retry 3/3" in log and "retry 4/" not in log, log[-3000:]
+        assert "retry 1/3" in log and "retry 2/" not in log, log[-3000:]
+        assert "no client waits for it any more; cancelled" in log
         inprogress = storage / ".bakgrab" / "inprogress" / "ck"
         kept = len(list(inprogress.glob("f*")))
         assert kept >= 4

@@ -14,6 +14,7 @@ expected InvalidRequest). Attacks 2, 5, 6 and 7 of issue 11.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import json
 import os
@@ -387,7 +388,10 @@ def test_client_time_limits_are_ignored(ctx: Ctx) -> None:
     (ssh hangs in its handshake): one whose message asks for 1 s and one for
     an hour both run until job_time_limit and stop there."""
     private = sealed.load_or_create_private(ctx.storage / ".bakgrab" / "request.key")
-    with socket.socket() as silent:
+    # as a real client does before it sends: wait for the result (subscribed),
+    # or the worker cancels a job nobody waits for (cancel_unwatched, issue 13)
+    waiting = ctx.redis.pubsub()
+    with socket.socket() as silent, contextlib.closing(waiting):
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
         port = silent.getsockname()[1]
@@ -395,6 +399,7 @@ def test_client_time_limits_are_ignored(ctx: Ctx) -> None:
         started = time.monotonic()
         for name, limits in (("tl-short", [1, 0.5]), ("tl-long", [3600, 3500])):
             task_id = str(uuid.uuid4())
+            waiting.subscribe(f"celery-task-meta-{task_id}")
             identity = Ed25519PrivateKey.generate()
             fields = {"v": 1, "name": name, "address": "127.0.0.1", "port": port,
                       "user": "root",

@@ -378,7 +378,7 @@ def test_a_local_user_racing_the_restore_changes_nothing_outside(
         register(tmp_path, storage, "race")
         arena = shared_tmp / "arena"
         arena.mkdir(mode=0o755)
-        seconds = 30.0
+        seconds = 15.0  # the old code lost the race within 2.5 s (issue 12)
         racer = support.Proc(
             support.as_user(name, ["/usr/bin/python3", "-I", "-c", RACER, str(arena),
                                    str(victim), str(seconds + 60)]),

@@ -404,7 +404,7 @@ def check(settings: Settings) -> None:
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name} must be a positive number of seconds")
     for name, parse in (("min_free_abs", parse_size), ("stale_after", parse_duration),
-                        ("max_message_bytes", parse_size)):
+                        ("max_message_bytes", parse_size), ("min_rate", parse_size)):
         try:
             parse(getattr(settings, name))
         except ConfigError as e:
@@ -430,22 +430,17 @@ def check(settings: Settings) -> None:
             except (ConfigError, ValueError):
                 raise ConfigError(f"setting {name}: {value!r}: use auto, off or a "
                                   + ("size" if name == "name_max_bytes" else "number")) from None
-    try:
-        parse_size(settings.min_rate)
-    except ConfigError as e:
-        raise ConfigError(f"setting min_rate: {e}") from None
-    if settings.cancel_unwatched not in ("on", "off"):
-        raise ConfigError(f"cancel_unwatched {settings.cancel_unwatched!r}: 'on' or 'off'")
+    for name, choices in (("cancel_unwatched", ("on", "off")), ("sandbox", ("landlock", "off")),
+                          ("enrol", ("registered", "first-use"))):
+        if getattr(settings, name) not in choices:
+            raise ConfigError(f"{name} {getattr(settings, name)!r}: "
+                              + " or ".join(f"'{c}'" for c in choices))
     if settings.max_names_per_client < 1:
         raise ConfigError("max_names_per_client must be at least 1")
     if settings.max_jobs_per_client < 1:
         raise ConfigError("max_jobs_per_client must be at least 1")
     if settings.min_rate_window < 10:
         raise ConfigError("min_rate_window must be at least 10 seconds")
-    if settings.sandbox not in ("landlock", "off"):
-        raise ConfigError(f"sandbox {settings.sandbox!r}: 'landlock' or 'off'")
-    if settings.enrol not in ("registered", "first-use"):
-        raise ConfigError(f"enrol {settings.enrol!r}: 'registered' or 'first-use'")
     if settings.request_window <= 0:
         raise ConfigError("request_window must be a positive number of seconds")
     check_monitoring(settings)

@@ -9,10 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -339,3 +341,30 @@ def readable_tmp(base: Path) -> Path:
     path = Path(tempfile.mkdtemp(prefix="bakgrab-test-"))
     os.chmod(path, 0o755)
     return path
+
+
+@contextlib.contextmanager
+def loop_mount(fstype: str, size: int, options: str = "") -> Iterator[Path]:
+    """A fresh ``fstype`` file system in a sparse loop image, mounted with
+    ``options``; unmounted and removed afterwards, also when setting it up
+    fails half way. Its dir is 0755, so a worker's user can reach it."""
+    base = Path(tempfile.mkdtemp(prefix=f"bakgrab-{fstype}-"))
+    os.chmod(base, 0o755)
+    image, mnt = base / "img", base / "mnt"
+    mounted = False
+    try:
+        with open(image, "wb") as f:
+            f.truncate(size)
+        mkfs = {"ext4": ["mkfs.ext4", "-q", "-F"], "btrfs": ["mkfs.btrfs", "-q"]}[fstype]
+        subprocess.run([*mkfs, str(image)], check=True, capture_output=True, timeout=60)
+        mnt.mkdir()
+        subprocess.run(["mount", "-o", ",".join(["loop", *filter(None, [options])]), str(image),
+                        str(mnt)], check=True, timeout=60)
+        mounted = True
+        yield mnt
+    finally:
+        if mounted:
+            done = subprocess.run(["umount", str(mnt)], capture_output=True, timeout=60)
+            if done.returncode != 0:  # a process of a failed test may still hold it
+                subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)

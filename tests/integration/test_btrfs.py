@@ -18,7 +18,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,39 +35,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.root]
 MiB = 1 << 20
 
 
-@contextlib.contextmanager
-def btrfs_mount(size: str = "1G", options: str = "user_subvol_rm_allowed") -> Iterator[Path]:
-    """A fresh btrfs in a loop image, mounted; unmounted and removed after,
-    also when setting it up fails half way."""
+def btrfs_mount(size: str = "1G", options: str = "user_subvol_rm_allowed"
+                ) -> contextlib.AbstractContextManager[Path]:
+    """A fresh btrfs in a loop image, mounted with ``options`` (support.loop_mount)."""
+    from bakgrab.tasks.config import parse_size
+
     need_root()
     if shutil.which("mkfs.btrfs") is None:
         pytest.fail("mkfs.btrfs is missing: run deploy/install-deps.sh --test (btrfs-progs)")
-    base = Path(tempfile.mkdtemp(prefix="bakgrab-btrfs-"))
-    os.chmod(base, 0o755)
-    image, mnt = base / "img", base / "mnt"
-    mounted = False
-    try:
-        with open(image, "wb") as f:
-            f.truncate(support_size(size))
-        subprocess.run(["mkfs.btrfs", "-q", str(image)], check=True, capture_output=True,
-                       timeout=60)
-        mnt.mkdir()
-        subprocess.run(["mount", "-o", f"loop,{options}", str(image), str(mnt)], check=True,
-                       timeout=60)
-        mounted = True
-        yield mnt
-    finally:
-        if mounted:
-            done = subprocess.run(["umount", str(mnt)], capture_output=True, timeout=60)
-            if done.returncode != 0:  # a process of a failed test may still hold it
-                subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=60)
-        shutil.rmtree(base, ignore_errors=True)
-
-
-def support_size(size: str) -> int:
-    from bakgrab.tasks.config import parse_size
-
-    return parse_size(size)
+    return support.loop_mount("btrfs", parse_size(size), options)
 
 
 def extents(path: Path) -> list[tuple[int, int]]:

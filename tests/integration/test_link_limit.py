@@ -13,10 +13,6 @@ import contextlib
 import json
 import os
 import secrets
-import shutil
-import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,30 +26,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.root]
 LINKS = 33_000
 
 
-@contextlib.contextmanager
-def ext4_mount(size: int = 256 << 20) -> Iterator[Path]:
-    """A fresh ext4 in a loop image, mounted; unmounted and removed after,
-    also when setting it up fails half way."""
+def ext4_mount(size: int = 256 << 20) -> contextlib.AbstractContextManager[Path]:
+    """A fresh ext4 in a loop image, mounted (support.loop_mount)."""
     need_root()
-    base = Path(tempfile.mkdtemp(prefix="bakgrab-ext4-"))
-    os.chmod(base, 0o755)  # (the worker's user must reach the storage)
-    image, mnt = base / "img", base / "mnt"
-    mounted = False
-    try:
-        with open(image, "wb") as f:
-            f.truncate(size)
-        subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], check=True, capture_output=True,
-                       timeout=60)
-        mnt.mkdir()
-        subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True, timeout=60)
-        mounted = True
-        yield mnt
-    finally:
-        if mounted:
-            done = subprocess.run(["umount", str(mnt)], capture_output=True, timeout=60)
-            if done.returncode != 0:  # a process of a failed test may still hold it
-                subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=60)
-        shutil.rmtree(base, ignore_errors=True)
+    return support.loop_mount("ext4", size)
 
 
 def test_file_past_the_link_limit_is_copied_with_a_warning(shared_tmp: Path,

@@ -229,8 +229,11 @@ def test_flower_is_read_only(fleet: Fleet) -> None:
     """Even with the password, Flower cannot act: sending or applying a task,
     revoking, aborting or terminating one, rate limits, consumers and pool or
     worker control all answer 403 "Read only"; the worker lives on."""
-    workers = json.loads(http(fleet.base + "/api/workers")[1])
-    assert workers, "flower sees the worker"
+    # Flower learns of workers by broadcast inspect replies, which may come
+    # after the first request: ask again (refresh) until it knows, bounded.
+    workers = support.wait_for(
+        lambda: json.loads(http(fleet.base + "/api/workers?refresh=1")[1]), 60,
+        "flower to see the worker", interval=1)
     worker = next(iter(workers))
     posts = ["/api/task/async-apply/bakgrab.grab", "/api/task/apply/bakgrab.grab",
              "/api/task/send-task/bakgrab.grab", f"/api/task/abort/{fleet.ok}",

@@ -368,3 +368,21 @@ def loop_mount(fstype: str, size: int, options: str = "") -> Iterator[Path]:
             if done.returncode != 0:  # a process of a failed test may still hold it
                 subprocess.run(["umount", "-l", str(mnt)], check=False, timeout=60)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def unreadable_tree(base: Path, user: pwd.struct_passwd) -> tuple[Path, dict[str, str]]:
+    """A tree that ``user`` (a client running without capabilities) can back
+    up only in part: ``ok`` it owns, ``root-only`` (0600 root) it cannot read,
+    so rsync exits 23 and the snapshot is partial. The tree and the client
+    environment (its own state dir) to run ``run_backup`` with as ``user``."""
+    src = base / "src"
+    src.mkdir()
+    (src / "ok").write_text("fine\n")
+    (src / "root-only").write_text("secret\n")
+    os.chmod(src / "root-only", 0o600)
+    os.chown(src, user.pw_uid, user.pw_gid)
+    os.chown(src / "ok", user.pw_uid, user.pw_gid)
+    state = base / "state"
+    state.mkdir()
+    os.chown(state, user.pw_uid, user.pw_gid)
+    return src, {"PATH": os.environ["PATH"], "HOME": str(base), "XDG_STATE_HOME": str(state)}

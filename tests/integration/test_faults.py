@@ -388,18 +388,7 @@ def test_unreadable_files_make_a_partial_snapshot(shared_tmp: Path, redis_url: s
 
     name = "bkg" + secrets.token_hex(3)
     with support.throwaway_user(name, shared_tmp / "home") as user:
-        src = shared_tmp / "src"
-        src.mkdir()
-        (src / "ok").write_text("fine\n")
-        (src / "root-only").write_text("secret\n")
-        os.chmod(src / "root-only", 0o600)
-        os.chown(src, user.pw_uid, user.pw_gid)
-        os.chown(src / "ok", user.pw_uid, user.pw_gid)
-        state = shared_tmp / "state"
-        state.mkdir()
-        os.chown(state, user.pw_uid, user.pw_gid)
-        env = {"PATH": os.environ["PATH"], "HOME": str(shared_tmp),
-               "XDG_STATE_HOME": str(state)}
+        src, env = support.unreadable_tree(shared_tmp, user)
         done = support.run_backup(redis_url, "part", src, "--json", env=env, user=name)
         assert done.returncode == 1, done.stderr
         result = json.loads(done.stdout)

@@ -550,18 +550,7 @@ def test_a_partial_snapshot_is_told_once_and_a_complete_one_ends_it(
     name = "bkn" + secrets.token_hex(3)
     try:
         with support.throwaway_user(name, shared_tmp / "home") as user:
-            src = shared_tmp / "src"
-            src.mkdir()
-            (src / "ok").write_text("fine\n")
-            (src / "root-only").write_text("secret\n")
-            os.chmod(src / "root-only", 0o600)
-            os.chown(src, user.pw_uid, user.pw_gid)
-            os.chown(src / "ok", user.pw_uid, user.pw_gid)
-            state = shared_tmp / "state"
-            state.mkdir()
-            os.chown(state, user.pw_uid, user.pw_gid)
-            client_env = {"PATH": os.environ["PATH"], "HOME": str(shared_tmp),
-                          "XDG_STATE_HOME": str(state)}
+            src, client_env = support.unreadable_tree(shared_tmp, user)
             for _ in range(2):
                 done = support.run_backup(redis_url, "part", src, env=client_env, user=name)
                 assert done.returncode == 1, done.stderr

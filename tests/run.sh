@@ -8,18 +8,52 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Some tests run bakgrab as throwaway users (an unprivileged worker, a hostile
-# local user): they must reach this checkout's .venv. Say so at once instead
-# of failing tests with misleading import errors (issue 13).
+# local user): they must reach the checkout's .venv and code. A checkout under
+# a dir closed to other users (a clone in root's home, issue 13) is therefore
+# copied into a new dir other users can reach, BAKGRAB_TESTS_COPY_DIR
+# (default /var/tmp), and the tests run there: .venv, bench results and other
+# untracked build output are left out, tests/artifacts is copied back, and the
+# copy is removed afterwards, also on Ctrl-C.
+closed=""
 dir=$PWD
 while [ "$dir" != / ]; do
     if [ "$(( 0$(stat -c %a "$dir") & 01 ))" -eq 0 ]; then
-        echo "bakgrab: $dir (mode $(stat -c %a "$dir")) is closed to other users, and the tests" \
-             "run bakgrab as throwaway users who must reach $PWD/.venv." \
-             "Clone the repository elsewhere (e.g. under /srv or /opt) or run: chmod o+x $dir" >&2
-        exit 2
+        closed=$dir
+        break
     fi
     dir=$(dirname "$dir")
 done
+if [ -n "$closed" ]; then
+    parent=${BAKGRAB_TESTS_COPY_DIR:-/var/tmp}
+    dir=$(cd "$parent" && pwd)
+    while [ "$dir" != / ]; do
+        if [ "$(( 0$(stat -c %a "$dir") & 01 ))" -eq 0 ]; then
+            echo "bakgrab: $closed (mode $(stat -c %a "$closed")) is closed to other users," \
+                 "and so is $dir, where the tests would run from a copy of this checkout." \
+                 "Set BAKGRAB_TESTS_COPY_DIR to a dir other users can reach, or clone elsewhere." >&2
+            exit 2
+        fi
+        dir=$(dirname "$dir")
+    done
+    copy=$(mktemp -d "$parent/bakgrab-tests.XXXXXX")
+    trap 'rm -rf "$copy"' EXIT
+    trap 'exit 130' INT
+    trap 'exit 143' TERM
+    chmod 755 "$copy"
+    echo "bakgrab: $closed (mode $(stat -c %a "$closed")) is closed to other users, whom" \
+         "some tests run bakgrab as; running the tests from a copy in $copy (removed at the end)" >&2
+    tar -C "$PWD" --exclude=./.venv --exclude=./bench-results --exclude=./tests/artifacts \
+        --exclude=__pycache__ --exclude=./.mypy_cache --exclude=./.ruff_cache \
+        --exclude=./.pytest_cache --exclude=./.hypothesis --exclude=./build --exclude=./dist \
+        --exclude='*.egg-info' -cf - . | tar -C "$copy" -xf -
+    status=0
+    bash "$copy/tests/run.sh" "$@" || status=$?
+    if [ -d "$copy/tests/artifacts" ]; then
+        mkdir -p tests/artifacts
+        cp -a "$copy/tests/artifacts/." tests/artifacts/
+    fi
+    exit "$status"
+fi
 
 bash deploy/install-deps.sh --test
 echo "== ruff"; .venv/bin/ruff check .

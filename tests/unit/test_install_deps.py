@@ -5,7 +5,10 @@ were asked and whether policy-rc.d forbade service starts meanwhile."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "install-deps.sh"
@@ -65,17 +68,75 @@ def test_an_existing_policy_is_left_as_it_was(tmp_path: Path) -> None:
     assert policy.read_text() == "#!/bin/sh\nexit 0\n"
 
 
-def test_run_sh_stops_at_once_in_a_checkout_closed_to_other_users(tmp_path: Path) -> None:
-    """A clone under a 0700 dir (root's home, say): tests/run.sh says what to
-    do (exit 2) before installing anything, instead of failing tests later."""
+def closed_checkout(tmp_path: Path) -> Path:
+    """A stand-in checkout under a 0700 dir (root's home, say): the real
+    tests/run.sh, with stand-ins for what it runs. The stand-in pytest records
+    where it runs, whether user nobody can read the checkout there, its
+    arguments and the .venv it was given, writes an artifact and exits 3."""
     closed = tmp_path / "home"
-    (closed / "repo" / "tests").mkdir(parents=True)
-    (closed / "repo" / "tests" / "run.sh").write_text((SCRIPT.parents[1] / "tests" / "run.sh")
-                                                      .read_text())
+    repo = closed / "repo"
+    (repo / "tests").mkdir(parents=True)
+    (repo / "deploy").mkdir()
+    (repo / "tests" / "run.sh").write_text((SCRIPT.parents[1] / "tests" / "run.sh").read_text())
+    (repo / "tests" / "mypy.sh").write_text("exit 0\n")
+    (repo / "tests" / "check-wheel.sh").write_text("exit 0\n")
+    (repo / ".venv").mkdir()
+    (repo / ".venv" / "from-the-original").write_text("")
+    (repo / "deploy" / "install-deps.sh").write_text(
+        'cd "$(dirname "$0")/.."; mkdir -p .venv/bin\n'
+        "printf '#!/bin/sh\\nexit 0\\n' > .venv/bin/ruff\n"
+        "cat > .venv/bin/pytest <<'END'\n"
+        "#!/bin/sh\n"
+        'echo "pwd=$PWD" > "$RECORD"\n'
+        'echo "args=$*" >> "$RECORD"\n'
+        "if setpriv --reuid=65534 --regid=65534 --clear-groups cat tests/run.sh >/dev/null 2>&1;"
+        ' then echo reachable >> "$RECORD"; fi\n'
+        'if [ -e .venv/from-the-original ]; then echo "original venv" >> "$RECORD"; fi\n'
+        "mkdir -p tests/artifacts; echo shot > tests/artifacts/shot.png\n"
+        "exit 3\n"
+        "END\n"
+        "chmod 755 .venv/bin/ruff .venv/bin/pytest\n")
     tmp_path.chmod(0o755)
     closed.chmod(0o700)
-    done = subprocess.run(["bash", "tests/run.sh"], cwd=closed / "repo", capture_output=True,
-                          text=True, timeout=30)
+    return repo
+
+
+def test_run_sh_runs_a_closed_checkout_from_a_copy_other_users_can_reach(tmp_path: Path) -> None:
+    """A clone under a 0700 dir: tests/run.sh runs the tests from a copy in a
+    dir other users can reach (the throwaway users run bakgrab from it), with
+    a .venv of its own, passes the arguments and the exit code on, brings the
+    artifacts back and removes the copy (issue 13)."""
+    repo = closed_checkout(tmp_path)
+    parent = Path(tempfile.mkdtemp(prefix="bakgrab-copies-"))
+    try:
+        parent.chmod(0o755)
+        record = parent / "record"
+        done = subprocess.run(["bash", "tests/run.sh", "-k", "backup"], cwd=repo,
+                              capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "BAKGRAB_TESTS_COPY_DIR": str(parent),
+                                   "RECORD": str(record)})
+        assert done.returncode == 3, done.stderr
+        lines = record.read_text().splitlines()
+        where = Path(lines[0].removeprefix("pwd="))
+        assert where.parent == parent and where.name.startswith("bakgrab-tests."), lines
+        assert lines[1:] == ["args=-q -k backup", "reachable"], lines
+        assert f"{repo.parent} (mode 700) is closed to other users" in done.stderr
+        assert (repo / "tests" / "artifacts" / "shot.png").read_text() == "shot\n"
+        assert sorted(p.name for p in parent.iterdir()) == ["record"], "the copy was left behind"
+    finally:
+        shutil.rmtree(parent)
+
+
+def test_run_sh_stops_at_once_when_the_copy_would_be_closed_too(tmp_path: Path) -> None:
+    """Where the copy's dir is closed to other users as well, tests/run.sh says
+    what to do (exit 2) before installing anything."""
+    repo = closed_checkout(tmp_path)
+    shut = tmp_path / "shut"
+    shut.mkdir(mode=0o700)
+    done = subprocess.run(["bash", "tests/run.sh"], cwd=repo, capture_output=True, text=True,
+                          timeout=30, env={**os.environ, "BAKGRAB_TESTS_COPY_DIR": str(shut)})
     assert done.returncode == 2, done.stderr
-    assert f"{closed} (mode 700) is closed to other users" in done.stderr
-    assert f"chmod o+x {closed}" in done.stderr
+    assert f"and so is {shut}" in done.stderr
+    assert "BAKGRAB_TESTS_COPY_DIR" in done.stderr
+    assert list(shut.iterdir()) == [], "a copy was made"
+    assert not (repo / ".venv" / "bin").exists(), "it installed before stopping"

@@ -351,7 +351,9 @@ def test_scheduled_verify_runs_through_the_queue(
         assert second.returncode == 0, second.stderr
         assert "bakgrab.scheduled_verify" in worker.text()
         pool = [worker.pid, *support.descendants(worker.pid)]
-        assert all(os.getpriority(os.PRIO_PROCESS, pid) == 0 for pid in pool)
+        niced = {pid: (Path(f"/proc/{pid}/comm").read_text().strip(),
+                       os.getpriority(os.PRIO_PROCESS, pid)) for pid in pool}
+        assert all(prio == 0 for _, prio in niced.values()), niced
         classes = [subprocess.run(["ionice", "-p", str(pid)], capture_output=True, text=True,
                                   timeout=10).stdout for pid in pool]
         assert not any("idle" in c for c in classes), classes

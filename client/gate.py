@@ -221,7 +221,8 @@ def rrsync_code(path: str) -> types.CodeType | str:
 def run_rrsync(code: types.CodeType, argv: list[str], log_path: str, command: str) -> int:
     """Run rrsync as the script it is, in this process: as ``__main__`` in a
     namespace of its own, with ``argv``. It execs rsync, or refuses with
-    ``sys.exit(1)``, which becomes the gate's exit (and a line in LOG)."""
+    ``sys.exit(1)``, which becomes the gate's exit (and a line in LOG); an
+    exception it raises ends the gate as it would have ended rrsync."""
     sys.argv = argv
     main = types.ModuleType("__main__")
     main.__file__ = argv[0]
@@ -232,6 +233,10 @@ def run_rrsync(code: types.CodeType, argv: list[str], log_path: str, command: st
         if e.code not in (None, 0):
             note(log_path, f"refused: rrsync (exit {e.code}; its reason went to the peer): "
                            f"{command[:500]!r}")
+        raise
+    except Exception as e:
+        # Its traceback goes to the peer and the exit is 1, as rrsync's own would.
+        note(log_path, f"refused: rrsync failed ({type(e).__name__}): {command[:500]!r}")
         raise
     return 0
 

@@ -155,3 +155,22 @@ def test_unknown_ioprio_set_execs_ionice(source: Path, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"-c 3 -t {RRSYNC} -ro -no-lock {source}\n"
     assert f"note: no ioprio_set known for {os.uname().machine}: exec'd ionice" in log.read_text()
+
+
+def test_rrsync_failure_ends_the_gate(source: Path, tmp_path: Path) -> None:
+    """rrsync runs from the path the client resolved, and a failure inside it
+    (here a copy whose rsync is missing) ends the gate as it would end
+    rrsync: exit 1, the traceback on stderr, a refusal in the log."""
+    missing = tmp_path / "no-rsync"
+    text = Path(RRSYNC).read_text()
+    copy = tmp_path / "rrsync"
+    copy.write_text(text.replace("RSYNC = '/usr/bin/rsync'", f"RSYNC = '{missing}'", 1))
+    assert copy.read_text() != text
+    copy.chmod(0o755)
+    log = tmp_path / "gate.log"
+    done = gate("ro", source, log, PULL, rrsync=str(copy))
+    assert done.returncode == 1
+    assert f'File "{copy}", line ' in done.stderr  # the copy ran, in the gate
+    assert done.stderr.endswith("FileNotFoundError: [Errno 2] No such file or directory\n")
+    assert log.read_text().splitlines()[-1].endswith(
+        f" refused: rrsync failed (FileNotFoundError): {PULL!r}")

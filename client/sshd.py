@@ -431,7 +431,8 @@ class OneShotServer:
         except OSError:
             return
         for line in text.splitlines():
-            log.warning("gate %s", line)
+            # The rest are the gate's notes, e.g. that it had to exec rrsync.
+            log.log(logging.WARNING if " refused: " in line else logging.DEBUG, "gate %s", line)
 
     def __enter__(self) -> OneShotServer:
         return self.start()

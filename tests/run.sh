@@ -60,4 +60,7 @@ echo "== ruff"; .venv/bin/ruff check .
 echo "== mypy"; bash tests/mypy.sh
 echo "== wheel"; bash tests/check-wheel.sh
 echo "== pytest"
-exec .venv/bin/pytest -q "$@"
+# Two pytest workers, each taking whole test files (most of a test's time is
+# spent waiting on real servers, transfers and timeouts, so two share the two
+# cores well); BAKGRAB_TEST_JOBS=0 runs them in this process, one by one.
+exec .venv/bin/pytest -q -n "${BAKGRAB_TEST_JOBS:-2}" --dist loadfile "$@"

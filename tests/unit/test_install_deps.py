@@ -119,7 +119,7 @@ def test_run_sh_runs_a_closed_checkout_from_a_copy_other_users_can_reach(tmp_pat
         lines = record.read_text().splitlines()
         where = Path(lines[0].removeprefix("pwd="))
         assert where.parent == parent and where.name.startswith("bakgrab-tests."), lines
-        assert lines[1:] == ["args=-q -k backup", "reachable"], lines
+        assert lines[1:] == ["args=-q -n 2 --dist loadfile -k backup", "reachable"], lines
         assert f"{repo.parent} (mode 700) is closed to other users" in done.stderr
         assert (repo / "tests" / "artifacts" / "shot.png").read_text() == "shot\n"
         assert sorted(p.name for p in parent.iterdir()) == ["record"], "the copy was left behind"

@@ -32,21 +32,23 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-from celery.exceptions import TaskRevokedError
-from celery.exceptions import TimeoutError as CeleryTimeout
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from bakgrab.client import keys
 from bakgrab.client.sshd import OneShotServer, ServerConfig, login_user, parse_allow
 from bakgrab.client.tunnel import Tunnel, broker_endpoint, redact_url
 from bakgrab.tasks import GRAB, caps, request_key_name, sealed
-from bakgrab.tasks.app import make_app
 from bakgrab.tasks.config import Settings, default_state_dir
 from bakgrab.tasks.errors import BakgrabError, ClientSetupError, JobTimeout
 from bakgrab.tasks.request import GrabRequest, check_excludes, check_name, redacted, sign
 from bakgrab.tasks.result import GrabResult, human_bytes
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+# Celery, kombu and redis (about half of the client's start-up) are imported
+# only once the one-shot sshd is listening (issue 19):
+# tests/integration/test_fixed_cost.py holds this.
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +222,8 @@ def submit(opts: BackupOptions, settings: Settings, task: str, mode: str,
         wire = sign(fields(Session(address=address, port=port, user=login_user(),
                                    key=sealed.seal(recipient, key.private.encode()),
                                    host_key=host_public)), task, task_id, identity)
+        from bakgrab.tasks.app import make_app
+
         app = make_app(settings, broker=broker)
         cancel_point()  # stopped meanwhile: send nothing
         try:
@@ -326,6 +330,9 @@ def forget_pending(result: Any) -> None:
 
 def wait(result: Any, timeout: float, progress: Reporter | None) -> dict[str, Any]:
     """The job's final result, raising its error; JobTimeout past ``timeout``."""
+    from celery.exceptions import TaskRevokedError
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
     deadline = time.monotonic() + timeout
 
     def on_message(meta: dict[str, Any]) -> None:

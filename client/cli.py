@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from bakgrab.tasks import config
-from bakgrab.tasks.cli import CONTEXT, guarded, settings_from
+from bakgrab.tasks.cli import CONTEXT, exit_quickly, guarded, settings_from
 from bakgrab.tasks.errors import BakgrabError, exit_code_for
 
 
@@ -96,6 +96,7 @@ def backup(ctx: click.Context, name: str, source: Path, exclude_from: Path | Non
     from bakgrab.client.backup import backup as run_backup
     from bakgrab.client.backup import read_excludes, terminal_progress
 
+    exit_quickly()  # issue 19: the fixed cost of a job
     excludes = read_excludes(exclude_from) if exclude_from else []
     opts, settings = client_setup(ctx, name, source, excludes, conn)
     opts = dataclasses.replace(opts, verify=verify)
@@ -176,6 +177,7 @@ def restore(ctx: click.Context, name: str, snapshot: str, into: Path, privileged
     from bakgrab.client.backup import terminal_progress
     from bakgrab.client.restore import restore as run_restore
 
+    exit_quickly()  # issue 19
     opts, settings = client_setup(ctx, name, into, [], conn)
     result = run_restore(opts, settings, snapshot, list(paths),
                          progress=None if as_json else terminal_progress(),

@@ -204,11 +204,15 @@ def job_files(storage: Storage, task_id: str, request: GrabRequest) -> Iterator[
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         files = {"key": run / "key", "known_hosts": run / "known_hosts", "exclude": run / "exclude"}
-        fd = os.open(files["key"], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(request.key)
-        write_atomic(files["known_hosts"], f"{host_alias(request.name)} {request.host_key}\n")
-        write_atomic(files["exclude"], rsync.exclude_rules(request.excludes))
+        # No fsync and no rename: the dir is new, no reader sees it before
+        # rsync starts, and it is removed when the job ends (or swept after a
+        # crash); an fsync here guards nothing and cost ~3 ms each (issue 19).
+        for what, text in (("key", request.key),
+                           ("known_hosts", f"{host_alias(request.name)} {request.host_key}\n"),
+                           ("exclude", rsync.exclude_rules(request.excludes))):
+            fd = os.open(files[what], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
         yield files
     finally:
         shutil.rmtree(run, ignore_errors=True)

@@ -17,6 +17,7 @@ import functools
 import importlib.metadata
 import importlib.util
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -180,6 +181,20 @@ def main(ctx: click.Context, config_file: str | None, debug: bool) -> None:
     signal.signal(signal.SIGTERM, _sigterm)
 
 
+def stdout_gone() -> bool:
+    """Whether standard output is a pipe nobody reads any more (poll says
+    POLLERR on a pipe's write end once its reader closed it)."""
+    import select
+
+    try:
+        fd = sys.stdout.fileno()
+    except (OSError, ValueError):
+        return False
+    poll = select.poll()
+    poll.register(fd, select.POLLOUT)
+    return any(events & select.POLLERR for _, events in poll.poll(0))
+
+
 def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Run a command body, turning every error into a one-line message and
     a documented exit code (``exit_code_for``)."""
@@ -197,6 +212,14 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt as e:
             click.echo("bakgrab: interrupted", err=True)
             sys.exit(exit_code_for(e))
+        except BrokenPipeError as e:
+            if not stdout_gone():
+                fail(e, ctx.obj.get("debug", False))
+            # The reader of the output left (`bakgrab list | head`): end
+            # quietly, as a program killed by SIGPIPE, and let nothing flush
+            # into the closed pipe again at exit.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(128 + signal.SIGPIPE)
         except Exception as e:  # every failure: a message and a documented code, never 1
             fail(e, ctx.obj.get("debug", False))
 

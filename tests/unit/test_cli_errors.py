@@ -3,7 +3,11 @@ bakgrab did not foresee exits EXIT_INTERNAL (70), never 1 (issue 13)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import click
 import pytest
@@ -45,3 +49,32 @@ def test_a_known_error_keeps_its_code(cli: click.Group) -> None:
     result = CliRunner().invoke(cli, ["boom", "--what", "nospace"])
     assert result.exit_code == NoSpace.exit_code == 6
     assert result.stderr.strip().splitlines()[-1] == "bakgrab: error: the storage is full"
+
+
+def test_output_cut_short_by_its_reader_ends_quietly_as_sigpipe(tmp_path: Path) -> None:
+    """`bakgrab list | head`: once the reader has left, the real command ends
+    with 141 (128 + SIGPIPE), as a program killed by it would, and says
+    nothing: no message, no "Exception ignored" at exit."""
+    for i in range(3000):  # about 200 KiB of listing, more than a pipe holds
+        (tmp_path / f"host{i % 7}.2026-01-01.{1767225600 + i}").mkdir()
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "bakgrab"), "list", "--storage",
+                             str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert proc.stdout.readline().startswith(b"host0: ")
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 141, err
+    assert err == b""
+
+
+def test_stdout_gone_only_when_the_pipe_has_no_reader(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A BrokenPipeError of some other pipe is still an error: the quiet end
+    is only for standard output whose reader left."""
+    from bakgrab.tasks.cli import stdout_gone
+
+    read_end, write_end = os.pipe()
+    with open(write_end, "w") as out:
+        monkeypatch.setattr(sys, "stdout", out)
+        assert not stdout_gone()
+        os.close(read_end)
+        assert stdout_gone()

@@ -104,6 +104,8 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
                          "(default 1.0; quick 0.25)")
     ap.add_argument("--large-mb", type=float,
                     help="size of the largest file in MiB (default 40; quick 8)")
+    ap.add_argument("--hardlinks", action=argparse.BooleanOptionalAction, default=True,
+                    help="0.5%% of the names extra hard links (default: on)")
     ap.add_argument("--runs", type=int, help="runs per scenario (default 5; quick 3)")
     ap.add_argument("--runs6", type=int, help="runs of scenario 6 (default 3; quick 1)")
     ap.add_argument("--clients", type=int, default=8, choices=range(1, 9), metavar="1..8",
@@ -140,6 +142,7 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
         seed=a.seed,
         scale=a.scale if a.scale is not None else (0.25 if quick else 1.0),
         large_mb=a.large_mb if a.large_mb is not None else (8.0 if quick else 40.0),
+        hardlinks=a.hardlinks,
     )
     if spec.files < 100:
         ap.error("--files must be at least 100")

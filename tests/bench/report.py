@@ -124,6 +124,16 @@ def markdown(doc: dict[str, Any]) -> str:
                 labels[key], fmt_s(c["wall"]), fmt_s(s["wall"]), fmt_ratio(res["ratio"]),
                 f"{fmt_s(c['cpu'])} / {fmt_s(s['cpu'])}", *second,
             ]))
+    checked = doc.get("verify")
+    if checked:
+        out += ["", "Newest trees after scenario 4 against the source (`rsync -naHAX --checksum "
+                    "--delete`): " + ", ".join(f"{labels[k]} {v['differences']} differences"
+                                               for k, v in checked.items()) + "."]
+    deletes = doc.get("btrfs_delete_by_files")
+    if deletes:
+        out += ["", "Removing a read-only btrfs snapshot by the worker's own call "
+                    "(`retention.remove_snapshot`): " + ", ".join(
+                        f"{int(n):,} files {fmt_s(s)} s" for n, s in deletes.items()) + "."]
     out += ["", "## Goals", "", "| goal | measured | limit | met |", "| --- | --- | --- | --- |"]
     for g in doc["goals"]:
         val = g["value"]

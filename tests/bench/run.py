@@ -16,6 +16,15 @@ change in the middle; 5. an empty tree (the fixed cost of one job);
 Mbit/s link (a network namespace, tc's token bucket; root only), where
 compression should win (issue 19): bakgrab with compress = auto against bare
 rsync -z, with auto's choice, and without compression.
+
+With btrfs (as root, ``mkfs.btrfs`` installed; issue 14), two more tools run
+every scenario but 8, each on a btrfs loop image of its own: bakgrab with
+its storage on btrfs, and bare rsync with the btrfs backend's snapshot
+method (``tools.SnapshotRsync``); scenario 7 then also removes snapshots of
+2,000 and more files on btrfs by the worker's own call
+(``tests/bench/btrfs.py``). After scenario 4 every tool's newest tree is
+compared with the source (``rsync -n --checksum``): a tool that wrote a
+wrong tree fails the run.
 """
 
 from __future__ import annotations
@@ -73,6 +82,12 @@ class Plan:
     out: Path
     workdir: Path | None
     keep: bool
+    btrfs: bool = True
+    scenarios: tuple[str, ...] = tuple(SCENARIOS)
+    tools: tuple[str, ...] = ()
+    """Keys of the tools to run; empty: all."""
+    delete_sizes: tuple[int, ...] = ()
+    """Files of the btrfs snapshots scenario 7 also removes one by one."""
 
 
 def parse_args(argv: Sequence[str] | None) -> Plan:
@@ -89,6 +104,8 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
                          "(default 1.0; quick 0.25)")
     ap.add_argument("--large-mb", type=float,
                     help="size of the largest file in MiB (default 40; quick 8)")
+    ap.add_argument("--hardlinks", action=argparse.BooleanOptionalAction, default=True,
+                    help="0.5%% of the names extra hard links (default: on)")
     ap.add_argument("--runs", type=int, help="runs per scenario (default 5; quick 3)")
     ap.add_argument("--runs6", type=int, help="runs of scenario 6 (default 3; quick 1)")
     ap.add_argument("--clients", type=int, default=8, choices=range(1, 9), metavar="1..8",
@@ -100,6 +117,18 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
                     help="loop (default, as root): each tool's storage is a fresh loop-mounted "
                          "ext4, remade empty before every first backup; dir: plain "
                          "directories in the work dir, emptied with rm -rf")
+    ap.add_argument("--btrfs", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run bakgrab on btrfs and bare rsync with its snapshot method, "
+                         "each on a btrfs loop image (default: on where loop storage and "
+                         "mkfs.btrfs are available)")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS),
+                    help="which scenarios to run, comma-separated (default: all)")
+    ap.add_argument("--tools", default="",
+                    help="keys of the tools to run, comma-separated (default: all; e.g. "
+                         "bakgrab,bakgrab_btrfs,rsync_btrfs,borg)")
+    ap.add_argument("--btrfs-delete-sizes", default=None,
+                    help="files of the btrfs snapshots scenario 7 removes by the worker's call "
+                         "(default 2000,20000; quick 2000)")
     ap.add_argument("--out", type=Path, default=REPO / "bench-results",
                     help="where results.json and results.md go (default: bench-results/)")
     ap.add_argument("--workdir", type=Path,
@@ -113,6 +142,7 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
         seed=a.seed,
         scale=a.scale if a.scale is not None else (0.25 if quick else 1.0),
         large_mb=a.large_mb if a.large_mb is not None else (8.0 if quick else 40.0),
+        hardlinks=a.hardlinks,
     )
     if spec.files < 100:
         ap.error("--files must be at least 100")
@@ -121,8 +151,17 @@ def parse_args(argv: Sequence[str] | None) -> Plan:
     if runs < 1 or runs6 < 1:
         ap.error("--runs and --runs6 must be at least 1")
     second6 = a.second6 if a.second6 is not None else not quick
+    scenarios = tuple(sid for sid in SCENARIOS if sid in a.scenarios.split(","))
+    if not scenarios or set(a.scenarios.split(",")) - set(SCENARIOS):
+        ap.error(f"--scenarios: a comma-separated choice of {','.join(SCENARIOS)}")
+    sizes = a.btrfs_delete_sizes or ("2000" if quick else "2000,20000")
+    try:
+        delete_sizes = tuple(int(n) for n in sizes.split(",") if n)
+    except ValueError:
+        ap.error("--btrfs-delete-sizes: numbers of files, comma-separated")
     return Plan("quick" if quick else "full", spec, runs, runs6, a.clients, second6,
-                a.storage_fs, a.out, a.workdir, a.keep)
+                a.storage_fs, a.out, a.workdir, a.keep, btrfs=a.btrfs, scenarios=scenarios,
+                tools=tuple(k for k in a.tools.split(",") if k), delete_sizes=delete_sizes)
 
 
 def log(msg: str) -> None:
@@ -142,7 +181,7 @@ def measure(tool: tools.Tool, jobs: Sequence[tools.Job], *, concurrent: bool = F
     long-lived servers, bytes and inodes added to its storage. Dirty pages
     are written out first (untimed), so that no run pays for an earlier one."""
     os.sync()
-    bytes0, inodes0 = tool.usage if tool.usage is not None else procs.disk_usage(tool.storage)
+    bytes0, inodes0 = tool.usage if tool.usage is not None else tool.disk_usage()
     srv0 = procs.tree_cpu(tool.server_pids())
     cpu0 = procs.children_cpu()
     mem_idle = procs.tree_memory(memory_of) if memory_of else None
@@ -169,7 +208,7 @@ def measure(tool: tools.Tool, jobs: Sequence[tools.Job], *, concurrent: bool = F
         if p.returncode not in job.ok_codes:
             raise JobFailed(f"{tool.label}: {tools.shell_join(job.argv)} exited {p.returncode}:\n"
                             f"{err.read_text(errors='replace')[-3000:]}")
-    bytes1, inodes1 = tool.usage = procs.disk_usage(tool.storage)
+    bytes1, inodes1 = tool.usage = tool.disk_usage()
     rec: dict[str, Any] = {
         "wall": wall,
         "cpu": cpu_local + cpu_server,
@@ -301,6 +340,42 @@ class Bench:
         if bg:
             self.extra["fixed_cost"] = self.fixed_cost_breakdown(bg, offset)
 
+    def verify(self) -> None:
+        """Every tool's newest tree holds the source's, bit for bit and with
+        its metadata: ``rsync -n`` with bakgrab's -HaAX, ``--checksum`` and
+        ``--delete`` lists no difference (borg keeps no tree)."""
+        found: dict[str, list[str]] = {}
+        for tool in self.tools:
+            tree = tool.newest_tree(MAIN)
+            if tree is None:
+                continue
+            done = subprocess.run(
+                ["rsync", "-naHAX", "--checksum", "--delete", "--numeric-ids",
+                 "--out-format=%i %n", f"{self.tree}/", f"{tree}/"],
+                capture_output=True, text=True, check=True)
+            # (the top dir itself: its mode and times are the storage's own)
+            found[tool.key] = [line for line in done.stdout.splitlines()
+                               if line.strip() and not line.endswith(" ./")]
+        self.extra["verify"] = {k: {"differences": len(v), "first": v[:20]}
+                                for k, v in found.items()}
+        wrong = {k: v[:5] for k, v in found.items() if v}
+        log("verify: newest trees " + ", ".join(f"{k} {len(v)} differences"
+                                                 for k, v in found.items()))
+        if wrong:
+            raise RuntimeError(f"newest tree differs from the source: {wrong}")
+
+    def btrfs_deletes(self) -> None:
+        """Removing one read-only btrfs snapshot of n small files by the
+        worker's own call, for each of the plan's sizes (issue 14: flat)."""
+        if not self.plan.delete_sizes or not any(
+                isinstance(t, tools.Bakgrab) and t.key.endswith("btrfs") for t in self.tools):
+            return
+        from tests.bench import btrfs
+
+        took = btrfs.delete_by_size(self.work, list(self.plan.delete_sizes))
+        self.extra["btrfs_delete_by_files"] = {str(n): s for n, s in took.items()}
+        log("btrfs deletes: " + ", ".join(f"{n} files {s:.3f}s" for n, s in took.items()))
+
     def s7(self) -> None:
         per: dict[str, list[dict[str, Any]]] = {t.key: [] for t in self.tools}
         for r in range(self.plan.runs):
@@ -316,6 +391,7 @@ class Bench:
                                        f"{before} -> {after}")
                 per[tool.key].append(rec)
         self.record("7", per)
+        self.btrfs_deletes()
 
     def s6(self) -> None:
         parts = [data.PARTS[i] for i in range(self.plan.clients)]
@@ -444,8 +520,12 @@ class Bench:
     def run_all(self) -> None:
         for sid, fn in (("1", self.s1), ("2", self.s2), ("3", self.s3), ("4", self.s4),
                         ("7", self.s7), ("5", self.s5), ("6", self.s6), ("8", self.s8)):
+            if sid not in self.plan.scenarios:
+                continue
             log(f"scenario {sid}: {SCENARIOS[sid]}")
             fn()
+            if sid == "4":
+                self.verify()
 
 
 # -- machine, goals, output ------------------------------------------------------------
@@ -607,7 +687,36 @@ def goals(results: dict[str, Any], extra: dict[str, Any]) -> list[dict[str, Any]
     mem = extra.get("worker_memory")
     goal("6: worker memory per concurrent grab (PSS), MiB",
          mem["per_grab_pss_kib"] / 1024 if mem else None, None, "MiB")
+    if "bakgrab_btrfs" in results.get("1", results.get("2", {})).get("tools", {}):
+        btrfs_goals(goal, wall, med, extra)
     return out
+
+
+def btrfs_goals(goal: Any, wall: Any, med: Any, extra: dict[str, Any]) -> None:
+    """Issue 14's goals, as ratios within this run."""
+    for sid, what in (("2", "unchanged"), ("3", "1% changed")):
+        for other, limit in (("borg", 0.8), ("bakgrab", 0.6), ("rsync_btrfs", None)):
+            goal(f"{sid}: {what}, bakgrab on btrfs / {other}, wall",
+                 ratio(wall(sid, "bakgrab_btrfs"), wall(sid, other)), limit)
+    mib = 1 << 20
+    added = med("4", "bakgrab_btrfs", "bytes_added")
+    goal("4: bytes a 4 KiB change in the large file added on btrfs, MiB",
+         added / mib if added is not None else None, 1.0, "MiB")
+    unchanged = med("2", "bakgrab_btrfs", "bytes_added")
+    goal("4: the same, less what an unchanged backup added (scenario 2), MiB",
+         (added - unchanged) / mib if added is not None and unchanged is not None else None,
+         None, "MiB")
+    goal("4: bare rsync with the snapshot method, bytes added, MiB",
+         (lambda v: v / mib if v is not None else None)(med("4", "rsync_btrfs", "bytes_added")),
+         None, "MiB")
+    deletes = extra.get("btrfs_delete_by_files") or {}
+    if deletes:
+        goal(f"7: removing a btrfs snapshot by the worker's call, slowest of "
+             f"{', '.join(deletes)} files, s", max(deletes.values()), 0.1, "s")
+    goal("7: bakgrab on btrfs removing the oldest (bakgrab prune, whole command), s",
+         wall("7", "bakgrab_btrfs"), None, "s")
+    goal("1: first full backup, bakgrab on btrfs / on ext4, wall",
+         ratio(wall("1", "bakgrab_btrfs"), wall("1", "bakgrab")), 1.0)
 
 
 def write_results(plan: Plan, doc: dict[str, Any]) -> tuple[Path, Path]:
@@ -686,13 +795,27 @@ def main(argv: Sequence[str] | None = None) -> int:
                     size = max(2 << 30, 4 * tree["bytes_on_disk"] + (1 << 30))
                     (work / "images").mkdir()
                     fs = {}
-                    for key in ("bakgrab", "rsync", "rsync_auto", "rsnapshot", "borg"):
+                    kinds = dict.fromkeys(("bakgrab", "rsync", "rsync_auto", "rsnapshot",
+                                           "borg"), "ext4")
+                    btrfs_why = (tools.LoopStorage.available(work, "btrfs") if plan.btrfs
+                                 else "--no-btrfs")
+                    if btrfs_why:
+                        log(f"btrfs rows not run: {btrfs_why}")
+                    else:
+                        kinds |= {"bakgrab_btrfs": "btrfs", "rsync_btrfs": "btrfs"}
+                    for key, kind in kinds.items():
+                        if plan.tools and key not in plan.tools:
+                            continue
                         fs[key] = tools.LoopStorage(work / "images" / f"{key}.img",
-                                                    work / "storage" / key, size)
+                                                    work / "storage" / key, size, kind)
                         opened.append(fs[key])
             storage_note = ("each tool's own loop-mounted ext4 (a sparse image in the work dir), "
                             "made anew before every first backup" if fs else
                             "plain directories in the work dir, emptied with rm -rf")
+            if fs and any(f.kind == "btrfs" for f in fs.values()):
+                storage_note += ("; btrfs for bakgrab on btrfs and bare rsync's snapshot "
+                                 "method, whose bytes added are the filesystem's used bytes "
+                                 "(statvfs, after a commit)")
             ssh = tools.SshServer(work)
             opened.append(ssh)
             slow, link_tools, link_skipped = None, [], SlowLink.available()
@@ -720,7 +843,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if chosen is not None:
                 tool_list.append(tools.BareRsync(work, ssh, compress=chosen[0],
                                                  ciphers=chosen[1]))
+            if fs and "bakgrab_btrfs" in fs:  # issue 14
+                btrfs_bg = tools.Bakgrab(work, bakgrab, concurrency=max(2, plan.clients),
+                                         key="bakgrab_btrfs", label="bakgrab on btrfs")
+                opened.append(btrfs_bg)
+                tool_list.append(btrfs_bg)
+            if fs and "rsync_btrfs" in fs:
+                tool_list.append(tools.SnapshotRsync(work, ssh, *(chosen or (None, ""))))
             tool_list += [tools.Rsnapshot(work, ssh), tools.Borg(work)]
+            if plan.tools:
+                tool_list = [t for t in tool_list if t.key in plan.tools]
             bench = Bench(plan, work, tool_list, fs)
             bench.link, bench.link_tools = slow, link_tools
             bench.link_skipped = link_skipped or ""
@@ -743,14 +875,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "scenario6_second_backups": plan.second6,
                 "tools": {t.key: {"label": t.label, **t.describe()}
                           for t in [*tool_list, *link_tools]},
-                "scenarios": {sid: bench.results[sid] for sid in SCENARIOS},
+                "scenarios": {sid: bench.results[sid] for sid in plan.scenarios},
                 "fixed_cost": bench.extra.get("fixed_cost"),
                 "worker_memory": bench.extra.get("worker_memory"),
                 "sandbox": bench.extra.get("sandbox"),
                 "request_check": bench.extra.get("request_check"),
+                "verify": bench.extra.get("verify"),
+                "btrfs_delete_by_files": bench.extra.get("btrfs_delete_by_files"),
                 "cpu_note": report.CPU_NOTE,
             }
-            doc["goals"] = goals(doc["scenarios"], bench.extra)
+            # (a goal of a scenario this run left out has nothing to say)
+            doc["goals"] = [g for g in goals(doc["scenarios"], bench.extra)
+                            if g["goal"].split(":")[0] in plan.scenarios]
             js, md = write_results(plan, doc)
             log(f"done in {time.time() - started:.0f}s: {js} and {md}")
             print(md.read_text())

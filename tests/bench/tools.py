@@ -4,6 +4,11 @@
   Redis (the client starts its one-shot sshd; the worker pulls with rsync).
 * ``rsync``: bare rsync with bakgrab's own argv (``bakgrab.worker.rsync.pull_argv``)
   over ssh to a plain sshd, ``--link-dest`` the newest snapshot: the floor.
+* ``rsync_btrfs`` (issue 14): bare rsync on btrfs the way bakgrab's btrfs
+  backend pulls: ``btrfs subvolume snapshot`` of the newest backup, rsync
+  with the same argv plus the backend's options into it (``--inplace
+  --no-whole-file``, no ``--link-dest``), then the read-only flag;
+* ``bakgrab_btrfs``: ``bakgrab`` with its storage on btrfs;
 * ``rsnapshot``: the Debian package, over ssh to the same sshd, link_dest on,
   the same rsync flags.
 * ``borg``: a local repository, no encryption, lz4.
@@ -126,13 +131,15 @@ class SshServer:
 
 def rsync_argv(ssh: SshServer, source: Path, dest: Path, link_dest: Path | None,
                exclude_file: Path, compress: str | None = None,
-               ciphers: str = "") -> tuple[list[str], str]:
+               ciphers: str = "", btrfs: bool = False) -> tuple[list[str], str]:
     """bakgrab's own pull argv, aimed at ``source`` on our sshd; and where the
     flags came from. ``compress`` (issue 19): a value of bakgrab's compress
     setting as the worker passes it to pull_argv; None keeps PullSpec's
-    default, plain ``-z`` (the original design's flags)."""
+    default, plain ``-z`` (the original design's flags). ``btrfs`` (issue
+    14): with the options of the worker's btrfs backend
+    (``bakgrab.worker.backend.Subvolumes.pull_options``), as its grabs run."""
     try:
-        from bakgrab.worker import rsync
+        from bakgrab.worker import backend, rsync
 
         spec = rsync.PullSpec(
             user=ssh.user, address=ssh.address, port=ssh.port, key_file=ssh.key,
@@ -140,6 +147,7 @@ def rsync_argv(ssh: SshServer, source: Path, dest: Path, link_dest: Path | None,
             dest=dest, link_dest=link_dest, timeout=300, connect_timeout=20, alive_interval=15,
             **({"compress": compress} if compress is not None else {}),
             **({"ciphers": ciphers} if ciphers else {}),
+            **({"backend_options": backend.Subvolumes.pull_options} if btrfs else {}),
         )
         argv = rsync.pull_argv(spec)
         origin = "bakgrab.worker.rsync.pull_argv"
@@ -151,6 +159,8 @@ def rsync_argv(ssh: SshServer, source: Path, dest: Path, link_dest: Path | None,
                 "--outbuf=L", "--rsh=" + " ".join(ssh_argv(ssh))]
         if link_dest:
             argv.append(f"--link-dest={link_dest}")
+        if btrfs:
+            argv += ["--inplace", "--no-whole-file"]
         argv += ["x", "x"]
     return argv[:-2] + [f"{ssh.user}@{ssh.address}:{source}/", f"{dest}/"], origin
 
@@ -174,8 +184,9 @@ def ssh_argv(ssh: SshServer) -> list[str]:
 
 
 class LoopStorage:
-    """A storage filesystem of its own: a sparse image holding a fresh ext4,
-    loop-mounted on the tool's storage dir, remade empty on demand.
+    """A storage filesystem of its own: a sparse image holding a fresh ext4
+    (or btrfs: ``kind``), loop-mounted on the tool's storage dir, remade
+    empty on demand.
 
     A fresh filesystem per first backup keeps runs independent: on a disk
     where many files were just deleted, ext4 spends seconds of CPU per 20,000
@@ -184,10 +195,11 @@ class LoopStorage:
     instead of the tool.
     """
 
-    def __init__(self, image: Path, mountpoint: Path, size: int) -> None:
+    def __init__(self, image: Path, mountpoint: Path, size: int, kind: str = "ext4") -> None:
         self.image = image
         self.mountpoint = mountpoint
         self.size = size
+        self.kind = kind
         self.mounted = False
         self.fresh()
 
@@ -207,12 +219,19 @@ class LoopStorage:
             self.image.unlink()
         with open(self.image, "wb") as f:
             f.truncate(self.size)
-        subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", "-E",
-                        "lazy_itable_init=1,lazy_journal_init=1", str(self.image)],
-                       check=True, capture_output=True)
+        if self.kind == "btrfs":
+            mkfs = ["mkfs.btrfs", "-q", "-f"]
+            # (as the storage of tests/integration/test_btrfs.py: a worker
+            # without CAP_SYS_ADMIN may delete its own subvolumes)
+            options = "loop,user_subvol_rm_allowed"
+        else:
+            mkfs = ["mkfs.ext4", "-q", "-F", "-m", "0", "-E",
+                    "lazy_itable_init=1,lazy_journal_init=1"]
+            options = "loop,noinit_itable"
+        subprocess.run([*mkfs, str(self.image)], check=True, capture_output=True)
         self.mountpoint.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-o", "loop,noinit_itable", str(self.image),
-                        str(self.mountpoint)], check=True, capture_output=True)
+        subprocess.run(["mount", "-o", options, str(self.image), str(self.mountpoint)],
+                       check=True, capture_output=True)
         self.mounted = True
         os.chmod(self.mountpoint, 0o755)  # noqa: S103 -- a storage root like any other
         if saved.is_dir():
@@ -237,22 +256,24 @@ class LoopStorage:
             self.image.unlink()
 
     @staticmethod
-    def available(work: Path) -> str | None:
-        """Why loop-mounted storage cannot be used here, or None."""
+    def available(work: Path, kind: str = "ext4") -> str | None:
+        """Why loop-mounted storage of ``kind`` cannot be used here, or None."""
         if os.geteuid() != 0:
             return "not root"
-        for prog in ("mkfs.ext4", "mount", "umount", "losetup"):
+        for prog in (f"mkfs.{kind}", "mount", "umount", "losetup"):
             if procs.find(prog) is None:
                 return f"{prog} not found"
-        probe = work / "probe.img"
-        mnt = work / "probe"
+        probe = work / f"probe-{kind}.img"
+        mnt = work / f"probe-{kind}"
         fs = LoopStorage.__new__(LoopStorage)
-        fs.image, fs.mountpoint, fs.size, fs.mounted = probe, mnt, 64 << 20, False
+        fs.image, fs.mountpoint, fs.mounted, fs.kind = probe, mnt, False, kind
+        fs.size = 64 << 20 if kind == "ext4" else 128 << 20  # (btrfs's least: 109 MiB)
         try:
             fs.fresh()
         except (OSError, subprocess.CalledProcessError) as e:
             err = getattr(e, "stderr", b"") or b""
-            return f"cannot loop-mount an ext4 image: {err.decode(errors='replace').strip() or e}"
+            return (f"cannot loop-mount a {kind} image: "
+                    f"{err.decode(errors='replace').strip() or e}")
         finally:
             fs.close()
             with contextlib.suppress(OSError):
@@ -279,6 +300,15 @@ class Tool:
 
     def settle(self) -> None:
         pass
+
+    def disk_usage(self) -> tuple[int, int]:
+        """(bytes, inodes) the storage holds (see :func:`storage_usage`)."""
+        return storage_usage(self.storage)
+
+    def newest_tree(self, name: str) -> Path | None:
+        """Where the newest backup of ``name`` holds the source's tree, for a
+        check of its content; None for a tool without such a tree (borg)."""
+        return None
 
     def prepare(self, name: str) -> bool:
         """Whatever a name needs before its first backup (not measured);
@@ -309,6 +339,24 @@ class Tool:
         return {}
 
 
+def storage_usage(path: Path) -> tuple[int, int]:
+    """(bytes, inodes) of a storage. On ext4 and the like ``du`` of it, each
+    inode once (:func:`procs.disk_usage`). On btrfs ``du`` counts every
+    snapshot's shared blocks again: the bytes there are the filesystem's
+    used bytes (``statvfs``, after a commit and btrfs's cleaner, as the
+    worker measures), the inodes ``du --inodes`` over every subvolume (each
+    snapshot's own inodes, which copy-on-write shares on disk)."""
+    from bakgrab.worker import btrfs
+
+    if not btrfs.on_btrfs(path):
+        return procs.disk_usage(path)
+    btrfs.settle(path)
+    st = os.statvfs(path)
+    done = subprocess.run(["du", "-s", "--inodes", str(path)], capture_output=True, text=True,
+                          check=True)
+    return (st.f_blocks - st.f_bfree) * st.f_frsize, int(done.stdout.split()[0])
+
+
 def auto_choice(address: str = "127.0.0.1") -> tuple[str, str] | None:
     """What bakgrab's ``compress = auto`` chooses for a first grab from
     ``address`` (issue 19), by the worker's own function: the compression and
@@ -331,11 +379,13 @@ class Bakgrab(Tool):
     kept_state = (".bakgrab",)
 
     def __init__(self, work: Path, bakgrab: str, concurrency: int,
-                 link_address: str | None = None) -> None:
+                 link_address: str | None = None, key: str = "", label: str = "") -> None:
+        self.key = key or self.key
+        self.label = label or self.label
         self.bin = bakgrab
-        self.dir = work / "bakgrab"
+        self.dir = work / self.key
         self.dir.mkdir()
-        self.storage = work / "storage" / "bakgrab"
+        self.storage = work / "storage" / self.key
         self.storage.mkdir(parents=True, exist_ok=True)
         (self.dir / "redis").mkdir()
         (self.dir / "state").mkdir()
@@ -444,6 +494,10 @@ class Bakgrab(Tool):
             if m and m.group("name") == name:
                 found.append((int(m.group("ts")), entry))
         return [e for _, e in sorted(found)]
+
+    def newest_tree(self, name: str) -> Path | None:
+        snaps = self.snapshots(name)
+        return self.storage / snaps[-1] if snaps else None
 
     def remove_oldest(self, name: str) -> list[Job]:
         snaps = self.snapshots(name)
@@ -584,6 +638,10 @@ class BareRsync(Tool):
                                        self.ciphers)
         return Job(argv, env=clean_env(), stdout=self.out / f"{self.counter}.txt")
 
+    def newest_tree(self, name: str) -> Path | None:
+        snaps = self.snapshots(name)
+        return self.storage / snaps[-1] if snaps else None
+
     def remove_oldest(self, name: str) -> list[Job]:
         return [Job(["rm", "-rf", "--one-file-system", "--",
                      str(self.storage / self.snapshots(name)[0])])]
@@ -595,6 +653,56 @@ class BareRsync(Tool):
     def describe(self) -> dict[str, Any]:
         return {"flags_from": self.origin, "compress": self.compress or "any (plain -z)",
                 "ssh_ciphers": self.ciphers or "ssh's own"}
+
+
+class SnapshotRsync(BareRsync):
+    """Bare rsync with the snapshot method of bakgrab's btrfs backend (issue
+    14), on a btrfs storage: ``btrfs subvolume snapshot`` of the name's
+    newest backup (``btrfs subvolume create`` for a first one), rsync with
+    bakgrab's argv and the backend's options into it, then ``btrfs property
+    set ro true``; one shell job, so that the measure covers all three. No
+    unsharing of hard-linked files before the in-place pull, which bakgrab
+    does (correct as long as the client splits no hard-linked pair: the
+    generated tree's changes split none)."""
+
+    key = "rsync_btrfs"
+    label = "bare rsync, btrfs snapshot method"
+    options: list[str] = []
+    """rsync's options in the last backup (all but --rsh, the excludes, the paths)."""
+    SCRIPT = ('set -e; prev=$1; dest=$2; shift 2\n'
+              'if [ -n "$prev" ]; then btrfs subvolume snapshot "$prev" "$dest" >/dev/null\n'
+              'else btrfs subvolume create "$dest" >/dev/null; fi\n'
+              '"$@"\n'
+              'btrfs property set -ts "$dest" ro true\n')
+
+    def __init__(self, work: Path, ssh: SshServer, compress: str | None = None,
+                 ciphers: str = "") -> None:
+        super().__init__(work, ssh, compress=compress, ciphers=ciphers, key=self.key,
+                         label=self.label + (f" ({compress})" if compress else ""))
+
+    def backup(self, name: str, source: Path) -> Job:
+        self.counter += 1
+        snaps = self.snapshots(name)
+        prev = str(self.storage / snaps[-1]) if snaps else ""
+        dest = self.storage / f"{name}.{self.counter}"
+        argv, self.origin = rsync_argv(self.ssh, source, dest, None, self.exclude, self.compress,
+                                       self.ciphers, btrfs=True)
+        self.options = [a for a in argv[1:-2] if not a.startswith(("--rsh=", "--exclude-from="))]
+        return Job(["sh", "-c", self.SCRIPT, "sh", prev, str(dest), *argv], env=clean_env(),
+                   stdout=self.out / f"{self.counter}.txt")
+
+    def remove_oldest(self, name: str) -> list[Job]:
+        return [Job(["btrfs", "subvolume", "delete", str(self.storage / self.snapshots(name)[0])])]
+
+    def wipe(self, name: str) -> None:
+        for snap in self.snapshots(name):
+            subprocess.run(["btrfs", "subvolume", "delete", str(self.storage / snap)],
+                           check=True, capture_output=True)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "method": "btrfs subvolume snapshot of the newest, "
+                "rsync --inplace --no-whole-file into it, btrfs property set ro true",
+                "rsync_options": self.options}
 
 
 class Rsnapshot(Tool):
@@ -675,6 +783,12 @@ class Rsnapshot(Tool):
                 found.append((int(k), entry))
         # alpha.0 is the newest
         return [e for _, e in sorted(found, reverse=True)]
+
+    def newest_tree(self, name: str) -> Path | None:
+        snaps = self.snapshots(name)
+        # (--relative: the source's whole path below host/)
+        return (self.storage / name / snaps[-1] / "host" / str(self.sources[name]).lstrip("/")
+                if snaps else None)
 
     def remove_oldest(self, name: str) -> list[Job]:
         # What rsnapshot's rotation does to the oldest snapshot (cmd_rm).

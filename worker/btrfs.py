@@ -48,6 +48,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bakgrab.tasks import caps
+from bakgrab.worker.manifest import DIR_FLAGS, descend
 
 BTRFS_SUPER_MAGIC = 0x9123683E
 FIRST_FREE_OBJECTID = 256
@@ -265,17 +266,7 @@ def _open_parent(root: Path, rel: str) -> tuple[int, str]:
     parts = rel.split("/")
     if not rel or any(p in ("", ".", "..") for p in parts):
         raise ValueError(f"not a relative path: {rel!r}")
-    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(root, flags)
-    try:
-        for part in parts[:-1]:
-            nxt = os.open(part, flags, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd, parts[-1]
+    return descend(os.open(root, DIR_FLAGS), parts[:-1]), parts[-1]
 
 
 def unshare(root: Path, rel: str, ino: int) -> bool:

@@ -188,6 +188,22 @@ DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
+def descend(fd: int, names: Iterable[str]) -> int:
+    """The fd of the directory reached from the directory ``fd`` through
+    ``names``, one at a time, following no symlink on the way (a
+    client-written tree may hold one where a directory was). ``fd`` is
+    consumed: closed, or returned when ``names`` is empty."""
+    try:
+        for name in names:
+            nxt = os.open(name, DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = nxt
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class Beneath:
     """Opens files of one tree by relative path without following a symlink
     anywhere on the way (a client-written tree may hold one where a
@@ -214,15 +230,9 @@ class Beneath:
         head, _, name = rel.rpartition("/")
         if self._dir is not None and self._dir[0] == head:
             return self._dir[1], name
-        fd = os.open(self.root, DIR_FLAGS & ~os.O_NOFOLLOW)  # (the root is bakgrab's own)
-        try:
-            for part in head.split("/") if head else ():
-                nxt = os.open(part, DIR_FLAGS, dir_fd=fd)
-                os.close(fd)
-                fd = nxt
-        except BaseException:
-            os.close(fd)
-            raise
+        # (the root is bakgrab's own: it may be reached through a symlink)
+        fd = descend(os.open(self.root, DIR_FLAGS & ~os.O_NOFOLLOW),
+                     head.split("/") if head else ())
         self.close()
         self._dir = (head, fd)
         return fd, name

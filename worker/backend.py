@@ -258,6 +258,12 @@ def for_storage(storage: Storage) -> HardLinks:
     return for_path(storage.root)
 
 
+def settling() -> bool:
+    """Whether this process deleted subvolumes whose blocks may still be on
+    their way back (see :func:`settle`)."""
+    return _deleted
+
+
 def settle(path: Path) -> None:
     """Before free space is measured: if this process deleted subvolumes,
     wait until btrfs's cleaner gave their blocks back (statvfs alone would

@@ -89,8 +89,21 @@ class Usage:
     has_inodes: bool
 
 
-def measure(path: Path) -> Usage:
-    backend.settle(path)  # a deleted btrfs subvolume frees its blocks later (issue 14)
+def measure(path: Path, enough: Callable[[Usage], bool] | None = None) -> Usage:
+    """The storage's usage now. A btrfs subvolume this process deleted gives
+    its blocks back only once btrfs's cleaner ran (issue 14): then the usage
+    is measured again after :func:`backend.settle`, unless it already is
+    ``enough`` as it is (blocks still coming back can only add to it), which
+    spares the cleanup after a removal that already made room the wait of
+    at least a second of polls."""
+    usage = _statvfs(path)
+    if backend.settling() and not (enough is not None and enough(usage)):
+        backend.settle(path)
+        usage = _statvfs(path)
+    return usage
+
+
+def _statvfs(path: Path) -> Usage:
     st = os.statvfs(path)
     return Usage(
         free_bytes=st.f_bavail * st.f_frsize,
@@ -440,7 +453,7 @@ def make_room(
     settings: Settings,
     *,
     dry_run: bool = False,
-    measure: Callable[[Path], Usage] = measure,
+    measure: Callable[[Path, Callable[[Usage], bool] | None], Usage] = measure,
     current: str | None = None,
     now: float | None = None,
 ) -> list[dict[str, Any]]:
@@ -482,10 +495,16 @@ def make_room(
                             "reason": f"no keep rule keeps it ({rules.describe()})",
                             "rule": "expired"})
 
-        def usage_now() -> Usage:
-            usage = measure(storage.root)
+        def adjusted(usage: Usage) -> Usage:
             return dataclasses.replace(usage, free_bytes=usage.free_bytes + gained[0],
                                        free_inodes=usage.free_inodes + gained[1])
+
+        def usage_now(wanted: Need | None = None) -> Usage:
+            def enough(usage: Usage) -> bool:
+                usage = adjusted(usage)
+                return (wanted or need(settings, usage, count)).short(usage) is None
+
+            return adjusted(measure(storage.root, enough))
 
         count = sum(len(s) for s in inventory.values())
         usage = usage_now()
@@ -506,7 +525,7 @@ def make_room(
                 log.info("removed in-progress dir of a failed grab of %s: %s", name, why)
                 removed.append({"snapshot": f"in-progress {name}", "reason": why,
                                 "rule": "a failed grab's partial data goes before any backup"})
-                usage = usage_now()
+                usage = usage_now(wanted)
                 why = wanted.short(usage)
                 if why is None:
                     return removed
@@ -517,7 +536,7 @@ def make_room(
         for snap in unkept:
             take(snap, {"snapshot": snap.dirname, "reason": why,
                         "rule": "no keep rule keeps it: it goes first when space is short"})
-            usage = usage_now()
+            usage = usage_now(wanted)
             why = wanted.short(usage)
             if why is None:
                 return removed
@@ -544,7 +563,7 @@ def make_room(
                 remove_snapshot(storage, snap)
                 if snap.name in queue.usages:
                     store_usage(storage, snap.name, queue.usages[snap.name])
-            usage = usage_now()
+            usage = usage_now(wanted)
             log.info("%s snapshot %s: %s (%s; need %s and %d inodes free)",
                      "would remove" if dry_run else "removed", snap.dirname, why, rule,
                      human_bytes(wanted.bytes), wanted.inodes)

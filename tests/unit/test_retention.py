@@ -189,7 +189,7 @@ class FakeDisk:
         self.free_inodes = free_inodes
         self.calls = 0
 
-    def __call__(self, path: Path) -> Usage:
+    def __call__(self, path: Path, enough: object = None) -> Usage:
         assert path == self.storage.root
         self.calls += 1
         gone = [d for d in self.sizes if not (self.storage.root / d).exists()]

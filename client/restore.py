@@ -55,6 +55,7 @@ from bakgrab.client.backup import BackupOptions, Reporter, Session, submit
 from bakgrab.tasks import RESTORE
 from bakgrab.tasks.config import Settings
 from bakgrab.tasks.errors import BakgrabError, ClientSetupError
+from bakgrab.tasks.nofollow import DIR_FLAGS, descend
 from bakgrab.tasks.request import RestoreRequest, check_name, check_paths
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,6 @@ FAKE_SUPER = "user.rsync."
 """Where rsync ``--fake-super`` keeps what it would not apply (owners, modes,
 ACLs, non-user xattrs); read for the report, then removed."""
 SPECIAL_BITS = stat.S_ISUID | stat.S_ISGID
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 MAX_REPORTED = 1000
 
@@ -275,18 +275,10 @@ def set_xattrs(fd: int, xattrs: dict[str, bytes]) -> None:
 def walk_to(root_fd: int, rel_dir: str) -> int:
     """An fd of ``root/rel_dir``, opened one component at a time without
     following a symlink anywhere."""
-    fd = os.dup(root_fd)
-    try:
-        for part in [p for p in rel_dir.split("/") if p]:
-            if part in (".", ".."):
-                raise ValueError("a '.' or '..' component")
-            child = os.open(part, DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    parts = [p for p in rel_dir.split("/") if p]
+    if any(part in (".", "..") for part in parts):
+        raise ValueError("a '.' or '..' component")
+    return descend(os.dup(root_fd), parts)
 
 
 # -- what arrived: without privilege unless private ------------------------------------

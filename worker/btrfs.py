@@ -48,7 +48,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bakgrab.tasks import caps
-from bakgrab.worker.manifest import DIR_FLAGS, descend
+from bakgrab.tasks.nofollow import DIR_FLAGS, descend
 
 BTRFS_SUPER_MAGIC = 0x9123683E
 FIRST_FREE_OBJECTID = 256

@@ -52,6 +52,7 @@ from typing import Any
 
 from bakgrab.tasks import caps
 from bakgrab.tasks.errors import TransferInterrupted
+from bakgrab.tasks.nofollow import DIR_FLAGS, descend
 from bakgrab.worker.storage import Storage, fsync_dir
 
 log = logging.getLogger(__name__)
@@ -184,24 +185,7 @@ def load(storage: Storage, snapshot: str) -> Manifest | None:
 
 # -- hashing -------------------------------------------------------------------
 
-DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-
-def descend(fd: int, names: Iterable[str]) -> int:
-    """The fd of the directory reached from the directory ``fd`` through
-    ``names``, one at a time, following no symlink on the way (a
-    client-written tree may hold one where a directory was). ``fd`` is
-    consumed: closed, or returned when ``names`` is empty."""
-    try:
-        for name in names:
-            nxt = os.open(name, DIR_FLAGS, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 class Beneath:

@@ -41,6 +41,40 @@ def session_tmpdir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
                        timeout=300)
 
 
+IOPRIO_GET = {"x86_64": 252, "aarch64": 31}
+IOPRIO_SET = {"x86_64": 251, "aarch64": 30}
+
+
+def _ioprio(value: int | None = None) -> int | None:
+    """This thread's I/O priority, or set it to ``value``; None where the
+    syscall's number is not known here."""
+    import ctypes
+    import platform
+
+    table = IOPRIO_GET if value is None else IOPRIO_SET
+    number = table.get(platform.machine())
+    if number is None:
+        return None
+    arg = ctypes.c_long
+    extra = [] if value is None else [arg(value)]
+    return int(ctypes.CDLL(None).syscall(arg(number), arg(1), arg(0), *extra))
+
+
+@pytest.fixture(autouse=True)
+def runner_priority() -> Iterator[None]:
+    """The test process's CPU and I/O priority, put back after each test: a
+    test that runs ``verify`` in this process (tests/unit/test_manifest.py)
+    lowers them, as verify does, and every server a later test of the same
+    process starts would inherit them (seen under pytest-xdist: a whole
+    worker at nice 19, which its priority test then found)."""
+    nice, io = os.getpriority(os.PRIO_PROCESS, 0), _ioprio()
+    yield
+    if os.getpriority(os.PRIO_PROCESS, 0) != nice:
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
+    if io is not None and io >= 0 and _ioprio() != io:
+        _ioprio(io)
+
+
 @pytest.fixture(autouse=True)
 def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No BAKGRAB_* setting leaks in; client state lives in tmp_path."""

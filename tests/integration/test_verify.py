@@ -3,7 +3,6 @@ names every snapshot holding it, and the next grab stores a good copy."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -351,27 +350,10 @@ def test_scheduled_verify_runs_through_the_queue(
         second = support.run_backup(redis_url, "host-s", src)
         assert second.returncode == 0, second.stderr
         assert "bakgrab.scheduled_verify" in worker.text()
-        # The pool's processes stay at priority 0. Polled, bounded: once,
-        # under pytest-xdist, a process of the tree was found niced and
-        # which one was not recorded (the message now says); a pool process
-        # that verify had niced for good stays niced and fails this.
-        niced: dict[int, tuple[str, int]] = {}
-
-        def none_niced() -> bool:
-            niced.clear()
-            for pid in [worker.pid, *support.descendants(worker.pid)]:
-                with contextlib.suppress(OSError):
-                    prio = os.getpriority(os.PRIO_PROCESS, pid)
-                    if prio != 0:
-                        niced[pid] = (Path(f"/proc/{pid}/cmdline").read_bytes()[:200].decode(
-                            errors="replace"), prio)
-            return not niced
-
-        try:
-            support.wait_for(none_niced, 10, "no niced process in the worker's tree")
-        except TimeoutError:
-            raise AssertionError(f"niced processes in the worker's tree: {niced}") from None
         pool = [worker.pid, *support.descendants(worker.pid)]
+        niced = {pid: (Path(f"/proc/{pid}/cmdline").read_bytes()[:200], prio) for pid in pool
+                 if (prio := os.getpriority(os.PRIO_PROCESS, pid)) != 0}
+        assert niced == {}, niced
         classes = [subprocess.run(["ionice", "-p", str(pid)], capture_output=True, text=True,
                                   timeout=10).stdout for pid in pool]
         assert not any("idle" in c for c in classes), classes

@@ -9,4 +9,8 @@ farm=$(mktemp -d)
 trap 'rm -rf "$farm"' EXIT
 mkdir "$farm/bakgrab"
 for side in tasks client worker; do ln -s "$PWD/$side" "$farm/bakgrab/$side"; done
-MYPYPATH="$farm" exec .venv/bin/mypy --cache-dir .mypy_cache "$@"
+# Not exec: the EXIT trap must still remove the farm (an exec'd mypy left one
+# temp dir behind per run).
+status=0
+MYPYPATH="$farm" .venv/bin/mypy --cache-dir .mypy_cache "$@" || status=$?
+exit "$status"

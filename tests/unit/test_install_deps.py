@@ -140,3 +140,27 @@ def test_run_sh_stops_at_once_when_the_copy_would_be_closed_too(tmp_path: Path) 
     assert "BAKGRAB_TESTS_COPY_DIR" in done.stderr
     assert list(shut.iterdir()) == [], "a copy was made"
     assert not (repo / ".venv" / "bin").exists(), "it installed before stopping"
+
+
+def test_mypy_sh_removes_its_link_farm_and_keeps_mypys_exit_code(tmp_path: Path) -> None:
+    """tests/mypy.sh reads the packages through a link farm in a temp dir:
+    the farm is gone afterwards (an exec'd mypy had left one per run in /tmp)
+    and mypy's exit code is the script's."""
+    repo = tmp_path / "repo"
+    (repo / "tests").mkdir(parents=True)
+    (repo / "tests" / "mypy.sh").write_text((SCRIPT.parents[1] / "tests" / "mypy.sh").read_text())
+    for side in ("tasks", "client", "worker"):
+        (repo / side).mkdir()
+    (repo / ".venv" / "bin").mkdir(parents=True)
+    mypy = repo / ".venv" / "bin" / "mypy"
+    mypy.write_text('#!/bin/sh\nls "$MYPYPATH/bakgrab" > "$RECORD"\nexit 3\n')
+    mypy.chmod(0o755)
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    record = tmp_path / "record"
+    done = subprocess.run(["bash", "tests/mypy.sh"], cwd=repo, capture_output=True, text=True,
+                          timeout=30, env={**os.environ, "TMPDIR": str(temp),
+                                           "RECORD": str(record)})
+    assert done.returncode == 3, done.stderr
+    assert record.read_text().split() == ["client", "tasks", "worker"]
+    assert list(temp.iterdir()) == [], "the link farm was left behind"

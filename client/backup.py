@@ -285,8 +285,11 @@ def request_public_key(settings: Settings, broker: str, state_dir: Path,
 
     name = request_key_name(settings.queue)
     try:
-        raw = redis.Redis.from_url(broker, socket_timeout=10,
-                                   socket_connect_timeout=10).get(name)
+        # One GET, nothing before it: redis-py's default handshake (HELLO 3,
+        # CLIENT MAINT_NOTIFICATIONS, CLIENT SETINFO twice) is 4 more round
+        # trips, each one of the tunnel's (issue 19). RESP2 needs no HELLO.
+        raw = redis.Redis.from_url(broker, socket_timeout=10, socket_connect_timeout=10,
+                                   protocol=2, driver_info=None).get(name)
     except redis.RedisError as e:
         raise ClientSetupError(f"cannot reach the broker {redact_url(broker)}: {e}") from None
     if raw is None:

@@ -126,3 +126,38 @@ def test_backup_exits_quickly(tmp_path: Path, redis_url: str, worker: support.Pr
     assert done.returncode == 0, done.stderr
     assert '"snapshot": "quick.' in done.stdout and done.stdout.rstrip().endswith("}")
     assert "finalized" not in done.stderr
+
+
+def test_the_request_key_costs_one_command_on_the_broker(tmp_path: Path) -> None:
+    """Reading the backup host's request key sends the broker one GET and
+    nothing before it (no HELLO, CLIENT MAINT_NOTIFICATIONS, CLIENT SETINFO
+    handshake: 4 round trips over a tunnel), counted by a real redis-server."""
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from bakgrab.client.backup import request_public_key
+    from bakgrab.tasks import request_key_name, sealed
+    from bakgrab.tasks.config import Settings
+
+    redis_proc, url = support.start_redis(tmp_path / "redis")
+    try:
+        settings = Settings()
+        public = sealed.public_text(X25519PrivateKey.generate().public_key())
+        port = url.rsplit(":", 1)[1].split("/")[0]
+
+        def cli(*args: str) -> str:
+            return subprocess.run(["redis-cli", "-p", port, *args], capture_output=True,
+                                  text=True, timeout=10, check=True).stdout
+
+        cli("SET", request_key_name(settings.queue), public)
+        cli("CONFIG", "RESETSTAT")
+        (tmp_path / "state").mkdir()
+        key = request_public_key(settings, url, tmp_path / "state", "127.0.0.1")
+        assert sealed.public_text(key) == public
+        stats = [line.split(":")[0] for line in cli("INFO", "commandstats").splitlines()
+                 if line.startswith("cmdstat_")]
+        assert sorted(stats) == ["cmdstat_config|resetstat", "cmdstat_get"], stats
+        errors = [line for line in cli("INFO", "errorstats").splitlines()
+                  if line.startswith("errorstat_")]
+        assert errors == [], errors
+    finally:
+        redis_proc.stop()

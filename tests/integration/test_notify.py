@@ -363,6 +363,13 @@ def test_a_target_that_is_down_gets_the_notice_later_and_never_holds_a_grab(
         started = time.monotonic()
         failed = unreachable_backup(redis_url, "alpha", src)
         assert failed.returncode == 9, failed.stderr
+        # The grab ended while its notice is still being retried. The next
+        # grab starts once that notice is through: notices of one name are
+        # separate tasks, and a recovery sent while the failure's notice
+        # waits out its backoff arrives first (seen once under pytest-xdist;
+        # an open problem of the notifier, not of this test's subject).
+        support.wait_for(lambda: len(sink.events("/hook")) >= 1, 60,
+                         "the failure's notice, on its third attempt")
         ok = support.run_backup(redis_url, "alpha", src)
         assert ok.returncode == 0, ok.stderr
         assert time.monotonic() - started < 90

@@ -279,6 +279,13 @@ def test_crash_mid_delete_leaves_trash_the_next_run_finishes(tmp_path: Path) -> 
         # taken while prune lives: once it is reaped, its orphans have another
         # parent and a look at its children finds none (issue 13)
         rm = support.wait_for(deleting, 30, "the delete to start", interval=0.005)
+        # Frozen where it is, so prune is killed mid-delete: a fast disk let
+        # rm finish the 60,000 files between this look and the kill (once,
+        # under pytest-xdist). A stopped rm still dies of prune's SIGKILL
+        # (its parent-death signal).
+        for pid in still_alive(rm):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         support.wait_for(lambda: not still_alive(rm), 5, "the orphaned rm to die")

@@ -2,8 +2,9 @@
 
 Steps: make a one-time key in memory; start the one-shot sshd for the
 allowed peers; open the tunnel to the broker (if asked); send
-``bakgrab.grab`` by name, signed with the client's identity key under a task
-id of our choosing (issue 11), with the key redacted from every display; wait for
+``bakgrab.grab`` by name (:mod:`bakgrab.client.broker`), signed with the
+client's identity key under a task id of our choosing (issue 11), with the
+key redacted from every display; wait for
 the final state, showing progress on a terminal; tear everything down, in
 every case (errors, Ctrl-C, SIGTERM): a queued job is revoked (where the
 broker lets the client use Celery's remote control: the shipped ACL does
@@ -39,15 +40,18 @@ from bakgrab.client.sshd import OneShotServer, ServerConfig, login_user, parse_a
 from bakgrab.client.tunnel import Tunnel, broker_endpoint, redact_url
 from bakgrab.tasks import GRAB, caps, request_key_name, sealed
 from bakgrab.tasks.config import Settings, default_state_dir
-from bakgrab.tasks.errors import BakgrabError, ClientSetupError, JobTimeout
+from bakgrab.tasks.errors import ClientSetupError, JobTimeout
 from bakgrab.tasks.request import GrabRequest, check_excludes, check_name, redacted, sign
 from bakgrab.tasks.result import GrabResult, human_bytes
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
 
-# Celery, kombu and redis (about half of the client's start-up) are imported
-# only once the one-shot sshd is listening (issue 19):
+    from bakgrab.client.broker import Broker, Watch
+
+# redis-py is imported only once the one-shot sshd is listening, and Celery
+# and kombu not at all but to revoke an interrupted job: the client speaks to
+# the broker by itself (bakgrab.client.broker, issue 19).
 # tests/integration/test_fixed_cost.py holds this.
 
 log = logging.getLogger(__name__)
@@ -213,7 +217,8 @@ def submit(opts: BackupOptions, settings: Settings, task: str, mode: str,
             broker = tunnel.url
         port = tunnel.remote_port if opts.reverse else server.port
         backup_host = opts.tunnel or "{}:{}".format(*broker_endpoint(settings.broker))
-        recipient = request_public_key(settings, broker, state_dir, backup_host)
+        link = stack.enter_context(open_broker(broker))
+        recipient = request_public_key(settings, link, state_dir, backup_host)
         if not opts.tunnel:
             port = server.port
         # The task id is ours, so that the signature binds it (issue 11): the
@@ -222,31 +227,22 @@ def submit(opts: BackupOptions, settings: Settings, task: str, mode: str,
         wire = sign(fields(Session(address=address, port=port, user=login_user(),
                                    key=sealed.seal(recipient, key.private.encode()),
                                    host_key=host_public)), task, task_id, identity)
-        from bakgrab.tasks.app import make_app
-
-        app = make_app(settings, broker=broker)
         cancel_point()  # stopped meanwhile: send nothing
-        try:
-            result = app.send_task(task, task_id=task_id, kwargs=wire, queue=settings.queue,
-                                   argsrepr="()", kwargsrepr=redacted(wire))
-        except Exception as e:  # kombu raises many kinds; all mean "not sent"
-            raise ClientSetupError(
-                f"cannot send the job to the broker {redact_url(broker)}: {e}") from None
+        watch = stack.enter_context(link.sending(task, task_id, wire, settings.queue,
+                                                 redacted(wire)))
         log.info("sent %s for %s (task %s); backup host connects to %s:%d",
-                 task, wire.get("name"), result.id, address, port)
+                 task, wire.get("name"), task_id, address, port)
         del wire
         done = False
 
         def revoke_unless_done() -> None:
             if not done:
-                with contextlib.suppress(Exception):
-                    app.control.revoke(result.id)
-                    log.warning("revoked task %s", result.id)
+                revoke(settings, broker, task_id)
 
+        # (registered after the watch: it runs first, while we still wait)
         stack.callback(revoke_unless_done)
-        stack.callback(forget_pending, result)
         try:
-            outcome = wait(result, settings.job_timeout, progress)
+            outcome = wait(watch, settings.job_timeout, progress)
         except (JobTimeout, KeyboardInterrupt, SystemExit):
             raise  # not final: the revoke above runs
         except BaseException:
@@ -256,6 +252,24 @@ def submit(opts: BackupOptions, settings: Settings, task: str, mode: str,
         if progress is not None:
             sys.stderr.write("\r\x1b[K")
         return outcome
+
+
+def open_broker(url: str) -> Broker:
+    """The broker at ``url`` (redis-py, imported here: after the sshd listens)."""
+    from bakgrab.client.broker import Broker
+
+    return Broker(url, redact_url(url))
+
+
+def revoke(settings: Settings, broker: str, task_id: str) -> None:
+    """Ask the workers to drop a job we no longer wait for (Celery's remote
+    control, imported only on this path). The shipped ACL denies clients the
+    remote control: there the worker skips the job when nobody waits for it."""
+    with contextlib.suppress(Exception):
+        from bakgrab.tasks.app import make_app
+
+        make_app(settings, broker=broker).control.revoke(task_id)
+        log.warning("revoked task %s", task_id)
 
 
 def backup(opts: BackupOptions, settings: Settings,
@@ -272,7 +286,7 @@ def backup(opts: BackupOptions, settings: Settings,
     return GrabResult.from_dict(submit(opts, settings, GRAB, "ro", fields, progress))
 
 
-def request_public_key(settings: Settings, broker: str, state_dir: Path,
+def request_public_key(settings: Settings, link: Broker, state_dir: Path,
                        backup_host: str) -> X25519PublicKey:
     """The backup host's request key: configured, or read from the broker (the
     tunnel authenticates the backup host) and pinned on first use."""
@@ -281,22 +295,12 @@ def request_public_key(settings: Settings, broker: str, state_dir: Path,
             return sealed.load_public(settings.request_public_key)
         except ValueError as e:
             raise ClientSetupError(f"request_public_key: {e}") from None
-    import redis
-
-    name = request_key_name(settings.queue)
-    try:
-        # One GET, nothing before it: redis-py's default handshake (HELLO 3,
-        # CLIENT MAINT_NOTIFICATIONS, CLIENT SETINFO twice) is 4 more round
-        # trips, each one of the tunnel's (issue 19). RESP2 needs no HELLO.
-        raw = redis.Redis.from_url(broker, socket_timeout=10, socket_connect_timeout=10,
-                                   protocol=2, driver_info=None).get(name)
-    except redis.RedisError as e:
-        raise ClientSetupError(f"cannot reach the broker {redact_url(broker)}: {e}") from None
+    raw = link.get(request_key_name(settings.queue))
     if raw is None:
         raise ClientSetupError(
             f"the backup host published no request key for queue {settings.queue!r}: is "
             "`bakgrab worker` running there for that queue?")
-    text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+    text = raw.decode(errors="replace")
     try:
         public = sealed.load_public(text)
     except ValueError as e:
@@ -323,60 +327,18 @@ def request_public_key(settings: Settings, broker: str, state_dir: Path,
     return public
 
 
-def forget_pending(result: Any) -> None:
-    """Unsubscribe from the result now, while the broker connection still works
-    (AsyncResult.__del__ would try at interpreter exit and fail noisily)."""
-    with contextlib.suppress(Exception):
-        result.backend.remove_pending_result(result)
-    result.backend = None
-
-
-def wait(result: Any, timeout: float, progress: Reporter | None) -> dict[str, Any]:
+def wait(watch: Watch, timeout: float, progress: Reporter | None) -> dict[str, Any]:
     """The job's final result, raising its error; JobTimeout past ``timeout``."""
-    from celery.exceptions import TaskRevokedError
-    from celery.exceptions import TimeoutError as CeleryTimeout
 
-    deadline = time.monotonic() + timeout
-
-    def on_message(meta: dict[str, Any]) -> None:
+    def on_state(meta: dict[str, Any]) -> None:
         if progress is not None and meta.get("status") == "PROGRESS":
             info = meta.get("result")
             if isinstance(info, dict):
                 progress(info)
 
-    # A job of a multi-target run waits in slices of STOP_POLL and looks for
-    # the run's stop between them (Celery's on_interval fires only once, and
-    # signals reach only the main thread; issue 13).
-    stoppable = _stop.get() is not None
-    try:
-        while True:
-            cancel_point()
-            left = deadline - time.monotonic()
-            try:
-                # propagate=False: the job's own error comes back as a value, so
-                # that whatever *raises* here is about reaching the broker.
-                value = result.get(timeout=max(1.0, min(left, STOP_POLL) if stoppable else left),
-                                   propagate=False, on_message=on_message, interval=0.5)
-                break
-            except CeleryTimeout:
-                if time.monotonic() >= deadline:
-                    raise JobTimeout(f"the job did not finish within {timeout:.0f}s") from None
-    except JobTimeout:
-        raise
-    except Exception as e:  # Celery's result consumer gave up on the connection
-        raise ClientSetupError(
-            "lost the connection to the broker while waiting for the job (a dead tunnel or "
-            "Redis gone?); the job may still run on the backup host: see Flower or "
-            f"`bakgrab list` there ({type(e).__name__}: {str(e)[:200]})") from None
-    if result.state == "REVOKED" or isinstance(value, TaskRevokedError):
-        raise BakgrabError("the job was revoked on the backup host (e.g. from Flower)")
-    if isinstance(value, BakgrabError):
-        raise value
-    if isinstance(value, BaseException):  # the worker's error, rebuilt by Celery
-        raise BakgrabError(f"the job failed: {type(value).__name__}: {value}")
-    if not isinstance(value, dict):
-        raise BakgrabError(f"the worker returned an unexpected result: {type(value).__name__}")
-    return value
+    # A job of a multi-target run looks for the run's stop every STOP_POLL
+    # (signals reach only the main thread; issue 13).
+    return watch.wait(timeout, on_state, check=cancel_point, poll=STOP_POLL)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,9 +13,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -128,36 +131,63 @@ def test_backup_exits_quickly(tmp_path: Path, redis_url: str, worker: support.Pr
     assert "finalized" not in done.stderr
 
 
-def test_the_request_key_costs_one_command_on_the_broker(tmp_path: Path) -> None:
-    """Reading the backup host's request key sends the broker one GET and
-    nothing before it (no HELLO, CLIENT MAINT_NOTIFICATIONS, CLIENT SETINFO
-    handshake: 4 round trips over a tunnel), counted by a real redis-server."""
+def test_the_client_reaches_the_broker_in_four_commands(tmp_path: Path) -> None:
+    """``bakgrab backup`` up to waiting for its job sends the broker four
+    commands on two connections, counted by a real redis-server: GET of the
+    request key, SUBSCRIBE to the result, LPUSH of the job, GET of the result;
+    nothing before them (no HELLO, CLIENT MAINT_NOTIFICATIONS, CLIENT SETINFO,
+    PING), none of kombu's queue declaration (MULTI, LLEN, SADD), no error.
+    Stopped, it leaves the result channel (the worker skips a job nobody waits for)."""
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-    from bakgrab.client.backup import request_public_key
     from bakgrab.tasks import request_key_name, sealed
     from bakgrab.tasks.config import Settings
 
     redis_proc, url = support.start_redis(tmp_path / "redis")
+    source = tmp_path / "src"
+    source.mkdir()
+    client = None
     try:
         settings = Settings()
         public = sealed.public_text(X25519PrivateKey.generate().public_key())
         port = url.rsplit(":", 1)[1].split("/")[0]
+        ours = {"cmdstat_config|resetstat", "cmdstat_info", "cmdstat_pubsub|numsub"}
 
         def cli(*args: str) -> str:
             return subprocess.run(["redis-cli", "-p", port, *args], capture_output=True,
                                   text=True, timeout=10, check=True).stdout
 
+        def calls() -> dict[str, int]:
+            found = {}
+            for line in cli("INFO", "commandstats").splitlines():
+                name, _, rest = line.partition(":")
+                if name.startswith("cmdstat_") and name not in ours:
+                    found[name] = int(rest.split(",")[0].removeprefix("calls="))
+            return found
+
         cli("SET", request_key_name(settings.queue), public)
         cli("CONFIG", "RESETSTAT")
-        (tmp_path / "state").mkdir()
-        key = request_public_key(settings, url, tmp_path / "state", "127.0.0.1")
-        assert sealed.public_text(key) == public
-        stats = [line.split(":")[0] for line in cli("INFO", "commandstats").splitlines()
-                 if line.startswith("cmdstat_")]
-        assert sorted(stats) == ["cmdstat_config|resetstat", "cmdstat_get"], stats
+        client = subprocess.Popen(
+            [support.BAKGRAB, "backup", "--broker", url, "--name", "few", "--source",
+             str(source)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        support.wait_for(lambda: calls().get("cmdstat_get", 0) == 2, 30,
+                         "the client to send its job and read its result key")
+        time.sleep(0.5)  # anything more the client would send comes now
+        assert calls() == {"cmdstat_get": 2, "cmdstat_subscribe": 1, "cmdstat_lpush": 1}
         errors = [line for line in cli("INFO", "errorstats").splitlines()
                   if line.startswith("errorstat_")]
         assert errors == [], errors
+        [item] = [line for line in cli("LRANGE", settings.queue, "0", "-1").splitlines()
+                  if line]
+        task_id = json.loads(item)["headers"]["id"]
+        channel = f"celery-task-meta-{task_id}"
+        assert cli("PUBSUB", "NUMSUB", channel).split() == [channel, "1"]
+        client.terminate()
+        _, err = client.communicate(timeout=60)
+        assert client.returncode == 128 + signal.SIGTERM, err
+        assert cli("PUBSUB", "NUMSUB", channel).split() == [channel, "0"]
     finally:
+        if client is not None and client.poll() is None:
+            client.kill()
+            client.wait()
         redis_proc.stop()

@@ -181,11 +181,14 @@ class Watch:
         self.broker = broker
         self.key = RESULT_PREFIX + task_id
         self._sub: Any = None
+        self._unread = False
+        """Subscribed since the result key was last read."""
 
     def subscribe(self) -> None:
         self.close()
         self._sub = self.broker.redis.pubsub()
         self._sub.subscribe(self.key)
+        self._unread = True
 
     def close(self) -> None:
         if self._sub is not None:
@@ -204,18 +207,18 @@ class Watch:
         ``check`` is called at least every ``poll`` seconds (a run's stop)."""
         deadline = time.monotonic() + timeout
         lost_since: float | None = None
-        meta = None
         while True:
             try:
                 if self._sub is None:
                     self.subscribe()
-                if lost_since is not None or meta is None:
-                    # after subscribing: a state stored before it is read here,
-                    # one published after it comes on the channel
+                if self._unread:
+                    # once after each subscription: a state stored before it
+                    # is read here, one published after it comes on the channel
                     meta = self.stored()
+                    self._unread = False
                     if lost_since is not None:
                         log.info("the broker connection is back")
-                    lost_since = None
+                        lost_since = None
                     if meta is not None:
                         if meta.get("status") in FINAL:
                             return outcome(meta)

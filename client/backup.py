@@ -49,9 +49,10 @@ if TYPE_CHECKING:
 
     from bakgrab.client.broker import Broker, Watch
 
-# redis-py is imported only once the one-shot sshd is listening, and Celery
-# and kombu not at all but to revoke an interrupted job: the client speaks to
-# the broker by itself (bakgrab.client.broker, issue 19).
+# Celery, kombu and redis-py are not imported on a job's way (only to revoke
+# an interrupted job): the client speaks RESP to the broker by itself
+# (bakgrab.client.broker, issue 19), and imports even that only once the
+# one-shot sshd listens.
 # tests/integration/test_fixed_cost.py holds this.
 
 log = logging.getLogger(__name__)
@@ -255,7 +256,7 @@ def submit(opts: BackupOptions, settings: Settings, task: str, mode: str,
 
 
 def open_broker(url: str) -> Broker:
-    """The broker at ``url`` (redis-py, imported here: after the sshd listens)."""
+    """The broker at ``url`` (imported here: after the sshd listens)."""
     from bakgrab.client.broker import Broker
 
     return Broker(url, redact_url(url))

@@ -1,23 +1,25 @@
-"""The client's link to the broker: one Redis client, no Celery (issue 19).
+"""The client's link to the broker: RESP2 over a socket of its own, no
+Celery, kombu or redis-py (issue 19).
 
-A job is three things on the broker, and the client does them by hand with
-redis-py instead of through Celery and kombu (about 60 ms of imports and
-five connections, each opened with redis-py's four-command handshake, so
-about 30 round trips before a job was in flight; each is one of the
-tunnel's):
+A job is three things on the broker, and the client does them by hand
+instead of through Celery and kombu (their imports, and redis-py's with its
+asyncio, were about 150 ms of the client's start-up; they opened five
+connections, each with redis-py's four-command handshake, so about 30 round
+trips before a job was in flight, each one of the tunnel's):
 
 * ``GET bakgrab:request-key:QUEUE``: the backup host's request key;
-* ``SUBSCRIBE celery-task-meta-ID``, then ``LPUSH QUEUE`` of the task message
-  (Celery's protocol 2, as ``send_task`` builds it: the worker admits and
-  rebuilds every message, :mod:`bakgrab.worker.transport`), then ``GET`` of the
-  result key: subscribed first, so that the worker, which skips a job nobody
-  waits for, sees us waiting, and no state is missed;
+* ``SUBSCRIBE celery-task-meta-ID`` on a second connection, confirmed, then
+  ``LPUSH QUEUE`` of the task message (Celery's protocol 2, as ``send_task``
+  builds it: the worker admits and rebuilds every message,
+  :mod:`bakgrab.worker.transport`), then ``GET`` of the result key: subscribed
+  first, so that the worker, which skips a job nobody waits for, sees us
+  waiting, and no state is missed;
 * the states the worker stores and publishes on that channel (Celery's result
   meta: ``PROGRESS`` with its info, ``SUCCESS``, ``FAILURE`` with the error's
   type, module and args, ``REVOKED``), until a final one.
 
-Both connections speak RESP2 and send no driver info, so nothing precedes
-the first command but ``AUTH`` when the URL has a password. Invariants:
+Nothing precedes the first command but ``AUTH`` when the URL has a password
+(and ``SELECT`` for a database other than 0). Invariants:
 
 * a lost connection is tried again for :data:`RECONNECT_FOR` seconds (a Redis
   restart, a tunnel's hiccup), subscribing again and reading the result key,
@@ -25,6 +27,8 @@ the first command but ``AUTH`` when the URL has a password. Invariants:
 * a silent connection is pinged every :data:`PING_EVERY` seconds and counts as
   lost when nothing came back within :data:`PONG_WITHIN` (a frozen tunnel
   keeps its socket open);
+* a reply is read within :data:`MAX_REPLY` bytes and :data:`MAX_ITEMS` items:
+  a broker that streams without end is cut off, not buffered;
 * an error from the backup host is rebuilt only as a class of
   :mod:`bakgrab.tasks.errors` (a result is the backup host's word: it never
   names a module to import); any other becomes a plain BakgrabError.
@@ -37,15 +41,13 @@ import contextlib
 import json
 import logging
 import os
+import select
 import socket
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
-
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
 
 from bakgrab.tasks import errors
 from bakgrab.tasks.errors import BakgrabError, ClientSetupError, JobTimeout
@@ -64,8 +66,15 @@ RECONNECT_FOR = 60.0
 COMMAND_TIMEOUT = 10.0
 """Seconds one command (GET, LPUSH, SUBSCRIBE) may take."""
 
-LOST = (redis.ConnectionError, redis.TimeoutError, OSError)
-"""What a broken connection raises (redis-py's errors, and the socket's)."""
+MAX_LINE = 64 * 1024
+MAX_REPLY = 64 * 1024 * 1024
+"""Bytes of one reply the client reads at most (a result is a few KiB)."""
+MAX_ITEMS = 16
+"""Items of one array reply, and nesting: a pub/sub message has 3."""
+
+LOST = (OSError,)
+"""What a broken connection raises: the socket's errors, ConnectionError
+and TimeoutError among them."""
 
 
 def task_message(task: str, task_id: str, kwargs: dict[str, Any], queue: str,
@@ -122,22 +131,156 @@ def rebuilt_error(value: Any) -> BakgrabError:
     return BakgrabError(f"the job failed: {name[:100]}: {str(shown)[:1000]}")
 
 
+class ReplyError(Exception):
+    """The broker answered a command with an error (``-ERR``, ``-NOPERM``...)."""
+
+
+class Connection:
+    """One RESP2 connection to Redis: commands out, replies in, nothing else.
+
+    ``redis://[USER[:PASSWORD]@]HOST[:PORT][/DB]``, and ``rediss://`` for TLS
+    (the system's CAs, the host name checked). URL options (``?...``) are not
+    taken: refused, not ignored. Blocking reads time out after ``timeout``
+    seconds (TimeoutError); a closed connection raises ConnectionError."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("redis", "rediss") or parts.query or parts.fragment:
+            raise ValueError("the client takes redis://[USER[:PASSWORD]@]HOST[:PORT][/DB] or "
+                             "rediss://... URLs, without ?options")
+        db = parts.path.strip("/") or "0"
+        if not db.isdigit():
+            raise ValueError(f"the database number {db[:20]!r} is not a number")
+        host = parts.hostname or "127.0.0.1"
+        sock = socket.create_connection((host, parts.port or 6379), timeout=timeout)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if parts.scheme == "rediss":
+                import ssl
+
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+        self._buf = bytearray()
+        try:
+            if parts.password is not None:
+                password = urllib.parse.unquote(parts.password)
+                user = urllib.parse.unquote(parts.username or "")
+                self.call("AUTH", *([user] if user else []), password)
+            if db != "0":
+                self.call("SELECT", db)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def send(self, *commands: tuple[str | bytes, ...]) -> None:
+        """Send ``commands`` in one write (pipelined: their replies come in order)."""
+        out = bytearray()
+        for args in commands:
+            out += b"*%d\r\n" % len(args)
+            for arg in args:
+                data = arg.encode() if isinstance(arg, str) else arg
+                out += b"$%d\r\n%s\r\n" % (len(data), data)
+        self.sock.sendall(out)
+
+    def call(self, *args: str | bytes) -> Any:
+        self.send(args)
+        return self.reply()
+
+    def readable(self, timeout: float) -> bool:
+        """Whether a reply can be read now, waiting at most ``timeout`` seconds."""
+        if self._buf or getattr(self.sock, "pending", lambda: 0)():
+            return True
+        return bool(select.select([self.sock], [], [], timeout)[0])
+
+    def reply(self, depth: int = 0) -> Any:
+        """One reply: bytes, int, str (a status), None, a list; ReplyError for an error."""
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest.decode(errors="replace")
+        if kind == b"-":
+            raise ReplyError(rest.decode(errors="replace")[:500])
+        if kind == b":":
+            return number(rest)
+        if kind == b"$":
+            n = number(rest)
+            return None if n < 0 else self._exactly(n + 2)[:-2]
+        if kind == b"*":
+            n = number(rest)
+            if n > MAX_ITEMS or depth > 2:
+                raise ConnectionError("a Redis reply with more items than the client reads")
+            return None if n < 0 else [self.reply(depth + 1) for _ in range(n)]
+        raise ConnectionError(f"not a Redis reply: {bytes(line[:40])!r}")
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("the broker closed the connection")
+        self._buf += data
+
+    def _line(self) -> bytes:
+        while (end := self._buf.find(b"\r\n")) < 0:
+            if len(self._buf) > MAX_LINE:
+                raise ConnectionError("a Redis reply line too long")
+            self._fill()
+        line = bytes(self._buf[:end])
+        del self._buf[:end + 2]
+        return line
+
+    def _exactly(self, n: int) -> bytes:
+        if n > MAX_REPLY:
+            raise ConnectionError(f"a Redis reply of {n} bytes, more than {MAX_REPLY}")
+        while len(self._buf) < n:
+            self._fill()
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        return data
+
+
+def number(text: bytes) -> int:
+    """The integer of a reply's line; ConnectionError if it is not one."""
+    if not text.lstrip(b"-").isdigit() or len(text) > 20:
+        raise ConnectionError(f"not a Redis reply: {bytes(text[:40])!r}")
+    return int(text)
+
+
 class Broker:
     """One backup host's broker, as this client uses it for one job."""
 
     def __init__(self, url: str, shown: str) -> None:
+        self.url = url
         self.shown = shown
         """The URL without its password, for messages."""
-        # No retries inside redis-py: a reconnect must be followed by a GET of
-        # the result (a state published meanwhile is gone), so it is ours.
-        self.redis = redis.Redis.from_url(
-            url, socket_timeout=COMMAND_TIMEOUT, socket_connect_timeout=COMMAND_TIMEOUT,
-            socket_keepalive=True, protocol=2, driver_info=None, retry=Retry(NoBackoff(), 0))
+        self._conn: Connection | None = None
+
+    def connection(self) -> Connection:
+        """The command connection, (re)opened when needed."""
+        if self._conn is None:
+            self._conn = self.connect()
+        return self._conn
+
+    def connect(self) -> Connection:
+        try:
+            return Connection(self.url, COMMAND_TIMEOUT)
+        except ValueError as e:
+            raise ClientSetupError(f"broker {self.shown}: {e}") from None
+
+    def drop(self) -> None:
+        """Forget the command connection (it broke: the next command reconnects)."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def close(self) -> None:
-        with contextlib.suppress(Exception):
-            self.redis.close()
-            self.redis.connection_pool.disconnect()
+        self.drop()
 
     def __enter__(self) -> Broker:
         return self
@@ -148,10 +291,11 @@ class Broker:
     def get(self, key: str) -> bytes | None:
         """One GET; ClientSetupError if the broker cannot be reached."""
         try:
-            value = self.redis.get(key)
-        except redis.RedisError as e:
-            raise ClientSetupError(f"cannot reach the broker {self.shown}: {e}") from None
-        return value if isinstance(value, bytes) or value is None else str(value).encode()
+            value = self.connection().call("GET", key)
+        except (*LOST, ReplyError) as e:
+            self.drop()
+            raise ClientSetupError(f"cannot reach the broker {self.shown}: {said(e)}") from None
+        return value if isinstance(value, bytes) else None
 
     @contextlib.contextmanager
     def sending(self, task: str, task_id: str, kwargs: dict[str, Any], queue: str,
@@ -161,10 +305,13 @@ class Broker:
         watch = Watch(self, task_id)
         try:
             watch.subscribe()
-            self.redis.lpush(queue, task_message(task, task_id, kwargs, queue, kwargsrepr))
-        except redis.RedisError as e:
+            self.connection().call("LPUSH", queue,
+                                   task_message(task, task_id, kwargs, queue, kwargsrepr))
+        except (*LOST, ReplyError) as e:
             watch.close()
-            raise ClientSetupError(f"cannot send the job to the broker {self.shown}: {e}") from None
+            self.drop()
+            raise ClientSetupError(
+                f"cannot send the job to the broker {self.shown}: {said(e)}") from None
         except BaseException:
             watch.close()
             raise
@@ -174,31 +321,41 @@ class Broker:
             watch.close()
 
 
+def said(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if isinstance(e, OSError) else str(e)
+
+
 class Watch:
     """The result channel of one job, subscribed."""
 
     def __init__(self, broker: Broker, task_id: str) -> None:
         self.broker = broker
         self.key = RESULT_PREFIX + task_id
-        self._sub: Any = None
+        self._sub: Connection | None = None
         self._unread = False
         """Subscribed since the result key was last read."""
 
     def subscribe(self) -> None:
+        """A connection of its own, subscribed to the result channel (confirmed)."""
         self.close()
-        self._sub = self.broker.redis.pubsub()
-        self._sub.subscribe(self.key)
+        self._sub = self.broker.connect()
+        confirmed = self._sub.call("SUBSCRIBE", self.key)
+        if not (isinstance(confirmed, list) and confirmed[:1] == [b"subscribe"]):
+            raise ConnectionError(f"SUBSCRIBE answered {str(confirmed)[:100]}")
         self._unread = True
 
     def close(self) -> None:
         if self._sub is not None:
-            with contextlib.suppress(Exception):
-                self._sub.close()
+            self._sub.close()
             self._sub = None
 
     def stored(self) -> dict[str, Any] | None:
         """The state the result key holds now, if any."""
-        return decode(self.broker.redis.get(self.key))
+        try:
+            return decode(self.broker.connection().call("GET", self.key))
+        except LOST:
+            self.broker.drop()
+            raise
 
     def wait(self, timeout: float, on_state: Callable[[dict[str, Any]], None],
              check: Callable[[], None] = lambda: None, poll: float = 1.0) -> dict[str, Any]:
@@ -225,6 +382,8 @@ class Watch:
                         on_state(meta)
                 meta = self._next_final(deadline, timeout, on_state, check, poll)
                 return outcome(meta)
+            except ReplyError as e:  # e.g. NOPERM: no retry makes it work
+                raise ClientSetupError(f"the broker {self.broker.shown} refused: {e}") from None
             except LOST as e:
                 self.close()
                 now = time.monotonic()
@@ -247,6 +406,8 @@ class Watch:
                     on_state: Callable[[dict[str, Any]], None],
                     check: Callable[[], None], poll: float) -> dict[str, Any]:
         """Read the channel until a final state; pings a silent connection."""
+        sub = self._sub
+        assert sub is not None
         heard = time.monotonic()
         pinged: float | None = None
         while True:
@@ -255,17 +416,19 @@ class Watch:
             if now >= deadline:
                 raise JobTimeout(f"the job did not finish within {timeout:.0f}s")
             if pinged is not None and now - pinged >= PONG_WITHIN:
-                raise redis.ConnectionError(f"no answer to a ping within {PONG_WITHIN:.0f}s")
+                raise ConnectionError(f"no answer to a ping within {PONG_WITHIN:.0f}s")
             if pinged is None and now - heard >= PING_EVERY:
-                self._sub.ping()
+                sub.send(("PING",))
                 pinged = now
-            message = self._sub.get_message(timeout=min(poll, max(0.0, deadline - now)))
-            if message is None:
+            if not sub.readable(min(poll, max(0.0, deadline - now))):
                 continue
+            message = sub.reply()
             heard, pinged = time.monotonic(), None
-            if message.get("type") != "message":
-                continue  # the subscription's confirmation, a pong
-            meta = decode(message.get("data"))
+            # a pong, or a message: [b"message", channel, data]
+            if not (isinstance(message, list) and len(message) == 3
+                    and message[0] == b"message"):
+                continue
+            meta = decode(message[2])
             if meta is None:
                 continue
             if meta.get("status") in FINAL:

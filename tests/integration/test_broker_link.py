@@ -9,8 +9,10 @@ back, a broker that stops answering noticed by a ping, and given up on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -174,3 +176,59 @@ def test_a_broker_that_stops_answering_is_given_up(server: tuple[support.Proc, s
         finally:
             proc.signal(signal.SIGCONT)
     assert 2.0 <= took < 15, took
+
+
+def test_password_user_and_database_of_the_url(tmp_path: Path) -> None:
+    """``redis://:PASSWORD@HOST:PORT/DB`` authenticates and selects the
+    database; a wrong password is a ClientSetupError that does not show it;
+    URL options are refused, not ignored."""
+    proc, url = support.start_redis(tmp_path / "redis", ["--requirepass", "s3cret-pw"])
+    try:
+        port = url.rsplit(":", 1)[1].split("/")[0]
+        redis.Redis(port=int(port), password="s3cret-pw", db=3).set("k", "in db 3")
+        with broker.Broker(f"redis://:s3cret-pw@127.0.0.1:{port}/3", "shown") as link:
+            assert link.get("k") == b"in db 3"
+        with broker.Broker(f"redis://default:s3cret-pw@127.0.0.1:{port}/0", "shown") as link:
+            assert link.get("k") is None
+        for bad in (f"redis://:wrong-pw@127.0.0.1:{port}/0",
+                    f"redis://:s3cret-pw@127.0.0.1:{port}/0?ssl_cert_reqs=none",
+                    f"redis://:s3cret-pw@127.0.0.1:{port}/x"):
+            with broker.Broker(bad, "shown") as link, \
+                    pytest.raises(ClientSetupError) as caught:
+                link.get("k")
+            assert "pw" not in str(caught.value), caught.value
+            assert "broker shown" in str(caught.value) or "the broker shown" in str(caught.value)
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("reply", [
+    b"$999999999999\r\n",                   # a bulk larger than the client reads
+    b"*100000000\r\n" + b":1\r\n" * 1000,   # an array without end
+    b"+" + b"x" * (1 << 20),                # a line without end
+    b"?what\r\n",                            # not RESP
+    b"$12x\r\n",                              # not a length
+    b":" + b"9" * 30 + b"\r\n",               # not a number the client reads
+])
+def test_a_hostile_broker_is_cut_off(reply: bytes) -> None:
+    """A peer that answers GET with an endless or malformed reply is a lost
+    connection (ClientSetupError), read within bounds, not buffered."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(1024)
+                with contextlib.suppress(OSError):
+                    conn.sendall(reply)
+                    time.sleep(2)
+
+        server_thread = threading.Thread(target=serve, daemon=True)
+        server_thread.start()
+        with broker.Broker(f"redis://127.0.0.1:{port}/0", "hostile") as link, \
+                pytest.raises(ClientSetupError, match="cannot reach the broker hostile"):
+            link.get("k")
+        server_thread.join(10)

@@ -14,32 +14,31 @@
 #   client-NAME      one per backed-up host (add-client.sh): may send a grab
 #                    request and read results, nothing else; see below.
 #
-# What a client's `bakgrab backup` sends, as traced with MONITOR (Celery 5,
-# kombu's Redis transport, redis-py, the Redis result backend), and the rule
-# that allows each, for queue Q (default "bakgrab"), database 0:
+# What a client's `bakgrab backup` (and `restore`) sends, on two connections
+# (bakgrab.client.broker: RESP2 of its own, no Celery, kombu or redis-py
+# since issue 19), and the rule that allows each, for queue Q (default
+# "bakgrab"), database 0:
 #
-#   HELLO 3 AUTH ...                 needs no rule (allowed before login)
-#   PING                             +ping: kombu checks each new connection
+#   AUTH client-NAME PASSWORD        needs no rule (allowed before login)
 #   GET bakgrab:request-key:Q        +get %R~bakgrab:request-key:Q: the worker's
 #                                    public key the client seals its one-time
 #                                    key to; read-only, so a client cannot
 #                                    swap it and read other clients' keys
-#   MULTI / LLEN Q, Q<sep>3.. / EXEC +multi +exec +discard, +llen on Q and its
-#                                    priority lists: kombu declares the queue
-#                                    (passively counts it) before sending;
-#                                    a length only, no contents
-#   MULTI / SADD _kombu.binding.Q .. / SADD _kombu.binding_permanent.Q ..
-#                                    +sadd, write-only (%W~) on those two sets:
-#                                    kombu records the queue's binding
+#   SUBSCRIBE celery-task-meta-ID    +subscribe +unsubscribe on
+#                                    &celery-task-meta-*: waiting for the result
 #   LPUSH Q <request>                +lpush %W~Q: write-only. A request holds
 #                                    its client's one-time key (sealed): no
 #                                    client may read Q (LRANGE, LPOP, BRPOP,
 #                                    SORT, DUMP... are not granted, and %W~
 #                                    would refuse them even if they were)
-#   SUBSCRIBE celery-task-meta-ID    +subscribe +unsubscribe on
-#                                    &celery-task-meta-*: waiting for the result
-#   GET / MGET celery-task-meta-ID   +get +mget %R~celery-task-meta-*: the
-#                                    result (MGET after a reconnect)
+#   GET celery-task-meta-ID          +get %R~celery-task-meta-*: the result
+#                                    (again after a reconnect)
+#   PING                             +ping: a quiet result channel is pinged
+#
+# Not granted since issue 19, because no client sends them any more: kombu's
+# queue declaration (MULTI/EXEC, LLEN of the queue) and binding (SADD to
+# _kombu.binding.Q, which would let a client route the worker's own
+# publishes to Q, its retries, into another queue too), MGET.
 #
 # Each group is a Redis 7 selector "(...)": a command is allowed only if one
 # selector (or the root rules) allows both the command and its key or
@@ -69,17 +68,11 @@ ACL_ADMIN="admin"
 ACL_WORKER="worker"
 ACL_FLOWER="flower"
 
-# The suffix of a priority list: kombu's separator "\x06\x16" and a digit.
-# Queue names are [A-Za-z0-9_.:-] only, so no other queue matches.
-ACL_PRIORITY='[^-.:_a-zA-Z0-9][^-.:_a-zA-Z0-9][0-9]'
-
 # acl_client_rules QUEUE: the rules of a client-NAME user (see above).
 acl_client_rules() {
     local q=$1
-    printf '%s' "resetkeys resetchannels -@all +ping +multi +exec +discard +lpush %W~$q"
-    printf ' %s' "(+llen %R~$q %R~$q$ACL_PRIORITY)"
-    printf ' %s' "(+sadd %W~_kombu.binding.$q %W~_kombu.binding_permanent.$q)"
-    printf ' %s' "(+get +mget %R~celery-task-meta-* %R~bakgrab:request-key:$q)"
+    printf '%s' "resetkeys resetchannels -@all +ping +lpush %W~$q"
+    printf ' %s' "(+get %R~celery-task-meta-* %R~bakgrab:request-key:$q)"
     printf ' %s' "(+subscribe +unsubscribe &celery-task-meta-*)"
 }
 

@@ -30,8 +30,9 @@ Nothing precedes the first command but ``AUTH`` when the URL has a password
 * a reply is read within :data:`MAX_REPLY` bytes and :data:`MAX_ITEMS` items:
   a broker that streams without end is cut off, not buffered;
 * an error from the backup host is rebuilt only as a class of
-  :mod:`bakgrab.tasks.errors` (a result is the backup host's word: it never
-  names a module to import); any other becomes a plain BakgrabError.
+  :mod:`bakgrab.tasks.errors` (a result is the backup host's word: no other
+  module or class it names is looked up); any other becomes a plain
+  BakgrabError.
 """
 
 from __future__ import annotations

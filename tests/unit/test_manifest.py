@@ -106,6 +106,24 @@ def test_a_damaged_manifest_is_told_apart(tmp_path: Path) -> None:
         manifest.parse(data, "other")
 
 
+def test_entry_lines_are_json_dumps_of_the_entry_to_the_byte() -> None:
+    """Each entry line is what ``json.dumps([path, size, mtime_ns, ino,
+    sha256])`` writes (the format manifests were written in, issue 15):
+    quotes, backslashes, control and non-ASCII characters, a non-UTF-8
+    byte's surrogate escape, an astral character, zero and huge numbers."""
+    paths = ['plain', 'a "quoted"\\ path', "tab\there\nnew\x00\x1f\x7f", "é/ü/ß",
+             os.fsdecode(b"odd-\xff\x80-name"), "\U0001f600 emoji", "/", ""]
+    entries = [manifest.Entry(p, i * 1_000_003, 1_700_000_000_123_456_789 + i, 2**63 + i,
+                              sha(p.encode(errors="surrogateescape")))
+               for i, p in enumerate(paths)]
+    entries.append(manifest.Entry("zero", 0, 0, 0, sha(b"")))
+    lines = list(manifest.dump_lines("s", entries, {"k": 1}, created=1.5))
+    assert lines[1:-1] == [
+        (json.dumps([e.path, e.size, e.mtime_ns, e.ino, e.sha256]) + "\n").encode()
+        for e in entries]
+    assert manifest.parse(b"".join(lines), "s").entries == entries
+
+
 def test_hash_fd_stops_at_the_size_it_is_given(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Given the size an fstat gave, reading stops once that many bytes

@@ -245,6 +245,44 @@ def wrote(raw: bytes) -> bytes | None:
     return name or None
 
 
+class Lines:
+    """rsync's stdout cut into lines, as bytes, whatever the reads' boundaries.
+
+    ``--info=progress2`` ends its lines with ``\\r``, everything else with
+    ``\\n``: both end a line (so ``\\r\\n`` gives an empty line between, as
+    ``re.split(rb"[\\r\\n]")`` did). A line longer than one read is held
+    until its end comes. Bytes methods only, no decoding and no regex: a
+    first backup prints some 60,000 lines, and the pool's Python read them
+    one by one before (issue 19)."""
+
+    def __init__(self) -> None:
+        self._rest = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        """The lines ``chunk`` completes, oldest first."""
+        data = self._rest + chunk if self._rest else chunk
+        if b"\r" in data:
+            data = data.replace(b"\r", b"\n")
+        lines = data.split(b"\n")
+        self._rest = lines.pop()
+        return lines
+
+    @property
+    def rest(self) -> bytes:
+        """The unterminated end of what was fed (b"" after a line end)."""
+        return self._rest
+
+
+def last_progress(lines: Sequence[bytes]) -> Progress | None:
+    """The newest ``--info=progress2`` reading among ``lines``."""
+    for raw in reversed(lines):
+        if b"%" in raw:  # (every reading has one: no decode and regex for the rest)
+            progress = parse_progress(raw.decode(errors="replace"))
+            if progress is not None:
+                return progress
+    return None
+
+
 PROGRESS_RE = re.compile(
     r"^\s*(?P<bytes>[\d,]+)\s+(?P<pct>\d+)%\s+(?P<rate>\S+)\s+(?P<eta>[\d:]+)"
     r"(?:\s+\(xfr#(?P<xfr>\d+),\s+(?:ir|to)-chk=(?P<left>\d+)/(?P<total>\d+)\))?"

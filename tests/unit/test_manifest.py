@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -103,6 +104,89 @@ def test_a_damaged_manifest_is_told_apart(tmp_path: Path) -> None:
             manifest.parse(bad, "s")
     with pytest.raises(manifest.Damaged, match="not of"):
         manifest.parse(data, "other")
+
+
+def test_entry_lines_are_json_dumps_of_the_entry_to_the_byte() -> None:
+    """Each entry line is what ``json.dumps([path, size, mtime_ns, ino,
+    sha256])`` writes (the format manifests were written in, issue 15):
+    quotes, backslashes, control and non-ASCII characters, a non-UTF-8
+    byte's surrogate escape, an astral character, zero and huge numbers."""
+    paths = ['plain', 'a "quoted"\\ path', "tab\there\nnew\x00\x1f\x7f", "é/ü/ß",
+             os.fsdecode(b"odd-\xff\x80-name"), "\U0001f600 emoji", "/", ""]
+    entries = [manifest.Entry(p, i * 1_000_003, 1_700_000_000_123_456_789 + i, 2**63 + i,
+                              sha(p.encode(errors="surrogateescape")))
+               for i, p in enumerate(paths)]
+    entries.append(manifest.Entry("zero", 0, 0, 0, sha(b"")))
+    lines = list(manifest.dump_lines("s", entries, {"k": 1}, created=1.5))
+    assert lines[1:-1] == [
+        (json.dumps([e.path, e.size, e.mtime_ns, e.ino, e.sha256]) + "\n").encode()
+        for e in entries]
+    assert manifest.parse(b"".join(lines), "s").entries == entries
+
+
+def test_hash_fd_stops_at_the_size_it_is_given(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Given the size an fstat gave, reading stops once that many bytes
+    came, without the read that would find the end (the Prehasher checks
+    afterwards that the size did not change); without it, at the end."""
+    reads: list[int] = []
+    real = os.readv
+
+    def counted(fd: int, buffers: Any) -> int:
+        reads.append(fd)
+        return real(fd, buffers)
+
+    monkeypatch.setattr(manifest.os, "readv", counted)
+    data = b"0123456789" * 300_000  # (three reads)
+    for size in (0, 10, 2_000_000, len(data), None):
+        f = tmp_path / f"f{size}"
+        f.write_bytes(data[:size] if size is not None else data)
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            reads.clear()
+            assert manifest.hash_fd(fd, size=size) == (sha(f.read_bytes()), len(f.read_bytes()))
+        finally:
+            os.close(fd)
+        assert len(reads) == {0: 0, 10: 1, 2_000_000: 2, len(data): 3, None: 4}[size], size
+
+
+def test_beneath_open_stat_gives_the_opened_files_stat(tmp_path: Path) -> None:
+    """open_stat's stat is the fstat of the fd it opened (what the Prehasher
+    keys its result by); a fifo is refused, never opened for reading."""
+    root = tmp_path / "t"
+    tree(root)
+    with manifest.Beneath(root) as beneath:
+        fd, st = beneath.open_stat("a/f2")
+        try:
+            assert (st.st_ino, st.st_size) == (os.fstat(fd).st_ino, 21)
+            assert st.st_ino == (root / "a" / "f2").stat().st_ino
+        finally:
+            os.close(fd)
+        with pytest.raises(OSError, match="regular"):
+            beneath.open_stat("a/fifo")
+
+
+def test_prehasher_gives_no_result_for_a_file_that_grows_while_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that changes between the Prehasher's first fstat and the end
+    of its read (here: bytes appended) gives no result, so build() reads it."""
+    root = tmp_path / "t"
+    tree(root)
+    real = manifest.hash_fd
+
+    def growing(fd: int, **kw: Any) -> tuple[str, int]:
+        with open(root / "a" / "f1", "ab") as f:
+            f.write(b"more")
+        return real(fd, **kw)
+
+    monkeypatch.setattr(manifest, "hash_fd", growing)
+    with manifest.Prehasher(root) as hasher:
+        hasher.submit(b"a/f1")
+    monkeypatch.undo()
+    assert hasher.results == {}
+    entries, stats = manifest.build(root, None, prehashed=hasher.results)
+    assert stats.prehashed == 0
+    assert {e.path: e.sha256 for e in entries}["a/f1"] == sha((root / "a" / "f1").read_bytes())
 
 
 def test_itemized_names_are_unescaped() -> None:

@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -386,6 +388,136 @@ def test_stats_of_nothing() -> None:
     """Text without a stats block gives no numbers (not zeros)."""
     assert parse_stats("") == {}
     assert parse_stats("rsync error: some error\nTotal bytes sent: lots\n") == {}
+
+
+# -- reading rsync's stdout (issue 19) -------------------------------------------
+
+LONG_NAME = b"d/" + b"n" * 150_000  # (a line longer than two reads of the pipe)
+STDOUT = (
+    b"receiving incremental file list\n"
+    b">f+++++++++ 6 a\n"
+    b"\r              6   0%    0.00kB/s    0:00:00 (xfr#1, ir-chk=1002/1004)"
+    b"\r          1,030  50%  500.00kB/s    0:00:00 (xfr#2, ir-chk=1001/1004)\r\n"
+    b">f+++++++++ 1024 " + LONG_NAME + b"\n"
+    b"cd+++++++++ 0 d\n"
+    b"\r\r>f.st...... 7 odd-\\#377-\xff-bytes\n"
+    b"\n"
+    b"Number of files: 1,004 (reg: 1,000, dir: 4)\n"
+    b"Total bytes received: 2,061\n"
+    b"unterminated end"
+)
+
+
+def split_at(data: bytes, cuts: list[int]) -> tuple[list[bytes], bytes]:
+    lines = rsync.Lines()
+    got: list[bytes] = []
+    for start, end in zip([0, *cuts], [*cuts, len(data)], strict=True):
+        got += lines.feed(data[start:end])
+    return got, lines.rest
+
+
+def test_lines_do_not_depend_on_where_the_reads_end() -> None:
+    """rsync's stdout cut at any byte (a \\r\\n pair torn apart, a \\r line
+    end, a line longer than a read) gives the lines a split of the whole at
+    every \\r and \\n gives: \\r\\n an empty line between, the unterminated
+    end held back."""
+    *whole, end = re.split(rb"[\r\n]", STDOUT)
+    marks = [i for i, c in enumerate(STDOUT) if c in b"\r\n" and i < 400]
+    cuts = sorted({0, 1, *marks, *(i + 1 for i in marks), 200, 70_000, 140_000})
+    for cut in cuts:
+        assert split_at(STDOUT, [cut]) == (whole, end), cut
+    for size in (1, 3, 64, 4096, 65536):
+        assert split_at(STDOUT, list(range(size, len(STDOUT), size))) == (whole, end), size
+    assert split_at(b"", []) == ([], b"")
+    assert split_at(b"x\r", []) == ([b"x"], b"")
+
+
+def test_last_progress_is_the_newest_reading() -> None:
+    """Of the lines of one read, the newest progress2 reading counts; other
+    lines (one holding a % too) are none."""
+    lines = [
+        b"      1,024  10%  1.00MB/s    0:00:09 (xfr#1, to-chk=9/10)",
+        b"      2,048  20%  1.00MB/s    0:00:08 (xfr#2, to-chk=8/10)",
+        b">f+++++++++ 5 50% off",
+        b"",
+    ]
+    newest = rsync.last_progress(lines)
+    assert newest is not None
+    assert (newest.bytes, newest.percent, newest.files_done) == (2048, 20, 2)
+    assert rsync.last_progress(lines[2:]) is None
+    assert rsync.last_progress([]) is None
+
+
+def fake_rsync(tmp_path: Path, data: bytes, pause: float = 0.0, pieces: int = 1) -> list[str]:
+    """A program that writes ``data`` to stdout in ``pieces`` writes, ``pause``
+    seconds apart, as rsync does, and exits 0."""
+    (tmp_path / "out").write_bytes(data)
+    script = tmp_path / "fake-rsync.py"
+    script.write_text(
+        "import os, sys, time\n"
+        f"data = open({str(tmp_path / 'out')!r}, 'rb').read()\n"
+        f"n = {pieces}\n"
+        "step = -(-len(data) // n)\n"
+        "for i in range(0, len(data), step):\n"
+        "    os.write(1, data[i:i + step])\n"
+        f"    time.sleep({pause})\n")
+    return [sys.executable, str(script)]
+
+
+def test_run_rsync_reads_names_progress_stats_and_the_tail(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What run_rsync makes of rsync's stdout, read in pieces: every ">f"
+    name in order (also to ``on_wrote``, as it comes), a progress report
+    of the newest reading, and the stats from the last 64 lines (\\r or
+    \\n ended, the unterminated end too), decoded with replacement."""
+    from bakgrab.worker import grab
+
+    monkeypatch.setattr(grab, "PROGRESS_EVERY", 0.0)  # (every read may report)
+    tails: list[str] = []
+    real_parse = rsync.parse_stats
+
+    def parse(text: str) -> dict[str, int]:
+        tails.append(text)
+        return real_parse(text)
+
+    monkeypatch.setattr(rsync, "parse_stats", parse)
+    data = b"".join(b">f+++++++++ 3 d/f%d\n" % i for i in range(100)) + STDOUT
+    reports: list[dict[str, Any]] = []
+    told: list[bytes] = []
+    outcome = grab.run_rsync(fake_rsync(tmp_path, data, pause=0.02, pieces=9),
+                             reports.append, None, told.append)
+    names = [b"d/f%d" % i for i in range(100)] + [b"a", LONG_NAME, b"odd-\\#377-\xff-bytes"]
+    assert outcome.wrote == names and told == names
+    assert outcome.code == 0
+    assert outcome.stats == {"files": 1004, "bytes_received": 2061}
+    assert reports and reports[-1]["bytes"] == 1030 and reports[-1]["files_total"] == 1004
+    tail = [raw.decode(errors="replace") for raw in re.split(rb"[\r\n]", data)[-64:]]
+    assert tails == ["\n".join(tail)]
+
+
+def test_run_rsync_reads_a_trickle_in_few_reads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """rsync writes each line as it comes: run_rsync waits a moment after a
+    short read, so one read takes many lines (issue 19: a read per line was
+    most of the pool's CPU for reading a first backup's 60,000 lines)."""
+    from bakgrab.worker import grab
+
+    reads = []
+    real_read = os.read
+
+    def counted(fd: int, n: int) -> bytes:
+        chunk = real_read(fd, n)
+        reads.append(len(chunk))
+        return chunk
+
+    lines = 400
+    argv = fake_rsync(tmp_path, b"".join(b">f+++++++++ 3 f%d\n" % i for i in range(lines)),
+                      pause=0.001, pieces=lines)
+    monkeypatch.setattr(grab.os, "read", counted)
+    outcome = grab.run_rsync(argv, lambda info: None)
+    monkeypatch.undo()
+    assert len(outcome.wrote) == lines
+    assert len(reads) <= lines // 4, reads
 
 
 # -- failed paths (exit 23) --------------------------------------------------------

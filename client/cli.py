@@ -25,7 +25,8 @@ def connection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """The options with which a client reaches a backup host (backup, restore)."""
     options = [
         click.option("--broker", help="Broker URL as seen from the backup host when "
-                     "tunnelling (default: redis://127.0.0.1:6379/0)."),
+                     "tunnelling: redis://[USER[:PASSWORD]@]HOST[:PORT][/DB], or rediss:// for "
+                     "TLS; no ?options (default: redis://127.0.0.1:6379/0)."),
         click.option("--tunnel", metavar="USER@HOST[:PORT]",
                      help="Reach the broker through `ssh -N -L` to this backup host."),
         click.option("--reverse", is_flag=True,

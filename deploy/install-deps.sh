@@ -12,8 +12,9 @@ packages=(rsync openssh-client openssh-server redis-server acl attr util-linux
 # The Flower browser test drives Debian's headless Chromium with its chromedriver.
 # btrfs-progs: the btrfs backend's tests make loop-mounted btrfs images (issue 14).
 # strace: tests that follow a process chain (the gate's, Flower's) trace it.
+# openssl: the rediss:// test makes its own CA and a TLS redis-server's certificate.
 [ "${1:-}" = "--test" ] && packages+=(chromium chromium-driver systemd rsnapshot borgbackup debootstrap
-                                      btrfs-progs strace)
+                                      btrfs-progs strace openssl)
 # install_packages POLICY_RC_D PACKAGE...: apt-get install the packages without
 # starting or enabling any system service (bakgrab's tests and demo start their
 # own sshd and Redis; issue 13). Debian's policy-rc.d (exit 101: "action

@@ -13,6 +13,7 @@ import contextlib
 import json
 import signal
 import socket
+import subprocess
 import threading
 import time
 import uuid
@@ -232,3 +233,40 @@ def test_a_hostile_broker_is_cut_off(reply: bytes) -> None:
                 pytest.raises(ClientSetupError, match="cannot reach the broker hostile"):
             link.get("k")
         server_thread.join(10)
+
+
+def test_rediss_checks_the_brokers_certificate(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rediss://`` speaks TLS to a real TLS redis-server: with its CA among
+    the trusted ones (here by SSL_CERT_FILE) it works; without, the client
+    refuses the certificate (ClientSetupError), sending nothing."""
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, capture_output=True, check=True,
+                       timeout=60)
+
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+            "-subj", "/CN=bakgrab test CA")
+    openssl("req", *ec, "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=127.0.0.1")
+    (tmp_path / "ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "srv.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "srv.crt", "-days", "2", "-extfile", "ext")
+    port = support.free_port()
+    proc = support.Proc(["redis-server", "--port", "0", "--tls-port", str(port), "--bind",
+                         "127.0.0.1", "--tls-cert-file", str(tmp_path / "srv.crt"),
+                         "--tls-key-file", str(tmp_path / "srv.key"), "--tls-ca-cert-file",
+                         str(tmp_path / "ca.crt"), "--tls-auth-clients", "no", "--save", "",
+                         "--appendonly", "no", "--dir", str(tmp_path)], tmp_path / "redis.log")
+    try:
+        support.wait_for(lambda: support.port_open(port), 10, "redis-server with TLS")
+        url = f"rediss://127.0.0.1:{port}/0"
+        with broker.Broker(url, "tls") as link, pytest.raises(ClientSetupError,
+                                                             match="CERTIFICATE_VERIFY_FAILED"):
+            link.get("k")
+        monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.crt"))
+        with broker.Broker(url, "tls") as link:
+            assert link.get("k") is None
+            link.connection().call("SET", "k", "v")
+            assert link.get("k") == b"v"
+    finally:
+        proc.stop()

@@ -39,9 +39,14 @@ _prctl = _libc.prctl
 _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 
 
-def _child_setup() -> None:
-    # Runs in the child between fork and exec: only an async-signal-safe call.
+def _child_setup(parent: int) -> None:
+    """Runs in the child between fork and exec: async-signal-safe calls only.
+
+    A parent that died between the fork and the ``prctl`` sends no signal, so
+    the child checks it still has that parent and otherwise dies at once."""
     _prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(137)
 
 
 def which(program: str) -> str:
@@ -133,8 +138,10 @@ def spawn(
     argv = [which(argv[0]), *argv[1:]]
     log.debug("run: %s%s", masked(argv, secrets), " (confined)" if confine else "")
 
+    parent = os.getpid()
+
     def child_setup() -> None:
-        _child_setup()
+        _child_setup(parent)
         if confine is not None:
             confine()
 

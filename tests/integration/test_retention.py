@@ -273,8 +273,12 @@ def test_crash_mid_delete_leaves_trash_the_next_run_finishes(tmp_path: Path) -> 
             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
         def deleting() -> dict[int, str]:
-            """prune's delete child (ionice, which execs rm), while prune lives."""
-            return identities(support.descendants(proc.pid))
+            """prune's delete child once it has exec'd (ionice, which execs
+            rm), while prune lives. Before the exec it is a fork of prune that
+            may not yet have its parent-death signal: frozen there, it would
+            never get one (a CI run caught it so)."""
+            return identities(pid for pid in support.descendants(proc.pid)
+                              if support.comm(pid) in ("ionice", "rm"))
 
         # taken while prune lives: once it is reaped, its orphans have another
         # parent and a look at its children finds none (issue 13)

@@ -326,8 +326,8 @@ class OneShotServer:
               silent: dict[socket.socket, tuple[str, float]], conn: socket.socket) -> None:
         sel.unregister(conn)
         del silent[conn]
+        self.dropped += 1  # counted before the peer can see the close
         conn.close()
-        self.dropped += 1
 
     def _start_sshd(self, sshd: str, conn: socket.socket, peer: str) -> None:
         """Serve ``conn``, whose peer has spoken, with a fresh ``sshd -i``."""
@@ -347,8 +347,8 @@ class OneShotServer:
             oldest = self._authenticating.pop(0)
             log.warning("cut connection %d: %d others are still authenticating",
                         oldest + 1, MAX_AUTHENTICATING)
+            self.dropped += 1  # counted before the peer can see the cut
             self.children[oldest].kill(grace=0.5)
-            self.dropped += 1
         number = self.served + 1  # children[i] logs to sshd-(i+1).log
         try:
             with open(self.workdir / f"sshd-{number}.log", "wb") as errlog:

@@ -299,7 +299,8 @@ def grab(
         with job_files(storage, task_id, request) as files, \
                 damage.link_dest(storage, request.name, link if store.links else None,
                                  dest) as (link_dest, link_from), \
-                manifest.Prehasher(dest) as hasher:  # hashes files as they land (issue 15)
+                manifest.Prehasher(dest, sample=not resumed and store.links) as hasher:
+            # (hashes files as they land, issue 15, until rsync's checksums prove good, 19)
             spec = rsync.PullSpec(
                 user=request.user,
                 address=request.address,
@@ -338,6 +339,10 @@ def grab(
                 except rsync.CompressRefused as again:  # plain -z too: words, not a lack
                     raise TransferFailed(*again.args[:2]) from None
             pull_seconds = time.monotonic() - pulling
+            # (a resumed tree, or one a refused run may have written into,
+            # holds files no line of this run names: issue 19)
+            outcome.fresh = not resumed and store.links and outcome.passes == 1 \
+                and not choice.fallback
             exclude_text = files["exclude"].read_text()
 
         check_room(storage, settings, outcome)
@@ -391,13 +396,19 @@ class PullOutcome:
     """What one rsync run left: exit code, stats, warnings, failed paths."""
 
     def __init__(self, code: int, stdout_tail: str, stderr_tail: str, failed: list[str],
-                 wrote: list[bytes] | None = None) -> None:
+                 items: rsync.Items | None = None) -> None:
         self.code = code
         self.stats = rsync.parse_stats(stdout_tail)
         self.stderr_tail = stderr_tail
         self.failed_paths = failed
-        self.wrote = wrote or []
-        """The files rsync said it wrote (escaped names, transfer order; issue 15)."""
+        self.items = items if items is not None else rsync.Items()
+        """What rsync's lines said it wrote (issues 15, 19): claims, not facts."""
+        self.passes = 1
+        """rsync runs into the tree (more past the link limit, issue 14)."""
+        self.fresh = False
+        """Whether one rsync run, this one, wrote the whole tree, starting
+        empty: only then may its checksums go into the manifest (issue 19;
+        set by the grab, which knows)."""
         self.notes: tuple[str, ...] = ()
         """Warnings its exit code does not tell (issue 14: files at the link limit)."""
 
@@ -425,7 +436,7 @@ def confinement(settings: Settings, *, read: list[Path], port: int,
 
 def run_pull(spec: rsync.PullSpec, on_progress: ProgressFn,
              confined: Confinement | None = None,
-             on_wrote: Callable[[bytes], None] | None = None) -> PullOutcome:
+             on_wrote: Callable[[bytes, bytes], None] | None = None) -> PullOutcome:
     """Run the pull, report its progress, and classify its exit."""
     try:
         return run_rsync(rsync.pull_argv(spec), on_progress, confined, on_wrote)
@@ -460,6 +471,7 @@ def pull_past_link_limit(spec: rsync.PullSpec, on_progress: ProgressFn,
             except rsync.LinkLimit as e:
                 leaders = e.paths
                 continue
+        outcome.passes = attempt + 2
         outcome.notes = (f"{omitted} file(s) had reached the filesystem's hard-link limit "
                          "in the previous snapshot: stored as new copies, not links",)
         return outcome
@@ -469,15 +481,15 @@ def pull_past_link_limit(spec: rsync.PullSpec, on_progress: ProgressFn,
 
 def run_rsync(argv: list[str], on_progress: ProgressFn,
               confined: Confinement | None = None,
-              on_wrote: Callable[[bytes], None] | None = None) -> PullOutcome:
+              on_wrote: Callable[[bytes, bytes], None] | None = None) -> PullOutcome:
     """Run rsync (confined when asked: sandbox and minimum rate), report its
     progress, and classify its exit; ``on_wrote`` is told each file rsync
-    says it received, as it says so (issue 15)."""
+    says it received, and the checksum it claims, as it says so (issues 15, 19)."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C",
            "HOME": os.environ.get("HOME", "/")}
     stderr_lines: collections.deque[str] = collections.deque(maxlen=200)
     failed: list[str] = []
-    wrote: list[bytes] = []  # the files rsync received, for the manifest (issue 15)
+    items = rsync.Items()  # the files rsync received, for the manifest (issues 15, 19)
 
     with contextlib.ExitStack() as stack:
         confine = None
@@ -513,12 +525,10 @@ def run_rsync(argv: list[str], on_progress: ProgressFn,
                 break
             got = lines.feed(chunk)
             for raw in got:
-                if raw[:2] == rsync.ITEM_WROTE:  # (a prefix test: no per-line regex)
-                    name = rsync.wrote(raw)
-                    if name is not None:
-                        wrote.append(name)
-                        if on_wrote is not None:
-                            on_wrote(name)
+                if raw[1:2] == b"f":  # (a prefix test: no per-line work for the rest)
+                    told = items.add(raw)
+                    if told is not None and on_wrote is not None:
+                        on_wrote(*told)
             tail.extend(got)
             now = time.monotonic()
             if now >= due:
@@ -538,7 +548,7 @@ def run_rsync(argv: list[str], on_progress: ProgressFn,
     stderr_tail = "\n".join(stderr_lines)
     rsync.classify(code, stderr_tail)
     return PullOutcome(code, b"\n".join(tail).decode(errors="replace"), stderr_tail, failed,
-                       wrote)
+                       items)
 
 
 def check_room(storage: Storage, settings: Settings, outcome: PullOutcome) -> None:
@@ -599,8 +609,10 @@ def publish(
     try:
         built = manifest.make(
             storage, storage.inprogress(request.name), snapshot, link_dest,
-            outcome.wrote, reread=reread,
-            prehashed=prehashed.results if prehashed else None).to_dict()
+            outcome.items.wrote, reread=reread,
+            prehashed=prehashed.results if prehashed else None,
+            claims=manifest.Claims(outcome.items.claims, outcome.items.others)
+            if outcome.fresh else None, complete=outcome.items.complete).to_dict()
         if prehashed is not None:  # (hashed during the pull, on its own thread)
             built.update(prehash_bytes=prehashed.bytes,
                          prehash_cpu_seconds=prehashed.cpu_seconds)

@@ -6,12 +6,19 @@
                                                 SNAPSHOT.json, never inside it
 
 A manifest is JSON lines: a header, one ``[path, size, mtime_ns, inode,
-sha256]`` line per regular file (paths relative to the snapshot root, as
+digest]`` line per regular file (paths relative to the snapshot root, as
 ``os.fsdecode`` gives them: a non-UTF-8 byte survives as a surrogate escape),
 and a trailer holding the count of entries and the SHA-256 of every byte
 before it. So a damaged manifest (a bad trailer, a line that does not parse)
 is told apart from damaged data: :func:`load` raises :class:`Damaged` and
 never returns a half-read manifest.
+
+A digest names its hash: ``xxh128:HEX`` (what this version writes, and what
+rsync's receiver computes anyway, issue 19) or ``sha256:HEX`` (version 1
+manifests wrote every digest as SHA-256 hex, unnamed; an unchanged file
+keeps its entry, so both kinds mix). The hash guards against damage, not
+against a forger: no other name ever compares a digest of this one's
+(:mod:`bakgrab.worker.verify`).
 
 Building one (:func:`build`) hashes only what the pull changed. On the
 hard-link backend an unchanged file is the very inode of the previous
@@ -24,6 +31,16 @@ page cache and while rsync goes on; :func:`build` reads after the pull only
 what that missed, in rsync's order first. Identity is decided by the inode,
 never by the itemized names alone: rsync escapes unusual names in what it
 prints, and a resumed pull does not list the files an earlier attempt wrote.
+
+And where one rsync run wrote the whole tree from empty (a first pull, or
+any pull on the hard-link backend that did not resume), it reads hardly
+anything: rsync's receiver checks each file it receives against the
+whole-file checksum the sender sent, xxh128 between two rsyncs >= 3.2, and
+prints it (:data:`bakgrab.worker.rsync.ITEM_FORMAT`). Such a line is only a
+claim, since the client can print any line there: :func:`trusted_claims`
+says which can stand for a read, and one file read proves their kind
+(:func:`prove`); the Prehasher stops once its first file agrees with its
+line (issue 19).
 
 A second backend (copy-on-write) can reuse all of this with its own notion
 of "the same file": :func:`build` takes the previous entries keyed by inode,
@@ -46,9 +63,11 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+import xxhash
 
 from bakgrab.tasks import caps
 from bakgrab.tasks.errors import TransferInterrupted
@@ -57,9 +76,15 @@ from bakgrab.worker.storage import Storage, fsync_dir
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
+READS = (1, 2)
+"""The versions :func:`parse` reads (1: every digest SHA-256 hex, unnamed)."""
 SUFFIX = ".manifest"
-HASH = "sha256"
+HASH = "xxh128"
+"""The hash of the files the worker reads itself: rsync's own (issue 19),
+and some 40 times faster than SHA-256 here."""
+HASHES = {"xxh128": 32, "sha256": 64}
+"""The hashes a digest may name, with their hex lengths."""
 CHUNK = 1 << 20
 """Bytes per read when hashing: large reads, few syscalls."""
 
@@ -76,7 +101,8 @@ class Entry:
     size: int
     mtime_ns: int
     ino: int
-    sha256: str
+    digest: str
+    """``HASH:HEX`` (:data:`HASHES`)."""
 
 
 @dataclasses.dataclass
@@ -109,18 +135,18 @@ def dump_lines(snapshot: str, entries: Iterable[Entry], info: dict[str, Any] | N
                created: float | None = None) -> Iterator[bytes]:
     """The manifest's lines, trailer last (its checksum covers every line before)."""
     digest = hashlib.sha256()
-    header = {"bakgrab_manifest": VERSION, "snapshot": snapshot, "hash": HASH,
+    header = {"bakgrab_manifest": VERSION, "snapshot": snapshot, "hashes": sorted(HASHES),
               "created": time.time() if created is None else created, "info": info or {}}
     count = 0
     line = (json.dumps(header, sort_keys=True) + "\n").encode()
     digest.update(line)
     yield line
     for e in entries:
-        # json.dumps([path, size, mtime_ns, ino, sha256]) to the byte, at a
+        # json.dumps([path, size, mtime_ns, ino, digest]) to the byte, at a
         # third of its cost (issue 19): the same string escaper it uses
         # (ensure_ascii), ints as int's repr, as json writes them
         line = (f"[{_json_str(e.path)}, {int.__repr__(e.size)}, {int.__repr__(e.mtime_ns)}, "
-                f"{int.__repr__(e.ino)}, {_json_str(e.sha256)}]\n").encode()
+                f"{int.__repr__(e.ino)}, {_json_str(e.digest)}]\n").encode()
         digest.update(line)
         count += 1
         yield line
@@ -163,12 +189,17 @@ def parse(data: bytes, snapshot: str | None = None) -> Manifest:
         raise Damaged(f"its trailer counts {count} entries, it holds {len(body) - 1}")
     try:
         header = json.loads(body[0])
-        if header.get("bakgrab_manifest") != VERSION or header.get("hash") != HASH:
+        version = header.get("bakgrab_manifest")
+        if version not in READS or (version == 1 and header.get("hash") != "sha256"):
             raise Damaged(f"unknown manifest version or hash: {header!r:.200}")
         entries = []
         for line in body[1:]:
-            p, size, mtime_ns, ino, sha = json.loads(line)
-            entries.append(Entry(str(p), int(size), int(mtime_ns), int(ino), str(sha)))
+            p, size, mtime_ns, ino, value = json.loads(line)
+            value = f"sha256:{value}" if version == 1 else str(value)
+            name, _, hexed = value.partition(":")
+            if len(hexed) != HASHES.get(name):
+                raise ValueError(f"not a digest: {value[:80]!r}")
+            entries.append(Entry(str(p), int(size), int(mtime_ns), int(ino), value))
     except (ValueError, TypeError, AttributeError) as e:
         raise Damaged(f"a line does not parse: {e}") from None
     name = str(header.get("snapshot"))
@@ -277,8 +308,22 @@ def _buffer() -> bytearray:
     return buf
 
 
-def hash_fd(fd: int, *, drop_cache: bool = False, size: int | None = None) -> tuple[str, int]:
-    """SHA-256 and byte count of what ``fd`` reads from its start.
+class _Hash(Protocol):
+    def update(self, data: memoryview, /) -> None: ...
+    def hexdigest(self) -> str: ...
+
+
+NEW: dict[str, Callable[[], _Hash]] = {"xxh128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+
+
+def hash_of(digest: str) -> str:
+    """The hash a digest names (``xxh128`` of ``xxh128:HEX``)."""
+    return digest.partition(":")[0]
+
+
+def hash_fd(fd: int, *, drop_cache: bool = False, size: int | None = None,
+            hash: str = HASH) -> tuple[str, int]:
+    """The digest (``HASH:HEX``) and byte count of what ``fd`` reads from its start.
 
     ``drop_cache``: tell the kernel the pages are not needed afterwards (a
     verify reads cold data; it should not evict the hot). ``size``: the
@@ -287,7 +332,7 @@ def hash_fd(fd: int, *, drop_cache: bool = False, size: int | None = None) -> tu
     read, without the readahead advice (two syscalls per small file, issue
     19). Only for a caller that checks afterwards that the size did not
     change (a file that grew may give more bytes)."""
-    digest = hashlib.sha256()
+    digest = NEW[hash]()
     buf = _buffer()
     view = memoryview(buf)
     total = 0
@@ -301,7 +346,7 @@ def hash_fd(fd: int, *, drop_cache: bool = False, size: int | None = None) -> tu
         total += n
     if drop_cache:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    return digest.hexdigest(), total
+    return f"{hash}:{digest.hexdigest()}", total
 
 
 # -- building ------------------------------------------------------------------
@@ -367,21 +412,76 @@ class BuildStats:
     reread_seconds: float = 0.0
     reread_bad: list[str] = dataclasses.field(default_factory=list)
     """Files whose second read differed from the first."""
+    claimed: int = 0
+    """Inodes whose digest is the checksum rsync's receiver verified (issue 19)."""
+    claims_refused: int = 0
+    """Inodes rsync's lines made claims for that could not stand (read instead)."""
+    claims: str = "off"
+    """Whether the claims were used: "off" (not this pull's to make: resumed,
+    btrfs...), "none", "used", or "refused: why"."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class Claims:
+    """The checksums rsync's lines claimed during one pull that wrote the
+    whole tree, starting empty (:class:`bakgrab.worker.rsync.Items`)."""
+
+    digests: Mapping[bytes, bytes]
+    """Escaped name: xxh128 hex as printed, or b"" where lines disagreed."""
+    others: Collection[bytes] = ()
+    """Escaped names of regular files on lines that claim nothing (``cf``...)."""
+
+
+def trusted_claims(claims: Claims, seen: list[Seen], known: Mapping[int, Entry]
+                   ) -> tuple[dict[int, tuple[str, str]], int]:
+    """The claims that can stand for a read, by inode (the claiming path and
+    its digest), and how many inodes had claims that cannot.
+
+    The client can print any line among rsync's, so a claim stands only
+    where no other explanation of the inode exists: it was made by this pull
+    (not the previous snapshot's, which ``--link-dest`` linked: those have
+    their entries); every ``>f`` line naming one of its paths claims the
+    same value; and no line that claims nothing names one (``cf``: rsync
+    copied a file of the previous snapshot; a received file whose checksum
+    was not xxh128's length). Its real ``>f`` line or ``cf`` line is always
+    among them, so a forged line can only make an inode be read. Whether
+    the claims are xxh128 at all is for the caller to check on one."""
+    digests = {unescape(n): c for n, c in claims.digests.items()}
+    others = {unescape(n) for n in claims.others}
+    by_ino: dict[int, tuple[str, bytes] | None] = {}
+    for s in seen:
+        if s.ino in known:
+            continue
+        claim = digests.get(s.path)
+        if claim is None and s.path not in others:
+            continue  # (a second name of a file received once: -H's "hf")
+        if s.ino in by_ino and by_ino[s.ino] is None:
+            continue  # (refused already)
+        got = by_ino.get(s.ino)
+        if s.path in others or not claim or (got is not None and got[1] != claim):
+            by_ino[s.ino] = None
+        elif got is None:
+            by_ino[s.ino] = (s.path, claim)
+    good = {ino: (got[0], f"xxh128:{got[1].decode('ascii')}")
+            for ino, got in by_ino.items() if got is not None}
+    return good, len(by_ino) - len(good)
+
+
 def build(root: Path, previous: Manifest | None, changed: Iterable[bytes] = (),
-          *, reread: bool = False, prehashed: dict[int, tuple[int, int, str]] | None = None
-          ) -> tuple[list[Entry], BuildStats]:
+          *, reread: bool = False, prehashed: dict[int, tuple[int, int, str]] | None = None,
+          claims: Claims | None = None) -> tuple[list[Entry], BuildStats]:
     """The entries of the tree at ``root``: an inode the previous manifest
-    names with the same size and mtime keeps its hash; one :class:`Prehasher`
-    hashed during the pull (same size and mtime) gives its hash; every other
-    inode is read once (first those of ``changed``, rsync's itemized names,
-    in its order; then the rest in walk order). With ``reread``, every inode
-    not kept from the previous manifest is then read again from the disk
-    (:func:`reread_from_disk`)."""
+    names with the same size and mtime keeps its digest; one :class:`Prehasher`
+    hashed during the pull (same size and mtime) gives its digest; one
+    rsync's ``claims`` vouch for (:func:`trusted_claims`, and one of them
+    read back to prove they are xxh128) takes the claimed digest; every
+    other inode is read once (first those of ``changed``, rsync's itemized
+    names, in its order; then the rest in walk order). With ``reread``,
+    every inode not kept from the previous manifest is then read again from
+    the disk (:func:`reread_from_disk`)."""
     started = time.monotonic()
     stats = BuildStats()
     known = previous.by_ino() if previous is not None else {}
@@ -389,6 +489,12 @@ def build(root: Path, previous: Manifest | None, changed: Iterable[bytes] = (),
     with caps.raised("dac_override"), Beneath(root) as tree:  # client-owned 0700 dirs
         seen = list(walk(root))
         stats.files = len(seen)
+        vouched: dict[int, tuple[str, str]] = {}
+        if claims is not None:
+            vouched, stats.claims_refused = trusted_claims(claims, seen, known)
+            stats.claims = prove(tree, vouched, {s.ino: s for s in seen}, early)
+            if stats.claims != "used":
+                vouched = {}
         # what rsync wrote is read whatever the previous manifest says: on a
         # copy-on-write backend a file rewritten in place keeps its inode
         wrote_paths = [unescape(raw) for raw in changed]  # (once each: issue 19)
@@ -403,7 +509,7 @@ def build(root: Path, previous: Manifest | None, changed: Iterable[bytes] = (),
             old = known.get(s.ino)
             if s.path not in wrote and old is not None and old.size == s.size \
                     and old.mtime_ns == s.mtime_ns:
-                digests[s.ino] = old.sha256
+                digests[s.ino] = old.digest
                 stats.reused += 1
                 continue
             fresh.append(s)
@@ -411,6 +517,9 @@ def build(root: Path, previous: Manifest | None, changed: Iterable[bytes] = (),
             if pre is not None and pre[0] == s.size and pre[1] == s.mtime_ns:
                 digests[s.ino] = pre[2]
                 stats.prehashed += 1
+            elif s.ino in vouched:
+                digests[s.ino] = vouched[s.ino][1]
+                stats.claimed += 1
             else:
                 todo[s.ino] = s
         stats.inodes = len(digests) + len(todo)
@@ -437,7 +546,8 @@ def build(root: Path, previous: Manifest | None, changed: Iterable[bytes] = (),
         if reread:
             t = time.monotonic()
             for s in fresh:
-                if s.ino in digests and reread_from_disk(tree, s) != digests[s.ino]:
+                if s.ino in digests and reread_from_disk(tree, s, hash_of(digests[s.ino])) \
+                        != digests[s.ino]:
                     stats.reread_bad.append(s.path)
                 stats.reread += 1
             stats.reread_seconds = round(time.monotonic() - t, 3)
@@ -447,8 +557,42 @@ def build(root: Path, previous: Manifest | None, changed: Iterable[bytes] = (),
     return entries, stats
 
 
-def reread_from_disk(tree: Beneath, s: Seen) -> str | None:
-    """The SHA-256 of ``s`` as the disk holds it: its dirty pages written
+def prove(tree: Beneath, vouched: Mapping[int, tuple[str, str]], seen: Mapping[int, Seen],
+          early: Mapping[int, tuple[int, int, str]]) -> str:
+    """"used" when the vouched claims are xxh128 digests of the files: every
+    one a :class:`Prehasher` read too agrees, and at least one was read (the
+    smallest, if none was). rsync prints whatever checksum the two rsyncs
+    negotiated (md5's has the same length), one for all files, so one read
+    tells; else why they are not used."""
+    if not vouched:
+        return "none"
+    checked = 0
+    for ino, (path, digest) in vouched.items():
+        pre = early.get(ino)
+        s = seen[ino]
+        if pre is not None and pre[:2] == (s.size, s.mtime_ns) and hash_of(pre[2]) == "xxh128":
+            if pre[2] != digest:
+                return f"refused: {path!r} does not read as rsync's line claims"
+            checked += 1
+    if checked:
+        return "used"
+    ino = min(vouched, key=lambda i: seen[i].size)
+    path, digest = vouched[ino]
+    try:
+        fd = tree.open(path, ino)
+    except OSError as e:
+        return f"refused: {path!r} could not be read: {e}"
+    try:
+        got = hash_fd(fd)[0]
+    finally:
+        os.close(fd)
+    if got != digest:
+        return f"refused: {path!r} does not read as rsync's line claims (not xxh128?)"
+    return "used"
+
+
+def reread_from_disk(tree: Beneath, s: Seen, hash: str = HASH) -> str | None:
+    """The digest of ``s`` as the disk holds it: its dirty pages written
     out, its cached pages dropped, then read (the kernel may keep a page it
     cannot drop, e.g. one mapped by another process: best effort)."""
     try:
@@ -458,7 +602,7 @@ def reread_from_disk(tree: Beneath, s: Seen) -> str | None:
     try:
         os.fdatasync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        return hash_fd(fd, drop_cache=True)[0]
+        return hash_fd(fd, drop_cache=True, hash=hash)[0]
     except OSError:
         return None
     finally:
@@ -476,14 +620,22 @@ class Prehasher:
     A result counts only for the inode, size and mtime the file had while it
     was read (unchanged before and after); :func:`build` takes it only when
     the finished tree still shows them. A file it could not read is simply
-    read by :func:`build`. One thread; :meth:`submit` only queues."""
+    read by :func:`build`. One thread; :meth:`submit` only queues.
 
-    def __init__(self, root: Path) -> None:
+    With ``sample`` (a pull into an empty tree, whose lines' checksums
+    :func:`build` may take, issue 19), the first file whose line claims a
+    checksum is compared with it once read: when they agree, the rest are
+    not read (:func:`build` checks the claims again, and reads what it
+    cannot take); when not, all are, as without."""
+
+    def __init__(self, root: Path, *, sample: bool = False) -> None:
         self.root = root
         self.results: dict[int, tuple[int, int, str]] = {}
         self.bytes = 0
         self.cpu_seconds = 0.0
-        self._queue: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self.trusting: bool | None = None if sample else False
+        """None until the sample was read; then whether the claims held."""
+        self._queue: queue.SimpleQueue[tuple[bytes, bytes] | None] = queue.SimpleQueue()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="bakgrab-prehash", daemon=True)
 
@@ -497,9 +649,10 @@ class Prehasher:
         self._queue.put(None)
         self._thread.join()
 
-    def submit(self, name: bytes) -> None:
-        """Queue one name as rsync printed it (escaped)."""
-        self._queue.put(name)
+    def submit(self, name: bytes, claim: bytes = b"") -> None:
+        """Queue one name as rsync printed it (escaped), and the checksum its line claimed."""
+        if not self.trusting:
+            self._queue.put((name, claim))
 
     def _run(self) -> None:
         start = time.thread_time()
@@ -507,21 +660,21 @@ class Prehasher:
         # temp file into place and sets its times (receiver.c: log_item, then
         # finish_transfer), one file after the other: so a file is read once
         # the next one's line came, or the pull ended.
-        held: bytes | None = None
+        held: tuple[bytes, bytes] | None = None
         with caps.raised("dac_override"), Beneath(self.root) as tree:
             while True:
-                name = self._queue.get()
-                if held is not None and not self._stop:
+                item = self._queue.get()
+                if held is not None and not self._stop and not self.trusting:
                     try:
-                        self._one(tree, unescape(held))
+                        self._one(tree, unescape(held[0]), held[1])
                     except (OSError, ValueError) as e:
-                        log.debug("prehash of %r skipped: %s", held, e)
-                if name is None:
+                        log.debug("prehash of %r skipped: %s", held[0], e)
+                if item is None:
                     break
-                held = name
+                held = item
         self.cpu_seconds = round(time.thread_time() - start, 3)
 
-    def _one(self, tree: Beneath, rel: str) -> None:
+    def _one(self, tree: Beneath, rel: str, claim: bytes) -> None:
         fd, before = tree.open_stat(rel)
         try:
             # (reads stop at the size seen before: the check below holds the rest)
@@ -533,13 +686,20 @@ class Prehasher:
         if mark == (after.st_size, after.st_mtime_ns, after.st_ctime_ns) and n == before.st_size:
             self.results[before.st_ino] = (before.st_size, before.st_mtime_ns, digest)
             self.bytes += n
+            if self.trusting is None and claim:
+                self.trusting = digest == f"{HASH}:{claim.decode('ascii')}"
 
 
 def make(storage: Storage, tree: Path, snapshot: str, previous_snapshot: str | None,
          changed: Iterable[bytes] = (), *, reread: bool = False,
-         prehashed: dict[int, tuple[int, int, str]] | None = None) -> BuildStats:
+         prehashed: dict[int, tuple[int, int, str]] | None = None,
+         claims: Claims | None = None, complete: bool = True) -> BuildStats:
     """Build and write the manifest of ``tree``, to be published as ``snapshot``
     (its previous snapshot's manifest, if good, gives the unchanged entries).
+    ``claims``: what rsync's lines claimed, when one rsync run wrote the tree
+    from empty. ``complete``: False when lines were dropped
+    (:data:`bakgrab.worker.rsync.MAX_ITEM_BYTES`): then nothing is kept
+    from the previous manifest, and nothing taken from a claim.
     With ``reread`` (``verify_pull``), a file whose second read from the disk
     differs is removed from ``tree`` (a retry pulls it again) and nothing is
     written: :class:`bakgrab.tasks.errors.TransferInterrupted`."""
@@ -550,7 +710,14 @@ def make(storage: Storage, tree: Path, snapshot: str, previous_snapshot: str | N
         except Damaged as e:
             log.warning("manifest of %s is damaged (%s): hashing every file anew",
                         previous_snapshot, e)
-    entries, stats = build(tree, previous, changed, reread=reread, prehashed=prehashed)
+        if previous is None:
+            claims = None  # (which inodes --link-dest linked is not known)
+    if not complete:
+        log.warning("manifest of %s: rsync printed more lines than are kept: every file "
+                    "is read", snapshot)
+        previous = claims = None
+    entries, stats = build(tree, previous, changed, reread=reread, prehashed=prehashed,
+                           claims=claims)
     if stats.reread_bad:
         with caps.raised("dac_override"), Beneath(tree) as beneath:
             for p in stats.reread_bad:
@@ -562,6 +729,9 @@ def make(storage: Storage, tree: Path, snapshot: str, previous_snapshot: str | N
             "disk failing? They are pulled again")
     write(path_of(storage, snapshot), snapshot, entries, {"build": stats.to_dict()})
     log.info("manifest of %s: %d files, %d hashed during the pull, %d after it (%d bytes), "
-             "%d kept, %.1fs", snapshot, stats.files, stats.prehashed, stats.hashed,
-             stats.bytes_hashed, stats.reused, stats.seconds)
+             "%d kept, %d by rsync's checksum (%s; %d refused), %.1fs", snapshot, stats.files,
+             stats.prehashed, stats.hashed, stats.bytes_hashed, stats.reused, stats.claimed,
+             stats.claims, stats.claims_refused, stats.seconds)
+    if stats.claims.startswith("refused"):
+        log.warning("manifest of %s: rsync's checksums not used: %s", snapshot, stats.claims[9:])
     return stats

@@ -225,24 +225,91 @@ def exclude_rules(patterns: Sequence[str]) -> str:
 
 # -- output -----------------------------------------------------------------
 
-ITEM_FORMAT = "%i %b %n"
+ITEM_FORMAT = "%i %b %C|%n"
 """rsync's itemized line of a pull: 11 change flags, the bytes transferred,
-the name (unprintable bytes escaped as ``\\#ooo``, so a name never breaks a
-line). ``%b`` makes rsync log a received file after its data, not before
-(measured with rsync 3.4: without it the line comes first); rsync renames
-it into place right after, before the next file's line (issue 15: see
-:class:`bakgrab.worker.manifest.Prehasher`)."""
+the whole-file checksum rsync's receiver verified for a file it received
+(``%C``: blank for anything else), then ``|`` and the name (unprintable bytes
+escaped as ``\\#ooo``, so a name never breaks a line; the checksum is hex
+or spaces, so the first ``|`` ends it whatever the name holds). ``%b``
+makes rsync log a received file after its data, not before (measured with
+rsync 3.4: without it the line comes first); rsync renames it into place
+right after, before the next file's line (issue 15: see
+:class:`bakgrab.worker.manifest.Prehasher`). The checksum may go into the
+manifest instead of a read of the file (issue 19): see
+:func:`bakgrab.worker.manifest.build` for when it can be trusted; the
+client's rsync can print any line here too (``MSG_INFO``)."""
 ITEM_WROTE = b">f"
 """The start of the itemized line of a regular file rsync received."""
+ITEM_LINKED = b"hf"
+"""The start of the line of a regular file rsync hard-linked to one it
+received in this pull (``-H``): no data, the other name's checksum holds."""
 ITEM_NAME_AT = 12
+CLAIM_LENGTH = 32
+"""Hex digits of the checksum a line may claim: xxh128's, which two rsyncs
+>= 3.2 negotiate. (md5 prints as many: a sample read tells them apart.)"""
+_HEX = frozenset(b"0123456789abcdef")
 
 
-def wrote(raw: bytes) -> bytes | None:
-    """The (escaped) name of a file the pull wrote, if ``raw`` itemizes one."""
-    if raw[:2] != ITEM_WROTE:
+def item(raw: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """The flags, checksum (hex, or b"" when blank) and (escaped) name of an
+    itemized line of :data:`ITEM_FORMAT`; None for any other line."""
+    if len(raw) <= ITEM_NAME_AT or raw[ITEM_NAME_AT - 1:ITEM_NAME_AT] != b" ":
         return None
-    _, _, name = raw[ITEM_NAME_AT:].partition(b" ")
-    return name or None
+    count, _, rest = raw[ITEM_NAME_AT:].partition(b" ")
+    claim, bar, name = rest.partition(b"|")
+    if not bar or not name or not count.isdigit():
+        return None
+    claim = claim.strip(b" ")
+    if claim and not (len(claim) == CLAIM_LENGTH and _HEX.issuperset(claim)):
+        claim = b""  # (another checksum's length: nothing to take from it)
+    return raw[:ITEM_NAME_AT - 1], claim, name
+
+
+MAX_ITEM_BYTES = 256 << 20
+"""The most bytes of names one pull's :class:`Items` holds. A real tree's
+names fit (some 3 million of 80 bytes); lines beyond it, which a hostile
+client can send without end, are dropped and the record marked incomplete
+(the manifest then reads every file: the cost falls on that name alone)."""
+
+
+class Items:
+    """What one pull's itemized lines said of its regular files (issue 15, 19).
+
+    ``wrote``: the names of the ``>f`` lines, in rsync's order. ``claims``:
+    the checksum each such line claimed, by name (b"" once two lines of a
+    name disagree, or one claimed nothing). ``others``: names of regular
+    files on any other line but ``hf`` (e.g. ``cf``, a local copy, whose
+    inode no checksum covers). The client can print any line among these:
+    they are claims to check, never facts (:func:`bakgrab.worker.manifest.build`)."""
+
+    def __init__(self, limit: int = MAX_ITEM_BYTES) -> None:
+        self.wrote: list[bytes] = []
+        self.claims: dict[bytes, bytes] = {}
+        self.others: set[bytes] = set()
+        self.complete = True
+        """False once lines were dropped at the limit."""
+        self._room = limit
+
+    def add(self, raw: bytes) -> tuple[bytes, bytes] | None:
+        """Take one line; (name, claim) when it itemizes a received file."""
+        if raw[1:2] != b"f" or raw[:2] == ITEM_LINKED:  # (a prefix test first)
+            return None
+        got = item(raw)
+        if got is None:
+            return None
+        flags, claim, name = got
+        self._room -= len(name)
+        if self._room < 0:
+            self.complete = False
+            return None
+        if flags[:2] != ITEM_WROTE:
+            self.others.add(name)
+            return None
+        self.wrote.append(name)
+        if self.claims.get(name, claim) != claim or not claim:
+            claim = b""
+        self.claims[name] = claim
+        return name, claim
 
 
 class Lines:

@@ -91,9 +91,10 @@ class Report:
 class Candidate:
     name: str
     key: str
-    """``INODE:SHA256[:16]``, the state's key of one stored file."""
+    """``INODE:HEX[:16]`` (of its digest), the state's key of one stored file."""
     ino: int
-    sha256: str
+    digest: str
+    """``HASH:HEX`` (:data:`bakgrab.worker.manifest.HASHES`)."""
     size: int
     snapshot: str
     timestamp: int
@@ -199,7 +200,7 @@ def run(storage: Storage, *, name: str | None = None, snapshot: str | None = Non
                         continue
                     seen.add(key)
                     candidates.append(Candidate(
-                        n, key, entry.ino, entry.sha256, entry.size, snap.dirname,
+                        n, key, entry.ino, entry.digest, entry.size, snap.dirname,
                         snap.timestamp, entry.path, known.get(key, 0.0)))
         report.files = len(candidates)
         candidates.sort(key=lambda c: (c.last, c.timestamp))
@@ -272,12 +273,12 @@ def check(storage: Storage, c: Candidate, tree: manifest.Beneath) -> dict[str, A
     except OSError as e:
         return {"kind": "unreadable", "why": str(e)}
     try:
-        digest, size = manifest.hash_fd(fd, drop_cache=True)
+        digest, size = manifest.hash_fd(fd, drop_cache=True, hash=manifest.hash_of(c.digest))
     except OSError as e:  # EIO: what a failing disk says
         return {"kind": "unreadable", "why": str(e)}
     finally:
         os.close(fd)
-    if digest == c.sha256 and size == c.size:
+    if digest == c.digest and size == c.size:
         return None
     return {"kind": "content", "found": digest, "size_found": size,
             "why": "its bytes differ from those the pull stored"}
@@ -288,7 +289,8 @@ def file_key(entry: manifest.Entry, snapshot: str, per_snapshot: bool) -> str:
     snapshots share. On btrfs every snapshot is a subvolume that keeps the
     inode numbers of the one it was made from, yet its blocks may differ after
     a copy-on-write, so a file there is one per snapshot (issues 14, 15)."""
-    key = f"{entry.ino}:{entry.sha256[:16]}"
+    # (the hex alone: a file verified under a version 1 manifest keeps its key)
+    key = f"{entry.ino}:{entry.digest.partition(':')[2][:16]}"
     return f"{snapshot}/{key}" if per_snapshot else key
 
 
@@ -322,7 +324,7 @@ def record_damage(storage: Storage, name: str, snaps: list[Any],
             first = entries.get(key)
             if first is None:
                 continue
-            rec = {"key": key, "name": name, "ino": first.ino, "sha256": first.sha256,
+            rec = {"key": key, "name": name, "ino": first.ino, "digest": first.digest,
                    "size": first.size,
                    "detected": records.get(key, {}).get("detected", now), "checked": now,
                    **what, "where": where[key], "snapshots": sorted(where[key])}

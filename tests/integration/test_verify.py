@@ -291,7 +291,11 @@ def test_verify_pull_reads_back_what_the_pull_wrote(
     metas = [json.loads((storage / ".bakgrab" / "meta" / f"{s.name}.json").read_text())
              for s in (first, second)]
     assert [m["manifest"]["reread"] for m in metas] == [7, 1]
-    assert [m["manifest"]["hashed"] + m["manifest"]["prehashed"] for m in metas] == [7, 1]
+    # (each file's digest read during the pull, after it, or taken from
+    # rsync's checksum, issue 19: verify_pull reads it back all the same)
+    assert [m["manifest"]["hashed"] + m["manifest"]["prehashed"] + m["manifest"]["claimed"]
+            for m in metas] == [7, 1]
+    assert metas[0]["manifest"]["claims"] == "used" and metas[0]["manifest"]["claimed"] >= 1
     assert [m["manifest"]["reread_bad"] for m in metas] == [[], []]
     assert verify(storage)[0] == 0
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import xxhash
 
 from bakgrab.worker import damage, manifest, rsync, verify
 from bakgrab.worker.storage import Storage
@@ -28,7 +29,8 @@ def tree(root: Path, files: int = 5) -> None:
 
 
 def sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    """The digest the worker writes for a file it reads itself."""
+    return "xxh128:" + xxhash.xxh3_128(data).hexdigest()
 
 
 def test_build_hashes_every_regular_file_once_per_inode(tmp_path: Path) -> None:
@@ -39,7 +41,7 @@ def test_build_hashes_every_regular_file_once_per_inode(tmp_path: Path) -> None:
     by_path = {e.path: e for e in entries}
     assert set(by_path) == {"a/f0", "a/f1", "a/f2", "a/f3", "a/f4", "a/b/deep", "linked",
                             os.fsdecode(b"odd-\xff-name")}
-    assert by_path["a/f2"].sha256 == sha(b"file 2\n" * 3)
+    assert by_path["a/f2"].digest == sha(b"file 2\n" * 3)
     assert by_path["linked"].ino == by_path["a/b/deep"].ino
     assert stats.files == 8 and stats.inodes == 7 and stats.hashed == 7 and stats.reused == 0
     path = tmp_path / "m"
@@ -70,8 +72,8 @@ def test_build_keeps_entries_of_unchanged_inodes(tmp_path: Path) -> None:
     entries, stats = manifest.build(new, prev, [b"a/f1"])
     assert stats.hashed == 1 and stats.reused == 6
     by_path = {e.path: e for e in entries}
-    assert by_path["a/f1"].sha256 == sha(b"changed")
-    assert by_path["a/f3"].sha256 == sha(b"file 3\n" * 4)
+    assert by_path["a/f1"].digest == sha(b"changed")
+    assert by_path["a/f3"].digest == sha(b"file 3\n" * 4)
 
 
 def test_an_itemized_file_is_read_even_with_its_old_inode(tmp_path: Path) -> None:
@@ -85,7 +87,7 @@ def test_an_itemized_file_is_read_even_with_its_old_inode(tmp_path: Path) -> Non
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
     again, stats = manifest.build(tmp_path / "t", manifest.Manifest("x", entries), [b"a/f0"])
     assert stats.hashed == 1
-    assert next(e for e in again if e.path == "a/f0").sha256 == sha(b"FILE 0\n")
+    assert next(e for e in again if e.path == "a/f0").digest == sha(b"FILE 0\n")
 
 
 def test_a_damaged_manifest_is_told_apart(tmp_path: Path) -> None:
@@ -119,7 +121,7 @@ def test_entry_lines_are_json_dumps_of_the_entry_to_the_byte() -> None:
     entries.append(manifest.Entry("zero", 0, 0, 0, sha(b"")))
     lines = list(manifest.dump_lines("s", entries, {"k": 1}, created=1.5))
     assert lines[1:-1] == [
-        (json.dumps([e.path, e.size, e.mtime_ns, e.ino, e.sha256]) + "\n").encode()
+        (json.dumps([e.path, e.size, e.mtime_ns, e.ino, e.digest]) + "\n").encode()
         for e in entries]
     assert manifest.parse(b"".join(lines), "s").entries == entries
 
@@ -186,7 +188,7 @@ def test_prehasher_gives_no_result_for_a_file_that_grows_while_read(
     assert hasher.results == {}
     entries, stats = manifest.build(root, None, prehashed=hasher.results)
     assert stats.prehashed == 0
-    assert {e.path: e.sha256 for e in entries}["a/f1"] == sha((root / "a" / "f1").read_bytes())
+    assert {e.path: e.digest for e in entries}["a/f1"] == sha((root / "a" / "f1").read_bytes())
 
 
 def test_itemized_names_are_unescaped() -> None:
@@ -194,9 +196,15 @@ def test_itemized_names_are_unescaped() -> None:
     assert manifest.unescape(b"we ird\\#012name") == "we ird\nname"
     assert manifest.unescape(b"odd-\\#377") == os.fsdecode(b"odd-\xff")
     assert manifest.unescape(b"plain\\#x") == "plain\\#x"
-    assert rsync.wrote(b">f+++++++++ 12 a/b c") == b"a/b c"
-    assert rsync.wrote(b"cd+++++++++ 0 a/") is None
-    assert rsync.wrote(b"   1,234  50%  1.00MB/s    0:00:01") is None
+    claim = b"0123456789abcdef" * 2
+    assert rsync.item(b">f+++++++++ 12 " + claim + b"|a/b c|d") == (
+        b">f+++++++++", claim, b"a/b c|d")
+    assert rsync.item(b"cd+++++++++ 0 " + b" " * 32 + b"|  a/") == (b"cd+++++++++", b"", b"  a/")
+    # another checksum's length claims nothing
+    assert rsync.item(b">f+++++++++ 12 0123456789abcdef|x") == (b">f+++++++++", b"", b"x")
+    for other in (b"   1,234  50%  1.00MB/s    0:00:01", b">f+++++++++ 12 a/b c",
+                  b">f+++++++++ x " + claim + b"|n", b">f+++++++++ 1 " + claim + b"|"):
+        assert rsync.item(other) is None
 
 
 def test_rsync_itemizes_what_it_wrote_in_the_pull_format(tmp_path: Path) -> None:
@@ -209,7 +217,11 @@ def test_rsync_itemizes_what_it_wrote_in_the_pull_format(tmp_path: Path) -> None
     out = subprocess.run(["rsync", "-aH", "--modify-window=-1", f"--link-dest={old}",
                           f"--out-format={rsync.ITEM_FORMAT}", f"{src}/", f"{new}/"],
                          capture_output=True, check=True).stdout
-    assert [n for line in out.splitlines() if (n := rsync.wrote(line))] == [b"a/f1"]
+    items = rsync.Items()
+    for line in out.splitlines():
+        items.add(line)
+    assert items.wrote == [b"a/f1"]
+    assert items.claims == {b"a/f1": xxhash.xxh3_128(b"changed").hexdigest().encode()}
 
 
 def snapshot_storage(tmp_path: Path, files: int) -> tuple[Storage, Path]:
@@ -230,7 +242,7 @@ def test_share_rotation_reads_least_recently_verified_first(tmp_path: Path) -> N
     never-verified count falls to 0."""
     storage, _ = snapshot_storage(tmp_path, files=13)  # 13 + deep + odd = 15 inodes
     state = storage.state / "verified" / "n.json"
-    keys = {f"{e.ino}:{e.sha256[:16]}" for e in manifest.load(storage, next(
+    keys = {verify.file_key(e, "", False) for e in manifest.load(storage, next(
         s.dirname for s in storage.snapshots("n"))).entries}  # type: ignore[union-attr]
     assert len(keys) == 15
     before: dict[str, float] = {}
@@ -322,7 +334,8 @@ def test_verify_pull_refuses_a_file_the_disk_gives_back_otherwise(
     assert stats.reread == stats.hashed == 7 and stats.reread_bad == []
     real = manifest.reread_from_disk
     monkeypatch.setattr(manifest, "reread_from_disk",
-                        lambda root, s: "0" * 64 if s.path == "a/f2" else real(root, s))
+                        lambda root, s, *rest: "sha256:" + "0" * 64 if s.path == "a/f2"
+                        else real(root, s, *rest))
     with pytest.raises(TransferInterrupted, match="differ"):
         manifest.make(storage, storage.inprogress("n"), "n.2026-01-01.2", None, reread=True)
     assert not (storage.inprogress("n") / "a" / "f2").exists()
@@ -345,7 +358,7 @@ def test_prehasher_results_are_taken_only_for_the_same_inode_size_and_mtime(
     (root / "a" / "f1").write_bytes(b"changed after")
     entries, stats = manifest.build(root, None, prehashed=hasher.results)
     assert stats.prehashed == 3 and stats.hashed == 4  # f1 again; f2, f3, f4
-    by_path = {e.path: e.sha256 for e in entries}
+    by_path = {e.path: e.digest for e in entries}
     assert by_path["a/f1"] == sha(b"changed after")
     assert by_path[os.fsdecode(b"odd-\xff-name")] == sha(b"odd")
 
@@ -360,14 +373,15 @@ def test_prehasher_during_a_real_rsync(tmp_path: Path) -> None:
         proc = subprocess.Popen(["rsync", "-aH", f"--out-format={rsync.ITEM_FORMAT}",
                                  f"{src}/", f"{dest}/"], stdout=subprocess.PIPE)
         assert proc.stdout is not None
+        items = rsync.Items()
         for line in proc.stdout:
-            name = rsync.wrote(line.rstrip(b"\n"))
-            if name is not None:
-                hasher.submit(name)
+            told = items.add(line.rstrip(b"\n"))
+            if told is not None:
+                hasher.submit(told[0])
         assert proc.wait(30) == 0
     entries, stats = manifest.build(dest, None, prehashed=hasher.results)
     assert stats.prehashed + stats.hashed == 7
-    assert {e.path: e.sha256 for e in entries} == {
+    assert {e.path: e.digest for e in entries} == {
         e.path: sha((dest / e.path).read_bytes()) for e in entries}
 
 
@@ -403,7 +417,7 @@ def test_verify_tells_removed_replaced_and_unreadable_apart(tmp_path: Path) -> N
 
     def candidate(path: str, snapshot: str = snap.name) -> verify.Candidate:
         e = by_path[path]
-        return verify.Candidate("n", "k", e.ino, e.sha256, e.size, snapshot, 0, e.path, 0.0)
+        return verify.Candidate("n", "k", e.ino, e.digest, e.size, snapshot, 0, e.path, 0.0)
 
     with manifest.Beneath(snap) as tree:
         assert verify.check(storage, candidate("a/f0"), tree) is None
@@ -472,3 +486,139 @@ def test_a_stopped_verify_keeps_what_it_had_read(tmp_path: Path,
     monkeypatch.setattr(verify, "check", real)
     report = verify.run(storage, share=0.6)  # ceil(60% of 5) = 3: the 3 never read
     assert report.checked == 3 and report.never_verified == 0
+
+
+# -- rsync's own checksums (issue 19) -------------------------------------------
+
+def pull(src: Path, dest: Path, *extra: str) -> rsync.Items:
+    """A real local rsync in the pull's format; what its lines said."""
+    out = subprocess.run(["rsync", "-aH", "--modify-window=-1", *extra,
+                          f"--out-format={rsync.ITEM_FORMAT}", f"{src}/", f"{dest}/"],
+                         capture_output=True, check=True).stdout
+    items = rsync.Items()
+    for line in out.splitlines():
+        items.add(line)
+    return items
+
+
+def true_digests(root: Path, entries: list[manifest.Entry]) -> dict[str, str]:
+    return {e.path: sha((root / e.path).read_bytes()) for e in entries}
+
+
+def claims_of(items: rsync.Items) -> manifest.Claims:
+    return manifest.Claims(items.claims, items.others)
+
+
+def test_a_first_pull_takes_rsyncs_checksums_unread(tmp_path: Path) -> None:
+    """Into an empty tree, every received file's digest is the xxh128 its
+    line claimed (one read proves the kind); the hard link ("hf") shares
+    its inode's; nothing else is read."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    tree(src)
+    items = pull(src, dest)
+    assert len(items.claims) == 7 and all(items.claims.values())
+    entries, stats = manifest.build(dest, None, items.wrote, claims=claims_of(items))
+    assert (stats.claims, stats.claimed, stats.hashed, stats.claims_refused) == ("used", 7, 0, 0)
+    assert {e.path: e.digest for e in entries} == true_digests(dest, entries)
+    assert len(entries) == 8  # (the hard link: two paths, one inode)
+
+
+def test_forged_lines_only_make_files_be_read(tmp_path: Path) -> None:
+    """Lines the client adds (it can print any) cannot put a wrong digest in:
+    a second claim for a received file, a claim for a hard link's other
+    name, a claim with a "cf" line (a local copy) beside it, a claim for a
+    file --link-dest linked, one for a path that is not there: each such
+    inode is read, or keeps its previous entry."""
+    src, old, dest = tmp_path / "src", tmp_path / "old", tmp_path / "dest"
+    tree(src)
+    subprocess.run(["rsync", "-aH", f"{src}/", f"{old}/"], check=True)
+    previous = manifest.Manifest("old", manifest.build(old, None)[0])
+    (src / "a" / "f1").write_bytes(b"changed")
+    (src / "a" / "f4").write_bytes(b"new content of f4")
+    (src / "new").write_bytes(b"a new file")
+    items = pull(src, dest, f"--link-dest={old}")
+    assert set(items.claims) == {b"a/f1", b"a/f4", b"new"}
+    wrong = b"f" * 32
+    for line in [b">f+++++++++ 3 " + wrong + b"|a/f1",          # a second claim
+                 b">f+++++++++ 3 " + wrong + b"|a/f0",          # linked: the previous entry
+                 b">f+++++++++ 3 " + wrong + b"|nowhere",
+                 b">f+++++++++ 3 " + wrong + b"|linked",        # no line: linked unchanged
+                 b">f+++++++++ 3 " + wrong + b"|a",             # a directory
+                 b"cf......... 0 " + b" " * 32 + b"|new"]:      # as if copied locally
+        items.add(line)
+    entries, stats = manifest.build(dest, previous, items.wrote, claims=claims_of(items))
+    assert {e.path: e.digest for e in entries} == true_digests(dest, entries)
+    assert stats.claims == "used" and stats.claimed == 1  # a/f4 alone
+    assert stats.claims_refused == 2  # a/f1 and new
+    # read: those two, and what a ">f" line named although linked (a/f0, and
+    # linked's inode: on copy-on-write such a file may be rewritten in place)
+    assert stats.hashed == 4 and stats.reused == 3
+
+
+def test_claims_of_another_checksum_are_not_used(tmp_path: Path) -> None:
+    """md5 prints as many hex digits as xxh128: the one file read tells,
+    and then every file is read."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    tree(src)
+    items = pull(src, dest, "--checksum-choice=md5")
+    assert len(items.claims) == 7 and all(items.claims.values())
+    entries, stats = manifest.build(dest, None, items.wrote, claims=claims_of(items))
+    assert stats.claims.startswith("refused") and stats.claimed == 0 and stats.hashed == 7
+    assert {e.path: e.digest for e in entries} == true_digests(dest, entries)
+
+
+def test_prehasher_stops_once_the_first_claim_reads_true(tmp_path: Path) -> None:
+    """With ``sample``, the first claimed file is read and, agreeing, the
+    rest are not; with md5's claims it goes on reading them all."""
+    for extra, trusting in (((), True), (("--checksum-choice=md5",), False)):
+        src, dest = tmp_path / f"src{trusting}", tmp_path / f"dest{trusting}"
+        tree(src)
+        with manifest.Prehasher(dest, sample=True) as hasher:
+            for name, claim in pull(src, dest, *extra).claims.items():
+                hasher.submit(name, claim)
+        assert hasher.trusting is trusting
+        assert len(hasher.results) == (1 if trusting else 7)
+
+
+def test_dropped_lines_keep_nothing_and_claim_nothing(tmp_path: Path) -> None:
+    """Past its limit, Items drops lines and says so; the manifest then reads
+    every file (none kept from the previous manifest, no claim taken)."""
+    items = rsync.Items(limit=10)
+    claim = b"0" * 32
+    assert items.add(b">f+++++++++ 1 " + claim + b"|12345") == (b"12345", claim)
+    assert items.add(b">f+++++++++ 1 " + claim + b"|123456") is None
+    assert not items.complete and items.wrote == [b"12345"]
+    storage = Storage(tmp_path / "storage")
+    (tmp_path / "storage").mkdir()
+    storage.prepare()
+    src = tmp_path / "src"
+    tree(src)
+    first = pull(src, storage.inprogress("n"))
+    manifest.make(storage, storage.inprogress("n"), "n.2026-01-01.1", None, first.wrote,
+                  claims=claims_of(first))
+    storage.inprogress("n").rename(storage.root / "n.2026-01-01.1")
+    again = pull(src, storage.inprogress("n"), f"--link-dest={storage.root / 'n.2026-01-01.1'}")
+    stats = manifest.make(storage, storage.inprogress("n"), "n.2026-01-01.2", "n.2026-01-01.1",
+                          again.wrote, claims=claims_of(again), complete=False)
+    assert (stats.reused, stats.claimed, stats.hashed) == (0, 0, 7)
+
+
+def test_a_version_1_manifest_reads_as_sha256_and_verifies(tmp_path: Path) -> None:
+    """Manifests written before issue 19 (version 1: SHA-256 hex, unnamed)
+    load with named digests, and verify reads their files with SHA-256."""
+    storage, snap = snapshot_storage(tmp_path, files=3)
+    path = manifest.path_of(storage, snap.name)
+    old = []
+    for e in manifest.load(storage, snap.name).entries:  # type: ignore[union-attr]
+        digest = hashlib.sha256((snap / e.path).read_bytes()).hexdigest()
+        old.append(json.dumps([e.path, e.size, e.mtime_ns, e.ino, digest]) + "\n")
+    body = json.dumps({"bakgrab_manifest": 1, "snapshot": snap.name, "hash": "sha256",
+                       "created": 1.0, "info": {}}) + "\n" + "".join(old)
+    trailer = {"end": len(old), "sha256": hashlib.sha256(body.encode()).hexdigest()}
+    path.write_text(body + json.dumps(trailer) + "\n")
+    loaded = manifest.load(storage, snap.name)
+    assert loaded is not None and all(e.digest.startswith("sha256:") for e in loaded.entries)
+    report = verify.run(storage)
+    assert report.checked == 5 and report.good == 5 and not report.bad  # (inodes)
+    (snap / "a" / "f1").write_bytes(b"rot" * 3)
+    assert verify.run(storage).bad

@@ -393,14 +393,17 @@ def test_stats_of_nothing() -> None:
 # -- reading rsync's stdout (issue 19) -------------------------------------------
 
 LONG_NAME = b"d/" + b"n" * 150_000  # (a line longer than two reads of the pipe)
+CLAIM = b"0123456789abcdef" * 2
+"""A checksum as rsync prints it with ``%C`` (xxh128: 32 hex)."""
+BLANK = b" " * 32
 STDOUT = (
     b"receiving incremental file list\n"
-    b">f+++++++++ 6 a\n"
+    b">f+++++++++ 6 " + CLAIM + b"|a\n"
     b"\r              6   0%    0.00kB/s    0:00:00 (xfr#1, ir-chk=1002/1004)"
     b"\r          1,030  50%  500.00kB/s    0:00:00 (xfr#2, ir-chk=1001/1004)\r\n"
-    b">f+++++++++ 1024 " + LONG_NAME + b"\n"
-    b"cd+++++++++ 0 d\n"
-    b"\r\r>f.st...... 7 odd-\\#377-\xff-bytes\n"
+    b">f+++++++++ 1024 " + CLAIM + b"|" + LONG_NAME + b"\n"
+    b"cd+++++++++ 0 " + BLANK + b"|d\n"
+    b"\r\r>f.st...... 7 " + CLAIM + b"|odd-\\#377-\xff-bytes\n"
     b"\n"
     b"Number of files: 1,004 (reg: 1,000, dir: 4)\n"
     b"Total bytes received: 2,061\n"
@@ -481,13 +484,14 @@ def test_run_rsync_reads_names_progress_stats_and_the_tail(
         return real_parse(text)
 
     monkeypatch.setattr(rsync, "parse_stats", parse)
-    data = b"".join(b">f+++++++++ 3 d/f%d\n" % i for i in range(100)) + STDOUT
+    data = b"".join(b">f+++++++++ 3 %s|d/f%d\n" % (CLAIM, i) for i in range(100)) + STDOUT
     reports: list[dict[str, Any]] = []
-    told: list[bytes] = []
+    told: list[tuple[bytes, bytes]] = []
     outcome = grab.run_rsync(fake_rsync(tmp_path, data, pause=0.02, pieces=9),
-                             reports.append, None, told.append)
+                             reports.append, None, lambda *got: told.append(got))
     names = [b"d/f%d" % i for i in range(100)] + [b"a", LONG_NAME, b"odd-\\#377-\xff-bytes"]
-    assert outcome.wrote == names and told == names
+    assert outcome.items.wrote == names and told == [(n, CLAIM) for n in names]
+    assert outcome.items.claims == dict.fromkeys(names, CLAIM) and outcome.items.complete
     assert outcome.code == 0
     assert outcome.stats == {"files": 1004, "bytes_received": 2061}
     assert reports and reports[-1]["bytes"] == 1030 and reports[-1]["files_total"] == 1004
@@ -511,12 +515,12 @@ def test_run_rsync_reads_a_trickle_in_few_reads(
         return chunk
 
     lines = 400
-    argv = fake_rsync(tmp_path, b"".join(b">f+++++++++ 3 f%d\n" % i for i in range(lines)),
-                      pause=0.001, pieces=lines)
+    argv = fake_rsync(tmp_path, b"".join(b">f+++++++++ 3 %s|f%d\n" % (CLAIM, i)
+                                         for i in range(lines)), pause=0.001, pieces=lines)
     monkeypatch.setattr(grab.os, "read", counted)
     outcome = grab.run_rsync(argv, lambda info: None)
     monkeypatch.undo()
-    assert len(outcome.wrote) == lines
+    assert len(outcome.items.wrote) == lines
     assert len(reads) <= lines // 4, reads
 
 

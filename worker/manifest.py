@@ -61,11 +61,12 @@ import logging
 import os
 import queue
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import xxhash
 
@@ -93,9 +94,9 @@ class Damaged(Exception):
     """A manifest that exists but cannot be trusted (checksum or format)."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Entry:
-    """One regular file of a snapshot."""
+class Entry(NamedTuple):
+    """One regular file of a snapshot (a tuple: a manifest makes tens of
+    thousands, and a frozen dataclass costs three times as much to make)."""
 
     path: str
     size: int
@@ -351,8 +352,7 @@ def hash_fd(fd: int, *, drop_cache: bool = False, size: int | None = None,
 
 # -- building ------------------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Seen:
+class Seen(NamedTuple):
     """A regular file as the walk found it."""
 
     path: str
@@ -378,20 +378,23 @@ def walk(root: Path) -> Iterator[Seen]:
 
 def unescape(name: bytes) -> str:
     """A name as rsync printed it (``%n``): it writes an unprintable byte as
-    ``\\#ooo``. A name that itself holds such text is misread, which costs
-    nothing: the itemized list only orders the reading."""
-    if b"\\#" in name:
-        parts = name.split(b"\\#")
-        out = bytearray(parts[0])
-        for part in parts[1:]:
-            code = part[:3]
-            if len(code) == 3 and all(48 <= c <= 55 for c in code):
-                out.append(int(code, 8) & 0xFF)
-                out += part[3:]
-            else:
-                out += b"\\#" + part
-        name = bytes(out)
-    return os.fsdecode(name)
+    ``\\#ooo``, and the backslash of a name's own ``\\#`` and three digits
+    as ``\\#134``, so every name reads back as it is."""
+    if b"\\#" not in name:
+        return name.decode(_FS_ENCODING, "surrogateescape")  # (os.fsdecode's, inline)
+    parts = name.split(b"\\#")
+    out = bytearray(parts[0])
+    for part in parts[1:]:
+        code = part[:3]
+        if len(code) == 3 and all(48 <= c <= 55 for c in code):
+            out.append(int(code, 8) & 0xFF)
+            out += part[3:]
+        else:
+            out += b"\\#" + part
+    return os.fsdecode(bytes(out))
+
+
+_FS_ENCODING = sys.getfilesystemencoding()
 
 
 @dataclasses.dataclass
@@ -435,7 +438,8 @@ class Claims:
     """Escaped names of regular files on lines that claim nothing (``cf``...)."""
 
 
-def trusted_claims(claims: Claims, seen: list[Seen], known: Mapping[int, Entry]
+def trusted_claims(claims: Claims, seen: list[Seen], known: Mapping[int, Entry],
+                   names: Mapping[bytes, str] | None = None
                    ) -> tuple[dict[int, tuple[str, str]], int]:
     """The claims that can stand for a read, by inode (the claiming path and
     its digest), and how many inodes had claims that cannot.
@@ -448,8 +452,9 @@ def trusted_claims(claims: Claims, seen: list[Seen], known: Mapping[int, Entry]
     copied a file of the previous snapshot; a received file whose checksum
     was not xxh128's length). Its real ``>f`` line or ``cf`` line is always
     among them, so a forged line can only make an inode be read. Whether
-    the claims are xxh128 at all is for the caller to check on one."""
-    digests = {unescape(n): c for n, c in claims.digests.items()}
+    the claims are xxh128 at all is for the caller to check on one.
+    ``names``: the claims' names already unescaped, if the caller has them."""
+    digests = {names[n] if names else unescape(n): c for n, c in claims.digests.items()}
     others = {unescape(n) for n in claims.others}
     by_ino: dict[int, tuple[str, bytes] | None] = {}
     for s in seen:
@@ -490,14 +495,15 @@ def build(root: Path, previous: Manifest | None, changed: Iterable[bytes] = (),
         seen = list(walk(root))
         stats.files = len(seen)
         vouched: dict[int, tuple[str, str]] = {}
+        names = {raw: unescape(raw) for raw in claims.digests} if claims is not None else {}
         if claims is not None:
-            vouched, stats.claims_refused = trusted_claims(claims, seen, known)
+            vouched, stats.claims_refused = trusted_claims(claims, seen, known, names)
             stats.claims = prove(tree, vouched, {s.ino: s for s in seen}, early)
             if stats.claims != "used":
                 vouched = {}
         # what rsync wrote is read whatever the previous manifest says: on a
         # copy-on-write backend a file rewritten in place keeps its inode
-        wrote_paths = [unescape(raw) for raw in changed]  # (once each: issue 19)
+        wrote_paths = [names.get(raw) or unescape(raw) for raw in changed]  # (once each: 19)
         wrote = set(wrote_paths)
         order: list[Seen] = []
         fresh: list[Seen] = []

@@ -491,10 +491,10 @@ def test_a_stopped_verify_keeps_what_it_had_read(tmp_path: Path,
 # -- rsync's own checksums (issue 19) -------------------------------------------
 
 def pull(src: Path, dest: Path, *extra: str) -> rsync.Items:
-    """A real local rsync in the pull's format; what its lines said."""
+    """A real local rsync in the pull's format and locale; what its lines said."""
     out = subprocess.run(["rsync", "-aH", "--modify-window=-1", *extra,
                           f"--out-format={rsync.ITEM_FORMAT}", f"{src}/", f"{dest}/"],
-                         capture_output=True, check=True).stdout
+                         capture_output=True, check=True, env={**os.environ, "LC_ALL": "C"}).stdout
     items = rsync.Items()
     for line in out.splitlines():
         items.add(line)
@@ -622,3 +622,21 @@ def test_a_version_1_manifest_reads_as_sha256_and_verifies(tmp_path: Path) -> No
     assert report.checked == 5 and report.good == 5 and not report.bad  # (inodes)
     (snap / "a" / "f1").write_bytes(b"rot" * 3)
     assert verify.run(storage).bad
+
+
+def test_claims_find_their_files_whatever_the_names(tmp_path: Path) -> None:
+    """rsync escapes what a name holds (a newline, a byte that is not UTF-8,
+    a name's own backslash-hash-digits) so that each line names one file:
+    every claim of a real pull lands on its own file, none is refused."""
+    src, dest = tmp_path / "src", tmp_path / "dest"
+    src.mkdir()
+    names = [b"a\\#012b", b"x\\#899", b"new\nline", b"odd\xff", b"tab\there", b" lead",
+             b"trail ", b"pipe|name", b"end\\#12", b"\\#134#", b"utf8-\xc3\xa9"]
+    for i, raw in enumerate(names):
+        (src / os.fsdecode(raw)).write_bytes(b"content %d" % i)
+    items = pull(src, dest)
+    assert len(items.claims) == len(names) and all(items.claims.values())
+    entries, stats = manifest.build(dest, None, items.wrote, claims=claims_of(items))
+    assert (stats.claims, stats.claimed, stats.claims_refused) == ("used", len(names), 0)
+    assert {e.path: e.digest for e in entries} == true_digests(dest, entries)
+    assert sorted(os.fsencode(e.path) for e in entries) == sorted(names)

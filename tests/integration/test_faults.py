@@ -16,8 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+import xxhash
 from celery import Celery
 
+from bakgrab.worker import manifest
+from bakgrab.worker.storage import Storage
 from tests import support
 from tests.conftest import need_root
 from tests.integration.test_retention import free_bytes, identities, small_fs, still_alive
@@ -207,6 +210,16 @@ def test_client_killed_then_next_grab_resumes(tmp_path: Path, redis_url: str,
         result = json.loads(done.stdout)
         one_snapshot_identical(storage, "ck", src)
         assert result["files_transferred"] <= 24 - kept
+        # issue 19: no line of the resumed run names the files the killed
+        # one wrote, so no checksum of rsync's is taken: every file is read
+        built = json.loads((storage / ".bakgrab" / "meta" / f"{result['snapshot']}.json")
+                           .read_text())["manifest"]
+        assert (built["claims"], built["claimed"]) == ("off", 0), built
+        found = manifest.load(Storage(storage), result["snapshot"])
+        assert found is not None and len(found.entries) == 24
+        for e in found.entries:
+            data = (storage / result["snapshot"] / e.path).read_bytes()
+            assert e.digest == "xxh128:" + xxhash.xxh3_128(data).hexdigest(), e.path
         assert_clean(worker, storage)
     finally:
         worker.stop()

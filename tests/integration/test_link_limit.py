@@ -16,8 +16,11 @@ import secrets
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from bakgrab.tasks.caps import WORKER_CAPS
+from bakgrab.worker import manifest
+from bakgrab.worker.storage import Storage
 from tests import support
 from tests.conftest import need_root
 
@@ -76,3 +79,13 @@ def test_file_past_the_link_limit_is_copied_with_a_warning(shared_tmp: Path,
         assert (s2 / "plain").stat().st_ino == (s1 / "plain").stat().st_ino
         assert not list((storage / ".bakgrab" / "inprogress").iterdir())
         assert not (storage / ".bakgrab" / "heal" / "ll.link-limit").exists()
+        # issue 19: the first backup takes rsync's checksums; the second ran
+        # rsync twice into one tree, so it takes none, and its new inode's
+        # entry is what the file holds
+        metas = [json.loads((storage / ".bakgrab" / "meta" / f"{s.name}.json").read_text())
+                 ["manifest"] for s in (s1, s2)]
+        assert [m["claims"] for m in metas] == ["used", "off"], metas
+        found = manifest.load(Storage(storage), s2.name)
+        assert found is not None
+        assert {e.digest for e in found.entries if e.ino == new.stat().st_ino} == {
+            "xxh128:" + xxhash.xxh3_128(new.read_bytes()).hexdigest()}

@@ -438,8 +438,9 @@ def run_pull(spec: rsync.PullSpec, on_progress: ProgressFn,
              confined: Confinement | None = None,
              on_wrote: Callable[[bytes, bytes], None] | None = None) -> PullOutcome:
     """Run the pull, report its progress, and classify its exit."""
+    marker = rsync.new_marker()
     try:
-        return run_rsync(rsync.pull_argv(spec), on_progress, confined, on_wrote)
+        return run_rsync(rsync.pull_argv(spec, marker), on_progress, confined, on_wrote, marker)
     except rsync.LinkLimit as e:
         if spec.link_dest is None or not e.paths:
             raise
@@ -466,8 +467,10 @@ def pull_past_link_limit(spec: rsync.PullSpec, on_progress: ProgressFn,
             if confined is not None and box is not None:
                 confined = dataclasses.replace(confined, sandbox=dataclasses.replace(
                     box, link_from=[tree, *box.link_from]))
+            marker = rsync.new_marker()
             try:
-                outcome = run_rsync(rsync.pull_argv(again), on_progress, confined)
+                outcome = run_rsync(rsync.pull_argv(again, marker), on_progress, confined,
+                                    marker=marker)
             except rsync.LinkLimit as e:
                 leaders = e.paths
                 continue
@@ -481,22 +484,25 @@ def pull_past_link_limit(spec: rsync.PullSpec, on_progress: ProgressFn,
 
 def run_rsync(argv: list[str], on_progress: ProgressFn,
               confined: Confinement | None = None,
-              on_wrote: Callable[[bytes, bytes], None] | None = None) -> PullOutcome:
+              on_wrote: Callable[[bytes, bytes], None] | None = None,
+              marker: bytes = b"") -> PullOutcome:
     """Run rsync (confined when asked: sandbox and minimum rate), report its
     progress, and classify its exit; ``on_wrote`` is told each file rsync
-    says it received, and the checksum it claims, as it says so (issues 15, 19)."""
+    says it received, and the checksum it claims, as it says so (issues 15,
+    19): on the lines that hold ``marker`` (:func:`bakgrab.worker.rsync.new_marker`)."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C",
            "HOME": os.environ.get("HOME", "/")}
     stderr_lines: collections.deque[str] = collections.deque(maxlen=200)
     failed: list[str] = []
-    items = rsync.Items()  # the files rsync received, for the manifest (issues 15, 19)
+    items = rsync.Items(marker)  # the files rsync received, for the manifest (issues 15, 19)
 
     with contextlib.ExitStack() as stack:
         confine = None
         if confined is not None and confined.sandbox is not None:
             ruleset = stack.enter_context(confined.sandbox.ruleset())
             confine = functools.partial(sandbox.enter, ruleset)
-        child = stack.enter_context(process.spawn(argv, env=env, confine=confine))
+        child = stack.enter_context(process.spawn(
+            argv, env=env, confine=confine, secrets=[marker.decode("ascii")]))
         # the child holds its own domain now; the ruleset fd closes with the stack
         watch = stack.enter_context(watchdog.RateWatch(
             child.pid, confined.min_rate if confined else 0,
@@ -525,10 +531,9 @@ def run_rsync(argv: list[str], on_progress: ProgressFn,
                 break
             got = lines.feed(chunk)
             for raw in got:
-                if raw[1:2] == b"f":  # (a prefix test: no per-line work for the rest)
-                    told = items.add(raw)
-                    if told is not None and on_wrote is not None:
-                        on_wrote(*told)
+                told = items.add(raw)
+                if told is not None and on_wrote is not None:
+                    on_wrote(*told)
             tail.extend(got)
             now = time.monotonic()
             if now >= due:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -163,8 +164,9 @@ def quote_for_rsh(arg: str) -> str:
     return f"'{arg}'" if any(c in arg for c in " \t\"") else arg
 
 
-def pull_argv(spec: PullSpec) -> list[str]:
-    """The rsync argv of one pull from the client's gate into ``spec.dest``."""
+def pull_argv(spec: PullSpec, marker: bytes = b"") -> list[str]:
+    """The rsync argv of one pull from the client's gate into ``spec.dest``;
+    ``marker`` (:func:`new_marker`) starts each of its itemized lines."""
     argv = [
         # -z and its choice apart from -HaAX: ``off`` sends no -z at all (issue 19)
         "rsync", "-HaAX", *compress.rsync_options(spec.compress),
@@ -182,7 +184,7 @@ def pull_argv(spec: PullSpec) -> list[str]:
         "--stats", "--info=progress2", "--no-human-readable", "--outbuf=L",
         # one line per item the pull changed; ">f" lines name the files it
         # wrote, which the manifest reads first (issue 15, see ITEM_WROTE)
-        f"--out-format={ITEM_FORMAT}",
+        "--out-format=" + (f"{marker.decode('ascii')} " if marker else "") + ITEM_FORMAT,
         "--rsh=" + " ".join(quote_for_rsh(a) for a in ssh_command(spec)),
     ]
     if not spec.as_root:
@@ -226,7 +228,8 @@ def exclude_rules(patterns: Sequence[str]) -> str:
 # -- output -----------------------------------------------------------------
 
 ITEM_FORMAT = "%i %b %C|%n"
-"""rsync's itemized line of a pull: 11 change flags, the bytes transferred,
+"""rsync's itemized line of a pull (after the run's marker: :func:`new_marker`):
+11 change flags, the bytes transferred,
 the whole-file checksum rsync's receiver verified for a file it received
 (``%C``: blank for anything else), then ``|`` and the name (unprintable bytes
 escaped as ``\\#ooo``, so a name never breaks a line; the checksum is hex
@@ -236,8 +239,23 @@ rsync 3.4: without it the line comes first); rsync renames it into place
 right after, before the next file's line (issue 15: see
 :class:`bakgrab.worker.manifest.Prehasher`). The checksum may go into the
 manifest instead of a read of the file (issue 19): see
-:func:`bakgrab.worker.manifest.build` for when it can be trusted; the
-client's rsync can print any line here too (``MSG_INFO``)."""
+:func:`bakgrab.worker.manifest.build` for when it can be trusted."""
+MARKER_BYTES = 16
+
+
+def new_marker() -> bytes:
+    """A fresh marker for one rsync run's itemized lines (32 hex digits).
+
+    The client's rsync can make the worker's print any text among its own
+    lines (``MSG_INFO``), a whole line or, without a newline, a prefix glued
+    to the next line rsync prints. rsync sends its ``--out-format`` to the
+    peer only when it is the sender, never in a pull: so the client never
+    learns the marker, a line it forges carries none, and a real line it
+    glued something to still holds the marker, where the real line begins.
+    Unguessable to the peer, not a secret of the backup host (its users see
+    rsync's argv; a pull's stream is beyond their reach): the debug log
+    masks it all the same."""
+    return secrets.token_hex(MARKER_BYTES).encode("ascii")
 ITEM_WROTE = b">f"
 """The start of the itemized line of a regular file rsync received."""
 ITEM_LINKED = b"hf"
@@ -252,7 +270,8 @@ _HEX = frozenset(b"0123456789abcdef")
 
 def item(raw: bytes) -> tuple[bytes, bytes, bytes] | None:
     """The flags, checksum (hex, or b"" when blank) and (escaped) name of an
-    itemized line of :data:`ITEM_FORMAT`; None for any other line."""
+    itemized line of :data:`ITEM_FORMAT` (its marker taken off); None for
+    any other line."""
     if len(raw) <= ITEM_NAME_AT or raw[ITEM_NAME_AT - 1:ITEM_NAME_AT] != b" ":
         return None
     count, _, rest = raw[ITEM_NAME_AT:].partition(b" ")
@@ -273,16 +292,20 @@ client can send without end, are dropped and the record marked incomplete
 
 
 class Items:
-    """What one pull's itemized lines said of its regular files (issue 15, 19).
+    """What one rsync run's itemized lines said of its regular files (issues
+    15, 19): only lines that hold the run's ``marker`` count, read from it on
+    (a client cannot forge them; what it glued in front is dropped).
 
     ``wrote``: the names of the ``>f`` lines, in rsync's order. ``claims``:
     the checksum each such line claimed, by name (b"" once two lines of a
     name disagree, or one claimed nothing). ``others``: names of regular
     files on any other line but ``hf`` (e.g. ``cf``, a local copy, whose
-    inode no checksum covers). The client can print any line among these:
-    they are claims to check, never facts (:func:`bakgrab.worker.manifest.build`)."""
+    inode no checksum covers). Claims all the same, checked before they
+    stand for a read (:func:`bakgrab.worker.manifest.build`): an rsync is
+    only as honest as it is, and a marker only as good as its secrecy."""
 
-    def __init__(self, limit: int = MAX_ITEM_BYTES) -> None:
+    def __init__(self, marker: bytes = b"", limit: int = MAX_ITEM_BYTES) -> None:
+        self.marker = marker + b" " if marker else b""
         self.wrote: list[bytes] = []
         self.claims: dict[bytes, bytes] = {}
         self.others: set[bytes] = set()
@@ -292,6 +315,11 @@ class Items:
 
     def add(self, raw: bytes) -> tuple[bytes, bytes] | None:
         """Take one line; (name, claim) when it itemizes a received file."""
+        if self.marker:
+            at = raw.find(self.marker)  # (at 0 but where the client glued text on)
+            if at < 0:
+                return None
+            raw = raw[at + len(self.marker):]
         if raw[1:2] != b"f" or raw[:2] == ITEM_LINKED:  # (a prefix test first)
             return None
         got = item(raw)

@@ -871,3 +871,27 @@ def test_exceptions_survive_celery_json_results(code: int, stderr: str) -> None:
     assert type(back) is type(exc)
     assert tuple(back.args) == exc.args
     assert (back.exit_code, back.transient) == (exc.exit_code, exc.transient)
+
+
+def test_only_lines_holding_the_runs_marker_count() -> None:
+    """issue 19: a line the client forged has no marker and counts for
+    nothing; a real line the client glued text in front of (a message
+    without a newline) is read from its marker on; the marker is in the
+    pull's --out-format, fresh for every run."""
+    marker = rsync.new_marker()
+    assert len(marker) == 32 and marker != rsync.new_marker()
+    items = rsync.Items(marker)
+    wrong = b"f" * 32
+    assert items.add(b">f+++++++++ 3 " + wrong + b"|a") is None  # forged
+    assert items.add(b"x" + marker + b" >f+++++++++ 3 " + CLAIM + b"|a") == (b"a", CLAIM)
+    assert items.add(marker + b" >f+++++++++ 3 " + CLAIM + b"|b|c") == (b"b|c", CLAIM)
+    assert items.add(marker + b" cf......... 0 " + BLANK + b"|copy") is None
+    assert items.add(marker[:-1] + b" >f+++++++++ 3 " + wrong + b"|b|c") is None
+    assert items.wrote == [b"a", b"b|c"] and items.claims == {b"a": CLAIM, b"b|c": CLAIM}
+    assert items.others == {b"copy"}
+    spec = rsync.PullSpec(user="u", address="127.0.0.1", port=22, key_file=Path("k"),
+                          known_hosts=Path("kh"), host_alias="h", exclude_file=Path("x"),
+                          dest=Path("d"), link_dest=None, timeout=60, connect_timeout=10,
+                          alive_interval=15)
+    assert f"--out-format={marker.decode()} {rsync.ITEM_FORMAT}" in rsync.pull_argv(spec, marker)
+    assert f"--out-format={rsync.ITEM_FORMAT}" in rsync.pull_argv(spec)

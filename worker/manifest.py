@@ -36,11 +36,12 @@ And where one rsync run wrote the whole tree from empty (a first pull, or
 any pull on the hard-link backend that did not resume), it reads hardly
 anything: rsync's receiver checks each file it receives against the
 whole-file checksum the sender sent, xxh128 between two rsyncs >= 3.2, and
-prints it (:data:`bakgrab.worker.rsync.ITEM_FORMAT`). Such a line is only a
-claim, since the client can print any line there: :func:`trusted_claims`
-says which can stand for a read, and one file read proves their kind
-(:func:`prove`); the Prehasher stops once its first file agrees with its
-line (issue 19).
+prints it (:data:`bakgrab.worker.rsync.ITEM_FORMAT`). The client can make
+the worker's rsync print any text among those lines; only lines holding the
+run's marker count (:func:`bakgrab.worker.rsync.new_marker`), and even they
+are claims: :func:`trusted_claims` says which can stand for a read, and one
+file read proves their kind (:func:`prove`); the Prehasher stops once its
+first file agrees with its line (issue 19).
 
 A second backend (copy-on-write) can reuse all of this with its own notion
 of "the same file": :func:`build` takes the previous entries keyed by inode,
@@ -444,14 +445,16 @@ def trusted_claims(claims: Claims, seen: list[Seen], known: Mapping[int, Entry],
     """The claims that can stand for a read, by inode (the claiming path and
     its digest), and how many inodes had claims that cannot.
 
-    The client can print any line among rsync's, so a claim stands only
-    where no other explanation of the inode exists: it was made by this pull
+    The lines are those that held the run's marker (forged ones lack it:
+    :class:`bakgrab.worker.rsync.Items`); still, a claim stands only where
+    no other explanation of the inode exists: it was made by this pull
     (not the previous snapshot's, which ``--link-dest`` linked: those have
     their entries); every ``>f`` line naming one of its paths claims the
     same value; and no line that claims nothing names one (``cf``: rsync
     copied a file of the previous snapshot; a received file whose checksum
     was not xxh128's length). Its real ``>f`` line or ``cf`` line is always
-    among them, so a forged line can only make an inode be read. Whether
+    among them, so a line that got past the marker all the same could only
+    make an inode be read. Whether
     the claims are xxh128 at all is for the caller to check on one.
     ``names``: the claims' names already unescaped, if the caller has them."""
     digests = {names[n] if names else unescape(n): c for n, c in claims.digests.items()}

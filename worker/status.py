@@ -129,6 +129,25 @@ def read_failures(storage: Storage, name: str) -> tuple[int, float | None]:
     return len(lines), last
 
 
+def failed_for_good(storage: Storage, name: str, task_id: str) -> bool:
+    """Whether ``task_id`` already ended in a final failure of ``name`` (a
+    redelivery of it: the worker died before the broker had its ack)."""
+    try:
+        data = failures_path(storage, name).read_bytes()
+    except FileNotFoundError:
+        return False
+    needle = json.dumps(task_id).encode()
+    if needle not in data:  # (the common case, without parsing a line)
+        return False
+    for line in data.splitlines():
+        try:
+            if json.loads(line).get("task_id") == task_id:
+                return True
+        except (ValueError, AttributeError):
+            continue
+    return False
+
+
 def failure_names(storage: Storage) -> list[str]:
     base = storage.state / FAILURES_DIR
     if not base.is_dir():

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from celery import Celery, Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Ignore, SoftTimeLimitExceeded
 from celery.signals import before_task_publish, worker_shutting_down
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
@@ -138,6 +138,13 @@ def register(app: Celery, settings: Settings) -> Task:
     def grab_task(self: Task, *args: Any, **fields: Any) -> dict[str, Any]:
         storage = Storage(settings.storage)
         request = accept(self, storage, validate, args, fields)
+        if status.failed_for_good(storage, request.name, self.request.id):
+            # A worker stopped between the job's end and its ack: the broker
+            # gives it again. Its client has its outcome; running it anew would
+            # count a second failure and tell a false one (its client is gone).
+            log.warning("job %s of %s already failed for good; its redelivery is dropped",
+                        self.request.id, request.name)
+            raise Ignore()
         report = reporter(self, request.name)
         try:
             result = grab.grab(storage, settings, request, self.request.id, report,

@@ -542,6 +542,57 @@ def test_no_space_is_told_once_and_its_recovery(
         worker.stop()
 
 
+def test_a_redelivered_job_that_failed_for_good_is_dropped(
+        tmp_path: Path, redis_url: str, storage: Path, sink: Sink) -> None:
+    """A worker stopped between a job's final failure and its ack: the broker
+    delivers the job again (Redis restores unacked messages). The job is
+    dropped, not run: no second failure record, no ``failed`` notice (its
+    client has its outcome and is gone), and the message is acked; a real
+    grab after it still recovers the name. (A CI run caught the false notice
+    when the worker's stop fell into that window.)"""
+    from tests.integration.test_faults import finish, start_client
+    from tests.integration.test_outcomes import message_id, publish_request_key, redeliver
+
+    env = support.worker_env(notify=f"{sink.url}/hook", max_retries="0",
+                             min_free_abs="1000T")
+    src = source_tree(tmp_path)
+    publish_request_key(redis_url, storage)
+    client = start_client(redis_url, "alpha", src)
+    r = redis.Redis.from_url(redis_url)
+    try:
+        raw = bytes(support.wait_for(lambda: r.lindex("bakgrab", 0), 30, "the job queued"))
+        worker = support.start_worker(storage, redis_url, tmp_path / "worker.log", env=env)
+        try:
+            code, _, err = finish(client)
+            assert code == 6, err
+            support.wait_for(lambda: sink.events("/hook"), 30, "the no-space notice")
+        finally:
+            worker.stop()
+    finally:
+        client.kill()
+        client.wait()
+    failures = storage / ".bakgrab" / "failures" / "alpha"
+    assert len(failures.read_text().splitlines()) == 1
+    worker = support.start_worker(storage, redis_url, tmp_path / "worker2.log",
+                                  env=env | {"BAKGRAB_MIN_FREE_ABS": "1M"})
+    try:
+        redeliver(redis_url, raw)
+        dropped = f"job {message_id(raw)} of alpha already failed for good"
+        support.wait_for(lambda: dropped in worker.text(), 30, "the redelivery dropped")
+        support.wait_for(lambda: r.llen("bakgrab") == 0 and not r.hlen("unacked"), 30,
+                         "the redelivery acked")
+        assert len(failures.read_text().splitlines()) == 1
+        assert support.snapshots(storage, "alpha") == []
+        ok = support.run_backup(redis_url, "alpha", src)
+        assert ok.returncode == 0, ok.stderr
+        support.wait_for(lambda: len(sink.events("/hook")) >= 2, 30, "the recovery")
+        time.sleep(2)
+        assert conditions(sink.events("/hook")) == [("no_space", "no_space"),
+                                                    ("recovered", "no_space")]
+    finally:
+        worker.stop()
+
+
 @pytest.mark.root
 def test_a_partial_snapshot_is_told_once_and_a_complete_one_ends_it(
         tmp_path: Path, shared_tmp: Path, redis_url: str, storage: Path, sink: Sink) -> None:

@@ -340,15 +340,23 @@ class Items:
         return name, claim
 
 
+MAX_LINE = 1 << 20
+"""The most bytes of one unterminated line :class:`Lines` holds: rsync's own
+lines are far shorter (a name is at most 4 KiB, 16 KiB escaped)."""
+
+
 class Lines:
     """rsync's stdout cut into lines, as bytes, whatever the reads' boundaries.
 
     ``--info=progress2`` ends its lines with ``\\r``, everything else with
     ``\\n``: both end a line (so ``\\r\\n`` gives an empty line between, as
     ``re.split(rb"[\\r\\n]")`` did). A line longer than one read is held
-    until its end comes. Bytes methods only, no decoding and no regex: a
-    first backup prints some 60,000 lines, and the pool's Python read them
-    one by one before (issue 19)."""
+    until its end comes, but only its last :data:`MAX_LINE` bytes: the
+    client can make the worker's rsync print text without end and without
+    a newline (``MSG_INFO``), and a real line that ends such a run is in its
+    last bytes (where its marker is). Bytes methods only, no decoding and no
+    regex: a first backup prints some 60,000 lines, and the pool's Python
+    read them one by one before (issue 19)."""
 
     def __init__(self) -> None:
         self._rest = b""
@@ -360,6 +368,8 @@ class Lines:
             data = data.replace(b"\r", b"\n")
         lines = data.split(b"\n")
         self._rest = lines.pop()
+        if len(self._rest) > MAX_LINE:
+            self._rest = self._rest[-MAX_LINE:]
         return lines
 
     @property

@@ -895,3 +895,20 @@ def test_only_lines_holding_the_runs_marker_count() -> None:
                           alive_interval=15)
     assert f"--out-format={marker.decode()} {rsync.ITEM_FORMAT}" in rsync.pull_argv(spec, marker)
     assert f"--out-format={rsync.ITEM_FORMAT}" in rsync.pull_argv(spec)
+
+
+def test_text_without_end_is_held_only_in_its_last_bytes() -> None:
+    """A client can make the worker's rsync print text without a newline for
+    as long as it likes: Lines holds at most MAX_LINE bytes of it, and the
+    real line that ends it is still read, from its marker on."""
+    marker = rsync.new_marker()
+    lines = rsync.Lines()
+    flood = b"x" * 65536
+    for _ in range(80):  # 5 MiB, read by read, never a line end
+        assert lines.feed(flood) == []
+        assert len(lines.rest) <= rsync.MAX_LINE
+    real = marker + b" >f+++++++++ 3 " + CLAIM + b"|a/file"
+    [glued] = lines.feed(real + b"\n")
+    assert len(glued) <= rsync.MAX_LINE + len(real) and glued.endswith(real)
+    items = rsync.Items(marker)
+    assert items.add(glued) == (b"a/file", CLAIM)

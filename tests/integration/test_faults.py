@@ -79,13 +79,20 @@ def finish(client: subprocess.Popen[str], timeout: float = 120) -> tuple[int, di
 
 
 def assert_clean(worker: support.Proc | None, storage: Path) -> None:
-    """No rsync or ssh left under the worker; no key file left in the storage."""
+    """No rsync or ssh left under the worker; no key file left in the storage.
+
+    A running worker removes the key only once its rsync is gone, while the
+    job unwinds (and the client may hear "revoked" before either): so both
+    are waited for, each within a bound. A stopped worker is checked at once."""
+    def no_key() -> bool:
+        return not list((storage / ".bakgrab" / "run").glob("*/key"))
+
     if worker is not None:
         support.wait_for(lambda: not [p for p in descendants(worker.pid)
                                       if comm(p) in ("rsync", "ssh")], 30,
                          "rsync and ssh to end")
-    run = storage / ".bakgrab" / "run"
-    assert not list(run.glob("*/key"))
+        support.wait_for(no_key, 30, "the job's key file to be removed")
+    assert no_key()
 
 
 def one_snapshot_identical(storage: Path, name: str, src: Path) -> Path:
